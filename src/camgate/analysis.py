@@ -1,0 +1,84 @@
+"""Invalid-pixel activation metrics, per image, on the device that holds the maps.
+
+With H the raw CAM upsampled bilinearly (align_corners=False) to the mask's resolution and M the
+invalid mask (True = invalid pixel):
+
+- ``invalid_activation_ratio`` = Σ(H·M) / ΣH — share of heatmap mass on invalid pixels;
+- ``invalid_area_ratio``       = ΣM / N      — share of pixels that are invalid (the ratio a flat map gets);
+- ``peak_in_invalid``          — the map's maximum is reached on an invalid pixel (ties count);
+- ``topk_invalid_share``       — share of invalid pixels among the hottest ones: k = ceil(topk · N) with
+  ``topk`` = 0.1 by default, taking every pixel at least as hot as the k-th hottest (ties included,
+  so the value does not depend on the order of equal pixels).
+
+A map with ΣH = 0 has no activation: the ratios are NaN and the row's status is ``no_activation``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .cam import upsample
+
+TOPK_DEFAULT = 0.1
+METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share")
+
+
+@dataclass
+class Metrics:
+    invalid_activation_ratio: torch.Tensor  # (B,) float, NaN when no activation
+    invalid_area_ratio: torch.Tensor        # (B,)
+    peak_in_invalid: torch.Tensor           # (B,) bool
+    topk_invalid_share: torch.Tensor        # (B,) float, NaN when no activation
+    active: torch.Tensor                    # (B,) bool: ΣH > 0 and finite
+
+    def rows(self) -> list[dict]:
+        """Host-side values, one dict per image (the only device -> host transfer)."""
+        cols = {k: getattr(self, k).cpu().tolist() for k in (*METRIC_COLUMNS, "active")}
+        return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
+def _metrics_same_size(cams: torch.Tensor, masks: torch.Tensor, topk: float) -> Metrics:
+    """cams (B, h, w) raw, masks (B, H, W) bool -> metrics, all batched."""
+    n = masks.shape[-1] * masks.shape[-2]
+    heat = upsample(cams.float(), tuple(masks.shape[-2:])).flatten(1).clamp(min=0)
+    m = masks.flatten(1).to(heat.dtype)
+    total = heat.sum(1)
+    active = (total > 0) & torch.isfinite(total)
+    nan = torch.full_like(total, math.nan)
+    ratio = torch.where(active, (heat * m).sum(1) / total.clamp(min=torch.finfo(heat.dtype).tiny), nan)
+    area = m.mean(1)
+    peak = heat.max(1).values
+    peak_invalid = ((heat * m).max(1).values >= peak) & (m.sum(1) > 0) & active
+    k = max(1, math.ceil(topk * n))
+    kth = heat.topk(k, dim=1).values[:, -1:]
+    hot = (heat >= kth).to(heat.dtype)
+    topk_share = torch.where(active, (hot * m).sum(1) / hot.sum(1), nan)
+    return Metrics(ratio, area, peak_invalid, topk_share, active)
+
+
+def invalid_metrics(cams: torch.Tensor | list[torch.Tensor], masks: list[torch.Tensor],
+                    topk: float = TOPK_DEFAULT) -> Metrics:
+    """Metrics for a batch whose masks may differ in size: images are grouped by mask size, so a
+    fixed camera (one size) is a single batched computation."""
+    if not 0 < topk <= 1:
+        raise ValueError(f"topk must be in (0, 1], got {topk}")
+    b = len(masks)
+    if b == 0:
+        e = torch.empty(0)
+        return Metrics(e, e, e.bool(), e, e.bool())
+    groups: dict[tuple, list[int]] = {}
+    for i, mk in enumerate(masks):
+        groups.setdefault((tuple(mk.shape), tuple(cams[i].shape)), []).append(i)
+    device = masks[0].device
+    out = {k: torch.empty(b, device=device) for k in ("invalid_activation_ratio", "invalid_area_ratio",
+                                                       "topk_invalid_share")}
+    out["peak_in_invalid"] = torch.empty(b, dtype=torch.bool, device=device)
+    out["active"] = torch.empty(b, dtype=torch.bool, device=device)
+    for idx in groups.values():
+        sel = torch.tensor(idx, device=device)
+        part = _metrics_same_size(torch.stack([cams[i] for i in idx]), torch.stack([masks[i] for i in idx]), topk)
+        for k in out:
+            out[k][sel] = getattr(part, k).to(out[k].dtype)
+    return Metrics(**out)

@@ -1,0 +1,147 @@
+"""The CAM engine: one forward, gradients from the target score to the target activations only.
+
+The model's parameters are frozen and each target activation is turned into a fresh autograd leaf by a
+forward hook. So nothing before the first target layer records a graph (that part costs what
+inference costs), the backward pass covers only score -> target layers, no parameter gradient is
+ever computed, and nothing of the graph outlives the call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import adapter
+from .methods import ALIASES, NATIVE
+
+
+class MethodError(ValueError):
+    pass
+
+
+def canonical(method: str) -> str:
+    m = method.lower().replace(" ", "")
+    m = ALIASES.get(m, m)
+    if m in NATIVE:
+        return m
+    key = m.replace("_", "").replace("-", "")
+    if key in adapter.available():
+        return key
+    raise MethodError(f"unknown CAM method {method!r}; native: {sorted(NATIVE)}; "
+                      f"via pytorch-grad-cam: {adapter.available()}")
+
+
+def methods() -> list[str]:
+    return sorted(NATIVE) + [m for m in adapter.available() if m not in NATIVE]
+
+
+@dataclass
+class CamBatch:
+    logits: torch.Tensor   # (B, K)
+    targets: torch.Tensor  # (B,) class whose score was explained
+    cams: torch.Tensor     # (B, h, w) raw ReLU'd map (native) / normalised map (adapter)
+
+
+def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-map min-max scaling, the way pytorch-grad-cam does it (x - min) / (max + eps)."""
+    flat = x.flatten(1)
+    flat = flat - flat.min(1, keepdim=True).values
+    return (flat / (flat.max(1, keepdim=True).values + eps)).view_as(x)
+
+
+def upsample(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W), bilinear with half-pixel centres (align_corners=False)."""
+    if tuple(cams.shape[-2:]) == tuple(size):
+        return cams
+    return F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def normalized(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The display view: min-max, bilinear upsampling, min-max (pytorch-grad-cam's output)."""
+    return minmax(upsample(minmax(cams), size))
+
+
+def _aggregate(maps: list[torch.Tensor]) -> torch.Tensor:
+    """One layer: the raw map. Several: each scaled to [0, 1] (their magnitudes differ), brought to the
+    finest resolution and averaged, as pytorch-grad-cam aggregates layers."""
+    if len(maps) == 1:
+        return maps[0]
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    return torch.stack([upsample(minmax(m), tuple(size)) for m in maps]).mean(0)
+
+
+class CamEngine:
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], method: str = "gradcam",
+                 reshape_transform: Callable | None = None):
+        self.model, self.layers, self.reshape = model, list(layers), reshape_transform
+        self.method = canonical(method)
+        self.native = self.method in NATIVE
+        self._adapter = None if self.native else adapter.AdapterCam(model, self.layers, self.method,
+                                                                     reshape_transform)
+
+    def _targets(self, logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        pred = logits.argmax(1)
+        if target is None:
+            return pred
+        target = target.to(pred.device)
+        return torch.where(target < 0, pred, target)  # -1 = explain the prediction
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None) -> CamBatch:
+        """x: (B, 3, H, W) on the model's device; target: (B,) class index or -1 for predicted."""
+        if not self.native:
+            with torch.no_grad():
+                logits = self.model(x)
+            targets = self._targets(logits, target)
+            _, cams = self._adapter(x, targets)
+            return CamBatch(logits, targets, cams)
+        fn, needs_grad = NATIVE[self.method]
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, out):
+            if not torch.is_tensor(out):
+                raise MethodError(f"target layer {type(_module).__name__} returns {type(out).__name__}, not a tensor")
+            if not needs_grad:
+                captured.append(out.detach())
+                return None
+            # A leaf cut here keeps the upstream part graph-free; a layer downstream of another target
+            # layer is already on the graph and stays connected so both get their gradients.
+            act = out if out.requires_grad else out.detach().requires_grad_(True)
+            captured.append(act)
+            return act.clone()  # the network goes on with a copy: in-place ops downstream cannot touch act
+
+        handles = [layer.register_forward_hook(hook) for layer in self.layers]
+        try:
+            with torch.set_grad_enabled(needs_grad):
+                logits = self.model(x)
+                if len(captured) != len(self.layers):
+                    raise MethodError(f"expected each target layer to run once per forward, got "
+                                      f"{len(captured)} activations for {len(self.layers)} layers")
+                targets = self._targets(logits.detach(), target)
+                grads: Sequence[torch.Tensor | None] = [None] * len(captured)
+                if needs_grad:
+                    score = logits.gather(1, targets[:, None]).sum()
+                    grads = torch.autograd.grad(score, captured, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        maps = []
+        with torch.no_grad():
+            for a, g in zip(captured, grads):
+                a = a.detach()
+                g = torch.zeros_like(a) if (g is None and needs_grad) else g
+                if self.reshape is not None:
+                    a = self.reshape(a)
+                    g = self.reshape(g) if g is not None else None
+                if a.ndim != 4:
+                    raise MethodError(f"target activation has shape {tuple(a.shape)}; token layers need a "
+                                      f"reshape transform (model card 'reshape: vit|swin')")
+                maps.append(fn(a, g).clamp(min=0))
+            cams = _aggregate(maps)
+        return CamBatch(logits.detach(), targets, cams)
+
+    def close(self):
+        if self._adapter is not None:
+            self._adapter.close()

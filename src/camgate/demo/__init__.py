@@ -1,0 +1,1 @@
+"""Synthetic underpass data and demo classifiers (clean vs shortcut)."""

@@ -1,0 +1,164 @@
+"""Train the demo classifiers (one per synthetic variant) on CPU and write a model card for each.
+
+``train("clean", cache)`` and ``train("shortcut", cache)`` give two resnet18 models that both
+classify the synthetic underpass well; the shortcut one does so by looking at the wall lamp,
+which the heatmap gate is meant to catch. Results are cached by a hash of every parameter that
+changes them (data generation, training, torch version).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import yaml
+from PIL import Image
+
+from . import synth
+
+TRAIN_VERSION = 1
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained demo model (together with variant and seed)."""
+
+    n_train: int = 1200
+    n_test: int = 400
+    size: tuple[int, int] = synth.DEFAULT_SIZE  # (H, W); stride 16 at layer3 -> 8x10 CAM
+    arch: str = "resnet18"
+    target_layer: str = "layer3"
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    flip: bool = True  # the tunnel is near-symmetric, so mirrored scenes are plausible
+
+
+def config_hash(variant: str, seed: int, config: TrainConfig) -> str:
+    blob = {"variant": variant, "seed": seed, "config": asdict(config), "synth": synth.SYNTH_VERSION,
+            "train": TRAIN_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load(manifest: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Manifest -> (uint8 N,3,H,W images, int64 labels), held in memory (the sets are small)."""
+    import csv
+
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    x = np.stack([np.asarray(Image.open(manifest.parent / r["image"]).convert("RGB")) for r in rows])
+    y = np.array([synth.CLASSES.index(r["label"]) for r in rows])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(_normalise(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int) -> torch.nn.Module:
+    """Train from random init (nothing is downloaded). Deterministic for a given seed and thread count."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = torchvision.models.get_model(config.arch, weights=None, num_classes=len(synth.CLASSES))
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * -(-len(x) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.2)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), config.batch_size):
+            idx = order[i:i + config.batch_size]
+            xb = _normalise(x[idx])
+            if config.flip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                xb[flip] = xb[flip].flip(-1)
+            loss = torch.nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = None) -> Path:
+    """Generate the ``variant`` data set and train its model; return the model card's path.
+
+    Layout under ``cache_dir``: ``data/underpass-<variant>-<hash>/`` (manifests, images, masks) and
+    ``models/underpass-<variant>-<hash>/`` (``card.yaml``, ``model.safetensors``, ``metrics.json``).
+    An existing card for the same hash is returned without training.
+    """
+    from safetensors.torch import save_file
+
+    config = config or TrainConfig()
+    config = replace(config, size=(int(config.size[0]), int(config.size[1])))
+    key = config_hash(variant, seed, config)
+    cache = Path(cache_dir)
+    model_dir = cache / "models" / f"underpass-{variant}-{key}"
+    card_path = model_dir / "card.yaml"
+    if card_path.exists() and (model_dir / "metrics.json").exists():
+        return card_path
+
+    data_dir = cache / "data" / f"underpass-{variant}-{key}"
+    t0 = time.perf_counter()
+    test_csv = synth.generate(data_dir, variant, config.n_train, config.n_test, seed=seed, size=config.size)
+    t_data = time.perf_counter() - t0
+    x_train, y_train = _load(test_csv.parent / "train.csv")
+    x_test, y_test = _load(test_csv)
+
+    t0 = time.perf_counter()
+    model = fit(x_train, y_train, config, seed)
+    t_train = time.perf_counter() - t0
+    pred = _predict(model, x_test, 64)
+    acc = float((pred == y_test).float().mean()) if len(y_test) else float("nan")
+    per_class = {c: float((pred[y_test == i] == i).float().mean()) if (y_test == i).any() else float("nan")
+                 for i, c in enumerate(synth.CLASSES)}
+    train_acc = float((_predict(model, x_train, 64) == y_train).float().mean())
+
+    card = {
+        "name": f"underpass-{variant}",
+        "arch": f"torchvision/{config.arch}",
+        "num_classes": len(synth.CLASSES),
+        "classes": list(synth.CLASSES),
+        "weights": "model.safetensors",
+        "input": {"size": list(config.size), "mean": list(MEAN), "std": list(STD), "resize": "stretch"},
+        "target_layer": config.target_layer,
+    }
+    metrics = {"variant": variant, "seed": seed, "hash": key, "test_accuracy": acc,
+               "train_accuracy": train_acc, "per_class_test_accuracy": per_class,
+               "n_train": config.n_train, "n_test": config.n_test, "train_seconds": round(t_train, 2),
+               "datagen_seconds": round(t_data, 2), "threads": torch.get_num_threads(),
+               "config": asdict(config), "torch": torch.__version__,
+               "data": os.path.relpath(test_csv, model_dir)}
+
+    # Write into a temporary sibling and rename, so a half-written model is never taken as cached.
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False, default_flow_style=None))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card_path

@@ -1,0 +1,264 @@
+"""Human-readable views of a gate decision: Markdown, self-contained HTML, flat KFP metrics.
+
+Every piece of text that comes from data (image ids, class names, errors, scope values, the
+policy name) is escaped: a results file is input, and a report is opened in a browser.
+"""
+from __future__ import annotations
+
+import base64
+import html as _html
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .gate import Decision, RuleResult, class_stats, read_results
+
+_OPS = {"<=": "≤", ">=": "≥"}
+_MAX_ERROR_CHARS = 300
+_METRIC_COUNTS = {"rows": "n_images", "ok": "n_ok", "no_activation": "n_no_activation", "error": "n_error"}
+
+
+def metrics(decision: Decision) -> dict[str, float]:
+    """Flat scalars for KFP Metrics; non-finite values are dropped (KFP rejects NaN)."""
+    verdicts = [r.verdict for r in decision.rules]
+    out = {"passed": 1.0 if decision.passed else 0.0}
+    out.update({name: float(decision.counts[k]) for k, name in _METRIC_COUNTS.items()})
+    out.update({
+        "n_rules": float(len(verdicts)),
+        "n_rules_failed": float(verdicts.count("fail")),
+        "n_rules_skipped": float(verdicts.count("skip")),
+    })
+    for k, v in decision.overall.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+# --------------------------------------------------------------------------- content
+
+
+@dataclass
+class _Content:
+    title: str
+    verdict: str
+    counts: list[tuple[str, str]]
+    overall: list[tuple[str, str]]
+    rules: list[list[str]]
+    rule_verdicts: list[str]
+    classes: list[list[str]] | None
+    top: list[tuple[str, list[str]]] | None  # (image_id, cells)
+    errors: list[tuple[str, str]] | None
+    errors_more: int
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    return f"{float(v):.{digits}f}"
+
+
+def _rule_name(r: RuleResult) -> str:
+    if r.rule == "share_images_over" and "ratio" in r.params:
+        return f"share_images_over (ratio > {r.params['ratio']:g})"
+    return r.rule
+
+
+def _verdict_line(d: Decision, limit: int) -> str:
+    verdicts = [r.verdict for r in d.rules]
+    head = (f"{'PASS' if d.passed else 'FAIL'}: policy '{d.policy}', {len(verdicts)} rules "
+            f"({verdicts.count('pass')} pass, {verdicts.count('fail')} fail, {verdicts.count('skip')} skip)")
+    failed = [f"{r.rule} @ {r.scope}: {_fmt(r.value)} not {_OPS[r.op]} {_fmt(r.threshold)}"
+              + (f" ({r.reason})" if r.reason else "") for r in d.failed[:limit]]
+    more = len(d.failed) - len(failed)
+    if more > 0:
+        failed.append(f"... and {more} more")
+    return head + ("; failed: " + "; ".join(failed) if failed else "")
+
+
+def _class_of(row: dict) -> str:
+    for key in ("predicted_label", "predicted_class", "label"):
+        if row.get(key) is not None:
+            return str(row[key])
+    return ""
+
+
+def _content(d: Decision, results, title: str | None, top: int) -> _Content:
+    rules = [[_rule_name(r), r.scope, _fmt(r.value), f"{_OPS[r.op]} {_fmt(r.threshold)}", str(r.n),
+              r.verdict + (f": {r.reason}" if r.reason else "")] for r in d.rules]
+    o = d.overall
+    overall = [
+        ("mean invalid activation ratio", _fmt(o.get("mean_invalid_activation_ratio"))),
+        (f"share of images with ratio > {o.get('share_over_ratio', 0.5):g}", _fmt(o.get("share_images_over"))),
+        ("peak-in-invalid rate", _fmt(o.get("peak_in_invalid_rate"))),
+        ("mean invalid area ratio", _fmt(o.get("mean_invalid_area_ratio"))),
+        ("mean excess over area", _fmt(o.get("mean_excess_over_area"))),
+        ("error rate", _fmt(o.get("error_rate"))),
+        ("no-activation rate", _fmt(o.get("no_activation_rate"))),
+    ]
+    c = _Content(title or f"camgate gate: {d.policy}", _verdict_line(d, top),
+                 [(k, str(v)) for k, v in d.counts.items()], overall, rules,
+                 [r.verdict for r in d.rules], None, None, None, 0)
+    if results is None:
+        return c
+
+    table = read_results(results)
+    c.classes = [[s["class"], str(s["rows"]), str(s["ok"]), _fmt(s["mean_invalid_activation_ratio"]),
+                  _fmt(s["peak_in_invalid_rate"]), _fmt(s["mean_excess_over_area"])]
+                 for s in class_stats(table, share_ratio=o.get("share_over_ratio", 0.5))]
+    c.top, c.errors, c.errors_more = _top_and_errors(table, top)
+    return c
+
+
+def _top_and_errors(table: pa.Table, top: int):
+    status = table.column("status").cast(pa.string()).to_numpy()
+    ratio = table.column("invalid_activation_ratio").cast(pa.float64()).to_numpy()
+    ok = np.flatnonzero((status == "ok") & ~np.isnan(ratio))
+    order = ok[np.argsort(-ratio[ok], kind="stable")][:top]
+    pick = table.take(pa.array(order, type=pa.int64())).to_pylist()
+    rows = []
+    for r in pick:
+        area = r.get("invalid_area_ratio")
+        excess = r["invalid_activation_ratio"] - area if area is not None else None
+        rows.append((str(r.get("image_id", "")), [
+            str(r.get("image_id", "")), _class_of(r), _fmt(r["invalid_activation_ratio"]), _fmt(area),
+            _fmt(excess), {True: "yes", False: "no"}.get(r.get("peak_in_invalid"), "n/a")]))
+
+    err = np.flatnonzero(status == "error")
+    errors = []
+    for r in table.take(pa.array(err[:top], type=pa.int64())).to_pylist():
+        msg = str(r.get("error") or "")
+        if len(msg) > _MAX_ERROR_CHARS:
+            msg = msg[:_MAX_ERROR_CHARS] + "…"
+        errors.append((str(r.get("image_id", "")), msg))
+    return rows, errors, max(0, len(err) - top)
+
+
+_CLASS_HEAD = ["class", "rows", "ok", "mean ratio", "peak rate", "mean excess"]
+_RULE_HEAD = ["rule", "scope", "value", "threshold", "n", "verdict"]
+_TOP_HEAD = ["image", "class", "ratio", "area ratio", "excess", "peak in invalid"]
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _md(text) -> str:
+    # Entities first (renderers may pass raw HTML through), then code/link/table syntax; emphasis
+    # characters stay readable since they cannot inject anything.
+    s = _html.escape(str(text), quote=False)
+    for ch in "\\`[]|":
+        s = s.replace(ch, "\\" + ch)
+    return " ".join(s.split())
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def markdown(decision: Decision, results=None, title: str | None = None, top: int = 10) -> str:
+    """Markdown summary (KFP Output[Markdown]); ``results`` (table or Parquet path/URI) adds
+    the per-class table, the top-``top`` images by ratio and the error rows."""
+    c = _content(decision, results, title, top)
+    out = [f"# {_md(c.title)}", "", f"**{_md(c.verdict)}**", ""]
+    out += ["## Counts", ""] + _md_table(["rows", "ok", "no_activation", "error"],
+                                         [[v for _, v in c.counts]])
+    out += ["## Overall", ""] + _md_table(["statistic", "value"], [list(p) for p in c.overall])
+    out += ["## Rules", ""] + _md_table(_RULE_HEAD, c.rules)
+    if c.classes is not None:
+        out += ["## Per class", ""] + (_md_table(_CLASS_HEAD, c.classes) if c.classes else ["(no classes)", ""])
+    if c.top is not None:
+        out += [f"## Top {top} images by invalid activation ratio", ""]
+        out += _md_table(_TOP_HEAD, [cells for _, cells in c.top]) if c.top else ["(no ok images)", ""]
+    if c.errors:
+        out += ["## Errors", ""] + _md_table(["image", "error"], [list(e) for e in c.errors])
+        if c.errors_more:
+            out += [f"... and {c.errors_more} more", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- html
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#1b1f24}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:1.6rem}
+table{border-collapse:collapse;margin:.4rem 0;font-size:.9rem}
+th,td{border:1px solid #d0d7de;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.verdict{padding:.6rem .8rem;border-radius:6px;font-weight:600}
+.pass .verdict,.v-pass{background:#dafbe1;color:#116329}
+.fail .verdict,.v-fail{background:#ffebe9;color:#a40e26}
+.v-skip{background:#fff8c5;color:#7d4e00}
+img.overlay{max-width:160px;max-height:160px;display:block}
+td.err{font-family:ui-monospace,monospace;white-space:pre-wrap;max-width:60rem}
+"""
+
+
+def _e(text) -> str:
+    return _html.escape(str(text), quote=True)
+
+
+def _html_table(head: list[str], rows: list[list[str]], row_class: list[str] | None = None,
+                raw_last: bool = False) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{_e(row_class[i])}"' if row_class else ""
+        cells = []
+        for j, cell in enumerate(row):
+            if raw_last and j == len(row) - 1:
+                cells.append(f"<td>{cell}</td>")  # pre-rendered, already escaped
+            else:
+                num = ' class="num"' if _fmt_is_num(cell) else ""
+                cells.append(f"<td{num}>{_e(cell)}</td>")
+        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</tbody></table>"
+
+
+def _fmt_is_num(cell: str) -> bool:
+    try:
+        float(cell.lstrip("≤≥ "))
+        return True
+    except ValueError:
+        return False
+
+
+def html(decision: Decision, results=None, title: str | None = None, top: int = 10,
+         images: dict[str, bytes] | None = None) -> str:
+    """Self-contained HTML page (inline CSS, no external assets). ``images`` maps image_id to
+    PNG bytes of a heatmap overlay, embedded for the top images."""
+    c = _content(decision, results, title, top)
+    state = "pass" if decision.passed else "fail"
+    body = [f"<h1>{_e(c.title)}</h1>", f'<p class="verdict">{_e(c.verdict)}</p>',
+            "<h2>Counts</h2>", _html_table(["rows", "ok", "no_activation", "error"], [[v for _, v in c.counts]]),
+            "<h2>Overall</h2>", _html_table(["statistic", "value"], [list(p) for p in c.overall]),
+            "<h2>Rules</h2>", _html_table(_RULE_HEAD, c.rules, [f"v-{v}" for v in c.rule_verdicts])]
+    if c.classes is not None:
+        body += ["<h2>Per class</h2>", _html_table(_CLASS_HEAD, c.classes) if c.classes else "<p>(no classes)</p>"]
+    if c.top is not None:
+        body.append(f"<h2>Top {int(top)} images by invalid activation ratio</h2>")
+        if not c.top:
+            body.append("<p>(no ok images)</p>")
+        else:
+            with_img = bool(images) and any(i in images for i, _ in c.top)
+            rows = []
+            for image_id, cells in c.top:
+                row = list(cells)
+                if with_img:
+                    png = (images or {}).get(image_id)
+                    row.append(f'<img class="overlay" alt="{_e(image_id)}" src="data:image/png;base64,'
+                               f'{base64.b64encode(png).decode("ascii")}">' if png else "")
+                rows.append(row)
+            body.append(_html_table(_TOP_HEAD + (["overlay"] if with_img else []), rows, raw_last=with_img))
+    if c.errors:
+        body.append("<h2>Errors</h2><table><thead><tr><th>image</th><th>error</th></tr></thead><tbody>"
+                    + "".join(f'<tr><td>{_e(i)}</td><td class="err">{_e(m)}</td></tr>' for i, m in c.errors)
+                    + "</tbody></table>")
+        if c.errors_more:
+            body.append(f"<p>... and {c.errors_more} more</p>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(c.title)}</title><style>{_CSS}</style></head>"
+            f'<body class="{state}">\n' + "\n".join(body) + "\n</body></html>\n")

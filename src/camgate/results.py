@@ -1,0 +1,129 @@
+"""Results Parquet: the schema, a streaming writer and readers.
+
+One row per manifest item, in manifest order, failures included. ``cam`` holds the raw ReLU'd
+low-resolution map as float16 bytes (row-major, ``cam_height`` × ``cam_width``); normalised or
+upsampled views are derived on demand (:func:`cam_array`, :func:`camgate.cam.normalized`).
+Rows are written in row groups as they come, so memory does not grow with the number of images, and
+the file only becomes visible at its destination once complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+
+FIELDS = [
+    ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
+    ("status", pa.string()), ("error", pa.string()),
+    ("label", pa.string()), ("predicted_class", pa.int32()), ("predicted_label", pa.string()),
+    ("predicted_score", pa.float32()), ("target_class", pa.int32()),
+    ("method", pa.string()), ("target_layer", pa.string()),
+    ("invalid_activation_ratio", pa.float64()), ("invalid_area_ratio", pa.float64()),
+    ("peak_in_invalid", pa.bool_()), ("topk_invalid_share", pa.float64()),
+    ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam", pa.binary()),
+    ("image_width", pa.int32()), ("image_height", pa.int32()),
+]
+COLUMNS = [name for name, _ in FIELDS]
+STATUSES = ("ok", "no_activation", "error")
+META_KEY = b"camgate"
+
+
+def schema(meta_columns: dict[str, pa.DataType] | None = None, metadata: dict | None = None) -> pa.Schema:
+    fields = list(FIELDS)
+    for name, typ in (meta_columns or {}).items():
+        fields.append((meta_column(name), pa.string() if pa.types.is_null(typ) else typ))
+    md = {META_KEY: json.dumps(metadata or {}, sort_keys=True, default=str).encode()}
+    return pa.schema(fields, metadata=md)
+
+
+def meta_types(metas: Iterable[dict]) -> dict[str, pa.DataType]:
+    """Arrow types of the metadata columns, inferred over all items (so a late value cannot break the schema)."""
+    metas = list(metas)
+    names: dict[str, None] = {}
+    for m in metas:
+        names.update(dict.fromkeys(m))
+    types = {}
+    for n in names:
+        try:
+            types[n] = pa.array([m.get(n) for m in metas]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them as text
+            types[n] = pa.string()
+    return types
+
+
+def meta_column(name: str) -> str:
+    """A metadata column may not shadow a result column: such a name gets a ``meta_`` prefix."""
+    return f"meta_{name}" if name in COLUMNS else name
+
+
+def meta_value(v, typ: pa.DataType):
+    return None if v is None else (str(v) if pa.types.is_string(typ) and not isinstance(v, str) else v)
+
+
+class ResultsWriter:
+    """Streams rows into a Parquet file that appears at ``uri`` (local or s3://) only when complete."""
+
+    def __init__(self, uri: str, schema: pa.Schema, row_group_size: int = 256):
+        self.uri, self.schema, self.row_group_size = uri, schema, row_group_size
+        self._buf: list[dict] = []
+        self.rows = 0
+
+    def __enter__(self) -> "ResultsWriter":
+        self._ctx = storage.atomic_output(self.uri)
+        path = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        return self
+
+    def write(self, rows: Iterable[dict]) -> None:
+        self._buf.extend(rows)
+        if len(self._buf) >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            names = self.schema.names
+            cols = {n: [r.get(n) for r in self._buf] for n in names}
+            self._writer.write_table(pa.table(cols, schema=self.schema))
+            self.rows += len(self._buf)
+            self._buf = []
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._flush()
+        finally:
+            self._writer.close()
+            self._ctx.__exit__(exc_type, exc, tb)
+        return False
+
+
+def read(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A results (or heatmaps) file, local or s3://."""
+    local = storage._local(os.fspath(uri)) if not storage.is_s3(uri) else None
+    if local:
+        return pq.read_table(local, columns=columns)
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
+
+
+def run_metadata(table_or_uri) -> dict:
+    sch = table_or_uri.schema if isinstance(table_or_uri, pa.Table) else read(table_or_uri, columns=[]).schema
+    return json.loads((sch.metadata or {}).get(META_KEY, b"{}"))
+
+
+def cam_bytes(cam) -> bytes:
+    """(h, w) float tensor/array -> float16 bytes; values beyond float16's range are clipped, not inf."""
+    a = cam.detach().float().cpu().numpy() if hasattr(cam, "detach") else np.asarray(cam, dtype=np.float32)
+    return np.clip(a, 0, np.finfo(np.float16).max).astype(np.float16).tobytes()
+
+
+def cam_array(row: dict) -> np.ndarray | None:
+    """A row's raw map as float32 (h, w), or None for rows without one."""
+    if not row.get("cam"):
+        return None
+    return np.frombuffer(row["cam"], dtype=np.float16).reshape(row["cam_height"], row["cam_width"]).astype(np.float32)

@@ -1,0 +1,584 @@
+"""One storage face for ``s3://bucket/key`` URIs and local paths.
+
+S3 is reached through the ``minio`` SDK, configured only from the standard environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, optional
+``AWS_REGION``, ``AWS_SESSION_TOKEN``, ``AWS_CA_BUNDLE``). Transient failures are retried
+with bounded exponential backoff (``CAMGATE_S3_RETRIES`` attempts, ``CAMGATE_S3_BACKOFF``
+base seconds); writes are atomic on both backends. Error messages name the URI and the
+problem, never credentials.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import mimetypes
+import os
+import posixpath
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
+
+__all__ = [
+    "StorageError", "NotFound", "AccessDenied",
+    "is_s3", "read_bytes", "write_bytes", "exists", "list_uris", "resolve", "join",
+    "atomic_output", "download", "upload", "ensure_bucket",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 6          # attempts, not re-tries: 1 + 5 waits
+DEFAULT_BACKOFF = 1.0        # base seconds: waits ~1, 2, 4, 8, 16 -> ~31 s in all
+_MAX_DELAY = 30.0
+_CONNECT_TIMEOUT = 5.0
+_READ_TIMEOUT = 60.0
+_CHUNK = 1 << 20
+_TMP_MARK = ".camgate-tmp-"  # temp files carry this so listings can skip them
+
+_ACCESS_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+    "InvalidToken", "ExpiredToken", "AccountProblem", "InvalidSecurity",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchUpload"}
+_TRANSIENT_CODES = {
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+    "OperationAborted", "RequestTimeTooSkewed", "ServerBusy",
+}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class StorageError(Exception):
+    """A storage operation failed; ``uri`` names the object or path involved."""
+
+    def __init__(self, uri: str, message: str):
+        super().__init__(_scrub(message))
+        self.uri = uri
+
+
+class NotFound(StorageError):
+    """The object, file or bucket does not exist."""
+
+
+class AccessDenied(StorageError):
+    """Credentials were rejected or the operation is forbidden."""
+
+
+# --------------------------------------------------------------------------- URIs
+
+def _fspath(uri) -> str:
+    return os.fspath(uri) if not isinstance(uri, str) else uri
+
+
+def _scheme(uri: str) -> str | None:
+    m = _SCHEME_RE.match(uri)
+    return m.group(1).lower() if m else None
+
+
+def is_s3(uri) -> bool:
+    return _scheme(_fspath(uri)) == "s3"
+
+
+def _local(uri: str) -> str | None:
+    """The local path for ``uri``, None for s3; unsupported schemes raise."""
+    scheme = _scheme(uri)
+    if scheme is None:
+        return uri
+    if scheme == "s3":
+        return None
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(uri, f"unsupported file URI with a host: {uri}")
+        return parts.path
+    raise StorageError(uri, f"unsupported URI scheme {scheme!r} in {uri} "
+                            "(use s3://bucket/key or a local path)")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(uri, f"no bucket in S3 URI {uri}")
+    return bucket, key
+
+
+def _object(uri: str) -> tuple[str, str]:
+    bucket, key = _split_s3(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(uri, f"no object key in S3 URI {uri}")
+    return bucket, key
+
+
+def join(prefix, *parts) -> str:
+    prefix = _fspath(prefix)
+    parts = [_fspath(p) for p in parts if _fspath(p)]
+    if is_s3(prefix):
+        out = prefix.rstrip("/")
+        if out == "s3:":  # bare "s3://": the first part is the bucket
+            out = "s3:/"
+        for p in parts:
+            out = out + "/" + p.strip("/")
+        return out
+    local = _local(prefix)
+    return os.path.join(local, *parts)
+
+
+def resolve(base, rel, allow_escape: bool = False) -> str:
+    """``rel`` relative to the folder holding ``base`` (a file URI or path).
+
+    Full URIs and absolute paths are returned unchanged. A relative path that climbs out of
+    base's folder is refused unless ``allow_escape``: manifests must not reach arbitrary
+    objects through ``..``.
+    """
+    base, rel = _fspath(base), _fspath(rel)
+    if not rel:
+        raise StorageError(base, f"empty path relative to {base}")
+    scheme = _scheme(rel)
+    if scheme is not None:
+        if scheme != "s3":
+            _local(rel)  # raises for unsupported schemes
+        return rel
+    if os.path.isabs(rel):
+        return rel
+    norm = posixpath.normpath(rel.replace(os.sep, "/"))
+    if (norm == ".." or norm.startswith("../")) and not allow_escape:
+        raise StorageError(rel, f"relative path {rel!r} escapes the manifest folder of "
+                                f"{base}; use an absolute path or full URI instead")
+    if is_s3(base):
+        bucket, key = _split_s3(base)
+        folder = posixpath.dirname(key)
+        joined = posixpath.normpath(posixpath.join(folder, norm)) if folder else norm
+        if joined == ".." or joined.startswith("../"):
+            raise StorageError(rel, f"relative path {rel!r} climbs above bucket {bucket!r}")
+        return f"s3://{bucket}/" + ("" if joined == "." else joined)
+    folder = os.path.dirname(_local(base))
+    return os.path.normpath(os.path.join(folder, rel))
+
+
+# --------------------------------------------------------------------------- S3 client
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _scrub(text: str) -> str:
+    """Belt and braces: a secret from the env never reaches a message."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4 and secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _client(uri: str):
+    env = {k: os.environ.get(k) or None for k in (
+        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_CA_BUNDLE")}
+    # keyed on the env (tests switch servers/credentials) and the pid (pools don't survive fork)
+    key = (os.getpid(),) + tuple(env.values())
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = _make_client(uri, env)
+        return client
+
+
+def _make_client(uri: str, env: dict):
+    import certifi
+    import urllib3
+    from minio import Minio
+
+    endpoint = env["AWS_ENDPOINT_URL"]
+    if not endpoint:
+        raise StorageError(uri, f"cannot reach {uri}: AWS_ENDPOINT_URL is not set "
+                                "(e.g. http://127.0.0.1:9000 or https://s3.example.com)")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise StorageError(uri, f"AWS_ENDPOINT_URL must look like http(s)://host[:port], "
+                                f"got {endpoint!r}")
+    if not env["AWS_ACCESS_KEY_ID"] or not env["AWS_SECRET_ACCESS_KEY"]:
+        raise StorageError(uri, f"cannot access {uri}: AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY must both be set")
+    ca = env["AWS_CA_BUNDLE"]
+    if ca and not os.path.isfile(ca):
+        raise StorageError(uri, f"AWS_CA_BUNDLE points to a missing file: {ca}")
+    # minio's own pool retries 5x with 5-minute timeouts; turn pool retries off so _call's
+    # bounded, logged backoff is the only one.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT, read=_READ_TIMEOUT),
+        maxsize=16,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=ca or os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=0, redirect=False),
+    )
+    return Minio(
+        parts.netloc,
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        session_token=env["AWS_SESSION_TOKEN"],
+        secure=parts.scheme == "https",
+        region=env["AWS_REGION"],
+        http_client=http,
+    )
+
+
+def _retry_settings(uri: str) -> tuple[int, float]:
+    try:
+        attempts = int(os.environ.get("CAMGATE_S3_RETRIES") or DEFAULT_RETRIES)
+        backoff = float(os.environ.get("CAMGATE_S3_BACKOFF") or DEFAULT_BACKOFF)
+    except ValueError:
+        raise StorageError(uri, "CAMGATE_S3_RETRIES must be an integer and "
+                                "CAMGATE_S3_BACKOFF a number of seconds") from None
+    return max(1, attempts), max(0.0, backoff)
+
+
+def _delays(attempts: int, backoff: float) -> list[float]:
+    """Nominal waits between attempts (before jitter)."""
+    return [min(backoff * 2 ** i, _MAX_DELAY) for i in range(attempts - 1)]
+
+
+def _describe(exc: BaseException) -> str:
+    from minio.error import S3Error
+    import urllib3
+
+    if isinstance(exc, S3Error):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _classify(exc: BaseException, uri: str):
+    """None when ``exc`` is worth retrying, else the StorageError to raise (or _UNHANDLED)."""
+    import urllib3
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, S3Error):
+        status = exc.response.status if exc.response is not None else 0
+        if exc.code in _ACCESS_CODES or status == 403:
+            return AccessDenied(uri, f"access denied for {uri}: check AWS_ACCESS_KEY_ID/"
+                                     f"AWS_SECRET_ACCESS_KEY and the bucket policy ({exc.code})")
+        if exc.code in _NOT_FOUND_CODES or status == 404:
+            what = "bucket" if exc.code == "NoSuchBucket" else "object"
+            return NotFound(uri, f"not found: {uri} (no such {what})")
+        if exc.code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return None
+        return StorageError(uri, f"S3 request for {uri} failed: {_describe(exc)}")
+    if isinstance(exc, (ServerError, InvalidResponseError)):
+        status = exc.status_code if isinstance(exc, ServerError) else exc._code
+        if status >= 500 or status == 429:
+            return None
+        if status == 403:
+            return AccessDenied(uri, f"access denied for {uri}: check AWS_ACCESS_KEY_ID/"
+                                     "AWS_SECRET_ACCESS_KEY (HTTP 403)")
+        if status == 404:
+            return NotFound(uri, f"not found: {uri}")
+        return StorageError(uri, f"S3 request for {uri} failed: HTTP {status}")
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    if isinstance(reason, urllib3.exceptions.SSLError):
+        return StorageError(uri, f"TLS error reaching {uri}: {reason} "
+                                 "(set AWS_CA_BUNDLE to the server's CA certificate)")
+    if isinstance(reason, urllib3.exceptions.LocationValueError):
+        return StorageError(uri, f"bad endpoint for {uri}: {reason}")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
+                        http.client.HTTPException)):
+        return None
+    if isinstance(exc, ValueError):  # minio validates names client-side
+        return StorageError(uri, f"invalid S3 URI {uri}: {exc}")
+    if isinstance(exc, OSError):
+        return StorageError(uri, f"local I/O error while transferring {uri}: {exc}")
+    return _UNHANDLED  # a bug or something unexpected: let the original propagate
+
+
+_UNHANDLED = object()
+
+
+def _call(op: str, uri: str, fn: Callable[[object], T]) -> T:
+    """Run ``fn(client)`` with bounded exponential backoff on transient errors."""
+    attempts, backoff = _retry_settings(uri)
+    delays = _delays(attempts, backoff)
+    start = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(_client(uri))
+        except Exception as exc:  # noqa: BLE001 - classified below
+            err = _classify(exc, uri)
+            if err is _UNHANDLED:
+                raise
+            if err is not None:
+                raise err from exc
+            if attempt == attempts:
+                raise StorageError(
+                    uri, f"{op} {uri} failed after {attempts} attempts in "
+                         f"{time.monotonic() - start:.1f}s: {_describe(exc)}") from exc
+            delay = delays[attempt - 1] * random.uniform(0.8, 1.2)
+            log.warning("%s %s: %s; retrying in %.1fs (attempt %d/%d)",
+                        op, uri, _scrub(_describe(exc)), delay, attempt + 1, attempts)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- local helpers
+
+def _umask() -> int:
+    try:  # read without touching the process umask (os.umask is a racy set/reset)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp_beside(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(path)
+    ext = os.path.splitext(name)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}{_TMP_MARK}", suffix=ext)
+    os.close(fd)
+    return tmp
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _commit_local(tmp: str, path: str) -> None:
+    """fsync ``tmp``, give it normal permissions (mkstemp makes 0600), rename over ``path``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _local_error(uri: str, exc: OSError) -> StorageError:
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(uri, f"not found: {uri}")
+    if isinstance(exc, PermissionError):
+        return AccessDenied(uri, f"access denied for {uri}: permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return StorageError(uri, f"{uri} is a directory, not a file")
+    return StorageError(uri, f"I/O error on {uri}: {exc.strerror or exc}")
+
+
+# --------------------------------------------------------------------------- public API
+
+def read_bytes(uri) -> bytes:
+    uri = _fspath(uri)
+    path = _local(uri)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+    bucket, key = _object(uri)
+
+    def get(client):
+        resp = client.get_object(bucket, key)
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    return _call("read", uri, get)
+
+
+def write_bytes(uri, data: bytes) -> None:
+    """Write ``data`` atomically: readers see the old object/file or the new one, never a part."""
+    uri = _fspath(uri)
+    data = bytes(data)
+    path = _local(uri)
+    if path is not None:
+        try:
+            tmp = _mkstemp_beside(path)
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            _commit_local(tmp, path)
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    import io
+
+    bucket, key = _object(uri)
+    ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    # a single PUT (or completed multipart upload) is atomic in S3
+    _call("write", uri, lambda c: c.put_object(bucket, key, io.BytesIO(data), len(data),
+                                               content_type=ctype))
+
+
+def exists(uri) -> bool:
+    uri = _fspath(uri)
+    path = _local(uri)
+    if path is not None:
+        return os.path.exists(path)
+    bucket, key = _split_s3(uri)
+    if not key:
+        return _call("check", uri, lambda c: c.bucket_exists(bucket))
+    try:
+        _call("check", uri, lambda c: c.stat_object(bucket, key))
+        return True
+    except NotFound:
+        return False
+
+
+def list_uris(prefix) -> list[str]:
+    """Sorted full URIs of every object/file below ``prefix`` (recursive).
+
+    ``prefix`` is a folder on both backends: ``s3://b/set`` lists ``set/...`` but not
+    ``settings/...``. A missing local folder lists as empty; a missing bucket raises NotFound.
+    """
+    prefix = _fspath(prefix)
+    path = _local(prefix)
+    if path is not None:
+        if os.path.isfile(path):
+            return [prefix]
+        out = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in files:
+                if _TMP_MARK not in name:
+                    out.append(os.path.join(root, name))
+        return sorted(out)
+    bucket, key = _split_s3(prefix)
+    if key and not key.endswith("/"):
+        key += "/"
+
+    def listing(client):
+        return [f"s3://{bucket}/{o.object_name}"
+                for o in client.list_objects(bucket, prefix=key or None, recursive=True)
+                if not o.is_dir]
+
+    return sorted(_call("list", prefix, listing))
+
+
+def download(uri, local_path) -> None:
+    """Copy ``uri`` to ``local_path`` (atomically; parent folders are created)."""
+    uri, local_path = _fspath(uri), _fspath(local_path)
+    src = _local(uri)
+    with atomic_output(local_path) as tmp:
+        if src is not None:
+            try:
+                shutil.copyfile(src, tmp)
+            except OSError as exc:
+                raise _local_error(uri, exc) from exc
+            return
+        bucket, key = _object(uri)
+
+        def fetch(client):
+            resp = client.get_object(bucket, key)
+            try:
+                with open(tmp, "wb") as f:  # "wb": a retried attempt starts over
+                    for chunk in resp.stream(_CHUNK):
+                        f.write(chunk)
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        _call("download", uri, fetch)
+
+
+def upload(local_path, uri) -> None:
+    """Copy the local file ``local_path`` to ``uri`` (atomically)."""
+    local_path, uri = _fspath(local_path), _fspath(uri)
+    if not os.path.isfile(local_path):
+        raise NotFound(local_path, f"not found: {local_path} (nothing to upload to {uri})")
+    dst = _local(uri)
+    if dst is not None:
+        with atomic_output(dst) as tmp:
+            try:
+                shutil.copyfile(local_path, tmp)
+            except OSError as exc:
+                raise _local_error(local_path, exc) from exc
+        return
+    bucket, key = _object(uri)
+    ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    _call("upload", uri, lambda c: c.fput_object(bucket, key, local_path, content_type=ctype))
+
+
+@contextlib.contextmanager
+def atomic_output(uri) -> Iterator[str]:
+    """Yield a local path to write; on clean exit it appears at ``uri`` in one step.
+
+    On an exception nothing appears at ``uri`` and the temporary file is removed.
+    """
+    uri = _fspath(uri)
+    path = _local(uri)
+    if path is not None:
+        try:
+            tmp = _mkstemp_beside(path)
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+        try:
+            yield tmp
+            try:
+                _commit_local(tmp, path)
+            except OSError as exc:
+                raise _local_error(uri, exc) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    _object(uri)  # fail on a bad URI before the caller does any work
+    # keep the object's name so writers that look at the extension behave
+    folder = tempfile.mkdtemp(prefix="camgate-")
+    tmp = os.path.join(folder, posixpath.basename(uri))
+    try:
+        open(tmp, "wb").close()
+        yield tmp
+        upload(tmp, uri)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ensure_bucket(name_or_uri) -> str:
+    """Create the bucket if missing; returns ``s3://<bucket>``."""
+    name_or_uri = _fspath(name_or_uri)
+    if is_s3(name_or_uri):
+        bucket, _ = _split_s3(name_or_uri)
+    else:
+        bucket = name_or_uri.strip("/")
+    uri = f"s3://{bucket}"
+
+    def make(client):
+        from minio.error import S3Error
+
+        if client.bucket_exists(bucket):
+            return
+        try:
+            client.make_bucket(bucket)
+        except S3Error as exc:  # created by someone else meanwhile
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    _call("create bucket", uri, make)
+    return uri

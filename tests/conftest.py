@@ -1,0 +1,36 @@
+"""Shared S3 fixtures: one real SeaweedFS server per test session."""
+import os
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A running ``camgate.devserver.S3Server``; the AWS_* env points at it for the session."""
+    from camgate.devserver import S3Server, find_weed
+
+    try:
+        find_weed()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    server = S3Server(tmp_path_factory.mktemp("s3data"))
+    server.start()
+    previous = server.apply_env()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket: ``"s3://<bucket>"``."""
+    from camgate.storage import ensure_bucket
+
+    return ensure_bucket(f"t-{uuid.uuid4().hex[:16]}")
