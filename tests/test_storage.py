@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from camgate import storage
+from camgate.devserver import S3Server
 from camgate.storage import AccessDenied, NotFound, StorageError
 
 
@@ -261,7 +262,10 @@ def test_missing_configuration(monkeypatch):
 # ----------------------------------------------------------------------------- retries
 
 def test_reads_survive_server_restart(s3_server, s3_bucket, monkeypatch):
-    monkeypatch.setenv("CAMGATE_S3_BACKOFF", "0.25")  # 6 attempts still span ~8 s
+    # finer steps than the default, same ~30 s span: a restart whose shutdown hangs to the kill
+    # (~7 s) plus seaweed's few seconds of InternalError while it relocates volumes still fit
+    monkeypatch.setenv("CAMGATE_S3_BACKOFF", "0.5")
+    monkeypatch.setenv("CAMGATE_S3_RETRIES", "7")
     uri = f"{s3_bucket}/k"
     storage.write_bytes(uri, b"payload")
     done = threading.Event()
@@ -290,6 +294,29 @@ def test_reads_survive_server_restart(s3_server, s3_bucket, monkeypatch):
     assert any(t > restarted for t, _ in results)  # reads went on after the restart
     storage.write_bytes(uri, b"after")  # and the server is usable again
     assert storage.read_bytes(uri) == b"after"
+
+
+def test_writes_survive_a_crash_restart(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("CAMGATE_S3_BACKOFF", "0.5")
+    errors, written = [], []
+
+    def writer():
+        for i in range(40):
+            try:
+                storage.write_bytes(f"{s3_bucket}/w/{i:03d}", str(i).encode())
+                written.append(i)
+            except Exception as exc:  # recorded, asserted below
+                errors.append(exc)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.2)
+    s3_server.restart(hard=True)  # SIGKILL: nothing flushed or drained
+    thread.join()
+    assert errors == [] and len(written) == 40
+    assert storage.list_uris(f"{s3_bucket}/w") == [f"{s3_bucket}/w/{i:03d}" for i in range(40)]
+    assert storage.read_bytes(f"{s3_bucket}/w/007") == b"7"
 
 
 def test_server_down_fails_in_bounded_time(s3_server, monkeypatch, fast_retries):
@@ -393,3 +420,45 @@ def test_devserver_cli_beside_session_server(s3_server, tmp_path, monkeypatch):
     with pytest.raises(ConnectionRefusedError):  # weed went down with it
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert (tmp_path / "weed.log").stat().st_size > 0
+
+
+def _self_signed(folder):
+    """A cert/key pair for 127.0.0.1 (the cert is its own CA)."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_endpoint_with_ca_bundle(tmp_path, monkeypatch, fast_retries):
+    cert, key = _self_signed(tmp_path)
+    with S3Server(tmp_path / "data", tls_cert=cert, tls_key=key) as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        assert server.endpoint.startswith("https://")
+        uri = storage.join(storage.ensure_bucket("tls-check"), "k")
+        storage.write_bytes(uri, b"over tls")
+        assert storage.read_bytes(uri) == b"over tls"
+        monkeypatch.delenv("AWS_CA_BUNDLE")  # an untrusted cert fails at once, with a hint
+        with pytest.raises(StorageError, match="AWS_CA_BUNDLE"):
+            storage.read_bytes(uri)

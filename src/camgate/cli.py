@@ -32,7 +32,8 @@ def cmd_run(args) -> int:
     s = runner.run(args.model, args.data, args.out, method=args.method, target=args.target,
                    target_layer=args.target_layer, static_mask=args.static_mask, mask_spec=_mask_spec(args),
                    batch_size=args.batch_size, device=args.device, workers=args.workers, topk=args.topk,
-                   analyze=not args.heatmaps_only, policy=args.policy, progress=not args.quiet)
+                   analyze=not args.heatmaps_only, policy=args.policy, progress=not args.quiet,
+                   checkpoint_rows=args.checkpoint_rows)
     print(json.dumps(s.to_dict()))
     return 0
 
@@ -94,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--heatmaps-only", action="store_true", help="skip masks and metrics (see 'analyze')")
     r.add_argument("--policy", help="policy to record in the results' metadata")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--checkpoint-rows", type=int, default=256,
+                   help="commit rows every N rows; re-running after a crash resumes from there")
     _add_mask_args(r)
     r.set_defaults(fn=cmd_run)
 

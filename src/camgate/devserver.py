@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -114,8 +115,15 @@ class S3Server:
     """A ``weed mini`` process serving S3 on ``127.0.0.1`` with key checking on."""
 
     def __init__(self, data_dir, access_key: str | None = None, secret_key: str | None = None,
-                 port: int | None = None, region: str = "us-east-1"):
+                 port: int | None = None, region: str = "us-east-1",
+                 tls_cert: str | None = None, tls_key: str | None = None):
+        """``tls_cert``/``tls_key`` (PEM) make S3 speak HTTPS; the cert doubles as the CA bundle
+        (self-signed, for 127.0.0.1)."""
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
         self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self.tls_cert = os.path.abspath(tls_cert) if tls_cert else None
+        self.tls_key = os.path.abspath(tls_key) if tls_key else None
         self.access_key = access_key or "CG" + secrets.token_hex(9).upper()
         self.secret_key = secret_key or secrets.token_urlsafe(30)
         self.region = region
@@ -146,24 +154,27 @@ class S3Server:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_REGION": self.region,
         }
+        if self.tls_cert:
+            env["AWS_CA_BUNDLE"] = self.tls_cert
+        return env
 
     def apply_env(self) -> dict[str, str | None]:
         """Point this process at the server; returns the previous values for restoring."""
         keys = list(self.env()) + ["AWS_SESSION_TOKEN", "AWS_CA_BUNDLE"]
         previous = {k: os.environ.get(k) for k in keys}
-        os.environ.update(self.env())
-        # a stray session token or CA bundle would break auth against this server
+        # a stray session token or CA bundle would break auth/TLS against this server
         os.environ.pop("AWS_SESSION_TOKEN", None)
         os.environ.pop("AWS_CA_BUNDLE", None)
+        os.environ.update(self.env())
         return previous
 
     @property
@@ -184,6 +195,8 @@ class S3Server:
                f"-filer.localSocket={self._sock_dir}/filer.sock",
                f"-s3.localSocket={self._sock_dir}/s3.sock"]
         cmd += [f"-{flag}={port}" for flag, port in self._ports.items()]
+        if self.tls_cert:  # with a cert and no -s3.port.https, the S3 port itself serves TLS
+            cmd += [f"-s3.cert.file={self.tls_cert}", f"-s3.key.file={self.tls_key}"]
         return cmd
 
     @property
@@ -215,16 +228,26 @@ class S3Server:
             return ""
 
     def _probe(self) -> bool:
-        """True once S3 answers an authenticated request (the filer behind it is up too)."""
+        """True once S3 answers an authenticated request and can serve stored data.
+
+        After a restart, S3 lists buckets before the filer can locate volumes again (GETs
+        fail with InternalError for a few seconds), so one stored byte must be readable too.
+        """
         import urllib3
         from minio import Minio
 
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=5), retries=False)
+        tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": self.tls_cert} if self.tls_cert else {}
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=5), retries=False,
+                                   **tls)
         client = Minio(f"127.0.0.1:{self.port}", access_key=self.access_key,
-                       secret_key=self.secret_key, secure=False, region=self.region,
-                       http_client=http)
+                       secret_key=self.secret_key, secure=bool(self.tls_cert),
+                       region=self.region, http_client=http)
         try:
-            client.list_buckets()
+            for bucket in client.list_buckets()[:3]:
+                for obj in itertools.islice(client.list_objects(bucket.name, recursive=True), 5):
+                    if obj.size:
+                        client.get_object(bucket.name, obj.object_name, 0, 1).close()
+                        return True
             return True
         except Exception:
             return False
@@ -265,20 +288,19 @@ class S3Server:
         raise RuntimeError(f"S3 at {self.endpoint} did not answer in time; "
                            f"log {self.log_path}:\n{self._log_tail()}")
 
-    def _terminate(self, grace: float = 10) -> None:
+    def _terminate(self, grace: float = 6) -> None:
         proc = self._proc
         if proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the whole group: no orphans
+            # the whole group: no orphans; grace 0 is a crash (SIGKILL straight away)
+            os.killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         try:
-            proc.wait(grace)  # a clean shutdown takes ~2 s
+            proc.wait(grace or None)  # a clean shutdown takes ~2 s
         except subprocess.TimeoutExpired:
-            # a hung shutdown: SIGQUIT makes Go dump its goroutines into weed.log, then kill
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGQUIT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(2)
+            # now and then the volume server's HTTP shutdown waits forever on an internal
+            # connection after S3 and the filer are already down: nothing of ours is in
+            # flight any more, so killing loses nothing
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -298,13 +320,14 @@ class S3Server:
                     os.unlink(os.path.join(tempfile.gettempdir(),
                                            f"seaweedfs-{kind}-grpc-{port}.sock"))
 
-    def stop(self) -> None:
+    def stop(self, hard: bool = False) -> None:
+        """Shut down (SIGTERM, SIGKILL after 6 s); ``hard`` kills at once, like a crash."""
         with self._lock:
-            self._terminate()
+            self._terminate(grace=0 if hard else 6)
 
-    def restart(self, timeout: float = 60) -> "S3Server":
+    def restart(self, timeout: float = 60, hard: bool = False) -> "S3Server":
         """Stop and start again on the same ports, data and credentials."""
-        self.stop()
+        self.stop(hard=hard)
         # the ports were just released; wait briefly should another bind linger
         deadline = time.monotonic() + 10
         while not _port_free(self.port) and time.monotonic() < deadline:

@@ -331,7 +331,9 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     """Build, load weights, freeze, resolve the target layers and (optionally) run one dummy forward."""
     if isinstance(card, str):
         card = ModelCard.load(card)
-    model = build_arch(card.arch, card.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a card without weights still gives the same model on every load
+        model = build_arch(card.arch, card.num_classes)
     sha = ""
     wuri = card.weights_uri()
     if wuri:

@@ -9,7 +9,8 @@ the file only becomes visible at its destination once complete.
 from __future__ import annotations
 
 import json
-import os
+import posixpath
+import shutil
 from typing import Iterable
 
 import numpy as np
@@ -67,33 +68,87 @@ def meta_value(v, typ: pa.DataType):
 
 
 class ResultsWriter:
-    """Streams rows into a Parquet file that appears at ``uri`` (local or s3://) only when complete."""
+    """Streams rows into a Parquet file that appears at ``uri`` (local or s3://) only when complete.
 
-    def __init__(self, uri: str, schema: pa.Schema, row_group_size: int = 256):
-        self.uri, self.schema, self.row_group_size = uri, schema, row_group_size
+    With a ``fingerprint`` (a hash of everything that determines the rows) rows are committed as they
+    come in numbered part files under ``<uri>.parts/``, each written atomically. If the process dies,
+    a new writer with the same fingerprint finds them and reports ``resumed`` rows already done; the
+    caller skips those items. On close the parts are merged in order into ``uri`` and removed, so
+    the final file equals an uninterrupted run's. Parts from another run configuration are discarded.
+    """
+
+    def __init__(self, uri: str, schema: pa.Schema, row_group_size: int = 256, fingerprint: str | None = None):
+        self.uri, self.schema, self.row_group_size, self.fingerprint = uri, schema, row_group_size, fingerprint
+        self.parts = f"{uri}.parts"
         self._buf: list[dict] = []
         self.rows = 0
+        self.resumed = 0
+        self.resumed_status: list[str] = []
 
     def __enter__(self) -> "ResultsWriter":
-        self._ctx = storage.atomic_output(self.uri)
-        path = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        if self.fingerprint:
+            self._resume()
+        else:
+            self._ctx = storage.atomic_output(self.uri)
+            self._writer = pq.ParquetWriter(self._ctx.__enter__(), self.schema, compression="zstd")
         return self
+
+    def _part_uris(self) -> list[str]:
+        return [u for u in storage.list_uris(self.parts) if posixpath.basename(u).startswith("part-")]
+
+    def _resume(self) -> None:
+        marker = storage.join(self.parts, "_run.json")
+        same = storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("fingerprint") == self.fingerprint
+        if not same:
+            for u in storage.list_uris(self.parts):
+                storage.delete(u)
+            storage.write_bytes(marker, json.dumps({"fingerprint": self.fingerprint}).encode())
+            return
+        for u in self._part_uris():  # names carry the first row's index: contiguous parts only
+            start = int(posixpath.basename(u).split("-")[1].split(".")[0])
+            if start != self.resumed:
+                break
+            part = pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=["status"])
+            self.resumed += part.num_rows
+            self.resumed_status += part.column("status").to_pylist()
+        self.rows = self.resumed
 
     def write(self, rows: Iterable[dict]) -> None:
         self._buf.extend(rows)
         if len(self._buf) >= self.row_group_size:
             self._flush()
 
+    def _table(self) -> pa.Table:
+        return pa.table({n: [r.get(n) for r in self._buf] for n in self.schema.names}, schema=self.schema)
+
     def _flush(self) -> None:
-        if self._buf:
-            names = self.schema.names
-            cols = {n: [r.get(n) for r in self._buf] for n in names}
-            self._writer.write_table(pa.table(cols, schema=self.schema))
-            self.rows += len(self._buf)
-            self._buf = []
+        if not self._buf:
+            return
+        if self.fingerprint:
+            sink = pa.BufferOutputStream()
+            pq.write_table(self._table(), sink, compression="zstd")
+            storage.write_bytes(storage.join(self.parts, f"part-{self.rows:012d}.parquet"), sink.getvalue().to_pybytes())
+        else:
+            self._writer.write_table(self._table())
+        self.rows += len(self._buf)
+        self._buf = []
+
+    def _merge(self) -> None:
+        with storage.atomic_output(self.uri) as path, pq.ParquetWriter(path, self.schema, compression="zstd") as w:
+            for u in self._part_uris():
+                w.write_table(pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema))
+        for u in storage.list_uris(self.parts):
+            storage.delete(u)
+        local = storage.local_path(self.parts)
+        if local:
+            shutil.rmtree(local, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb):
+        if self.fingerprint:
+            if exc_type is None:
+                self._flush()
+                self._merge()
+            return False  # on error the committed parts stay for the next attempt
         try:
             if exc_type is None:
                 self._flush()
@@ -105,7 +160,7 @@ class ResultsWriter:
 
 def read(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A results (or heatmaps) file, local or s3://."""
-    local = storage._local(os.fspath(uri)) if not storage.is_s3(uri) else None
+    local = storage.local_path(uri)
     if local:
         return pq.read_table(local, columns=columns)
     return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)

@@ -174,8 +174,11 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
         target: str | int = "predicted", target_layer: str | list[str] | None = None,
         static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(), batch_size: int = 16,
         device: str = "auto", workers: int = 4, topk: float = TOPK_DEFAULT, analyze: bool = True,
-        policy: str | None = None, progress: bool = True) -> RunSummary:
-    """The heatmap test step. Raises (before any compute) only for problems of the whole run."""
+        policy: str | None = None, progress: bool = True, checkpoint_rows: int = 256) -> RunSummary:
+    """The heatmap test step. Raises (before any compute) only for problems of the whole run.
+
+    Rows are committed every ``checkpoint_rows`` rows; re-running the same command after a crash
+    resumes from there (see :class:`camgate.results.ResultsWriter`)."""
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
     items = load_items(data, static_mask if analyze else None)
@@ -192,8 +195,14 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
           "policy_sha256": _sha_or_none(policy)}
     schema = res.schema(meta_cols, md)
     summary = RunSummary(out)
-    batches = iter_batches(items, lm.input, mask_spec, batch_size, workers=workers, static_mask=sm)
-    with res.ResultsWriter(out, schema) as w, _progress(len(items), progress) as bar:
+    with res.ResultsWriter(out, schema, checkpoint_rows, _fingerprint(md, items)) as w, \
+            _progress(len(items), progress) as bar:
+        # rows committed by an interrupted run of the same command are not computed again
+        for st in w.resumed_status:
+            summary.rows += 1
+            summary.counts[st] += 1
+        bar.update(w.resumed)
+        batches = iter_batches(items[w.resumed:], lm.input, mask_spec, batch_size, workers=workers, static_mask=sm)
         for batch in batches:
             rows = runner.process(batch)
             w.write(rows)
@@ -208,6 +217,18 @@ def _count(summary: RunSummary, rows: Iterable[dict]) -> None:
     for r in rows:
         summary.rows += 1
         summary.counts[r["status"]] += 1
+
+
+def _fingerprint(md: dict, items: list[Item]) -> str:
+    """Everything that determines the rows: run settings, model hashes and the items themselves."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(md, sort_keys=True, default=str).encode())
+    for it in items:
+        h.update(json.dumps([it.image_id, it.image, it.mask, it.label, it.meta, it.error],
+                            sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _sha_or_none(uri: str | None) -> str | None:

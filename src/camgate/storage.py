@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import logging
 import mimetypes
 import os
@@ -48,7 +49,7 @@ _ACCESS_CODES = {
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchUpload"}
 _TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
-    "OperationAborted", "RequestTimeTooSkewed", "ServerBusy",
+    "OperationAborted", "ServerBusy",
 }
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -56,7 +57,7 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 class StorageError(Exception):
     """A storage operation failed; ``uri`` names the object or path involved."""
 
-    def __init__(self, uri: str, message: str):
+    def __init__(self, message: str, uri: str | None = None):
         super().__init__(_scrub(message))
         self.uri = uri
 
@@ -94,24 +95,24 @@ def _local(uri: str) -> str | None:
     if scheme == "file":
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
-            raise StorageError(uri, f"unsupported file URI with a host: {uri}")
+            raise StorageError(f"unsupported file URI with a host: {uri}", uri=uri)
         return parts.path
-    raise StorageError(uri, f"unsupported URI scheme {scheme!r} in {uri} "
-                            "(use s3://bucket/key or a local path)")
+    raise StorageError(f"unsupported URI scheme {scheme!r} in {uri} "
+                       "(use s3://bucket/key or a local path)", uri=uri)
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
     rest = uri[len("s3://"):]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise StorageError(uri, f"no bucket in S3 URI {uri}")
+        raise StorageError(f"no bucket in S3 URI {uri}", uri=uri)
     return bucket, key
 
 
 def _object(uri: str) -> tuple[str, str]:
     bucket, key = _split_s3(uri)
     if not key or key.endswith("/"):
-        raise StorageError(uri, f"no object key in S3 URI {uri}")
+        raise StorageError(f"no object key in S3 URI {uri}", uri=uri)
     return bucket, key
 
 
@@ -138,7 +139,7 @@ def resolve(base, rel, allow_escape: bool = False) -> str:
     """
     base, rel = _fspath(base), _fspath(rel)
     if not rel:
-        raise StorageError(base, f"empty path relative to {base}")
+        raise StorageError(f"empty path relative to {base}", uri=base)
     scheme = _scheme(rel)
     if scheme is not None:
         if scheme != "s3":
@@ -148,14 +149,15 @@ def resolve(base, rel, allow_escape: bool = False) -> str:
         return rel
     norm = posixpath.normpath(rel.replace(os.sep, "/"))
     if (norm == ".." or norm.startswith("../")) and not allow_escape:
-        raise StorageError(rel, f"relative path {rel!r} escapes the manifest folder of "
-                                f"{base}; use an absolute path or full URI instead")
+        raise StorageError(f"relative path {rel!r} escapes the manifest folder of {base}; "
+                           "use an absolute path or full URI instead", uri=rel)
     if is_s3(base):
         bucket, key = _split_s3(base)
         folder = posixpath.dirname(key)
         joined = posixpath.normpath(posixpath.join(folder, norm)) if folder else norm
         if joined == ".." or joined.startswith("../"):
-            raise StorageError(rel, f"relative path {rel!r} climbs above bucket {bucket!r}")
+            raise StorageError(f"relative path {rel!r} climbs above bucket {bucket!r}",
+                               uri=rel)
         return f"s3://{bucket}/" + ("" if joined == "." else joined)
     folder = os.path.dirname(_local(base))
     return os.path.normpath(os.path.join(folder, rel))
@@ -185,7 +187,10 @@ def _client(uri: str):
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = _make_client(uri, env)
+            client = _make_client(uri, env)
+            if len(_clients) >= 8:  # tests switch env often; keep the newest few pools
+                _clients.pop(next(iter(_clients)))
+            _clients[key] = client
         return client
 
 
@@ -196,18 +201,18 @@ def _make_client(uri: str, env: dict):
 
     endpoint = env["AWS_ENDPOINT_URL"]
     if not endpoint:
-        raise StorageError(uri, f"cannot reach {uri}: AWS_ENDPOINT_URL is not set "
-                                "(e.g. http://127.0.0.1:9000 or https://s3.example.com)")
+        raise StorageError(f"cannot reach {uri}: AWS_ENDPOINT_URL is not set "
+                           "(e.g. http://127.0.0.1:9000 or https://s3.example.com)", uri=uri)
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-        raise StorageError(uri, f"AWS_ENDPOINT_URL must look like http(s)://host[:port], "
-                                f"got {endpoint!r}")
+        raise StorageError(f"AWS_ENDPOINT_URL must look like http(s)://host[:port], "
+                           f"got {endpoint!r}", uri=uri)
     if not env["AWS_ACCESS_KEY_ID"] or not env["AWS_SECRET_ACCESS_KEY"]:
-        raise StorageError(uri, f"cannot access {uri}: AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY must both be set")
+        raise StorageError(f"cannot access {uri}: AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY must both be set", uri=uri)
     ca = env["AWS_CA_BUNDLE"]
     if ca and not os.path.isfile(ca):
-        raise StorageError(uri, f"AWS_CA_BUNDLE points to a missing file: {ca}")
+        raise StorageError(f"AWS_CA_BUNDLE points to a missing file: {ca}", uri=uri)
     # minio's own pool retries 5x with 5-minute timeouts; turn pool retries off so _call's
     # bounded, logged backoff is the only one.
     http = urllib3.PoolManager(
@@ -233,8 +238,8 @@ def _retry_settings(uri: str) -> tuple[int, float]:
         attempts = int(os.environ.get("CAMGATE_S3_RETRIES") or DEFAULT_RETRIES)
         backoff = float(os.environ.get("CAMGATE_S3_BACKOFF") or DEFAULT_BACKOFF)
     except ValueError:
-        raise StorageError(uri, "CAMGATE_S3_RETRIES must be an integer and "
-                                "CAMGATE_S3_BACKOFF a number of seconds") from None
+        raise StorageError("CAMGATE_S3_RETRIES must be an integer and "
+                           "CAMGATE_S3_BACKOFF a number of seconds", uri=uri) from None
     return max(1, attempts), max(0.0, backoff)
 
 
@@ -264,37 +269,38 @@ def _classify(exc: BaseException, uri: str):
     if isinstance(exc, S3Error):
         status = exc.response.status if exc.response is not None else 0
         if exc.code in _ACCESS_CODES or status == 403:
-            return AccessDenied(uri, f"access denied for {uri}: check AWS_ACCESS_KEY_ID/"
-                                     f"AWS_SECRET_ACCESS_KEY and the bucket policy ({exc.code})")
+            return AccessDenied(f"access denied for {uri}: check AWS_ACCESS_KEY_ID/"
+                                f"AWS_SECRET_ACCESS_KEY and the bucket policy ({exc.code})",
+                                uri=uri)
         if exc.code in _NOT_FOUND_CODES or status == 404:
             what = "bucket" if exc.code == "NoSuchBucket" else "object"
-            return NotFound(uri, f"not found: {uri} (no such {what})")
+            return NotFound(f"not found: {uri} (no such {what})", uri=uri)
         if exc.code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return None
-        return StorageError(uri, f"S3 request for {uri} failed: {_describe(exc)}")
+        return StorageError(f"S3 request for {uri} failed: {_describe(exc)}", uri=uri)
     if isinstance(exc, (ServerError, InvalidResponseError)):
         status = exc.status_code if isinstance(exc, ServerError) else exc._code
         if status >= 500 or status == 429:
             return None
         if status == 403:
-            return AccessDenied(uri, f"access denied for {uri}: check AWS_ACCESS_KEY_ID/"
-                                     "AWS_SECRET_ACCESS_KEY (HTTP 403)")
+            return AccessDenied(f"access denied for {uri}: check AWS_ACCESS_KEY_ID/"
+                                "AWS_SECRET_ACCESS_KEY (HTTP 403)", uri=uri)
         if status == 404:
-            return NotFound(uri, f"not found: {uri}")
-        return StorageError(uri, f"S3 request for {uri} failed: HTTP {status}")
+            return NotFound(f"not found: {uri}", uri=uri)
+        return StorageError(f"S3 request for {uri} failed: HTTP {status}", uri=uri)
     reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
     if isinstance(reason, urllib3.exceptions.SSLError):
-        return StorageError(uri, f"TLS error reaching {uri}: {reason} "
-                                 "(set AWS_CA_BUNDLE to the server's CA certificate)")
+        return StorageError(f"TLS error reaching {uri}: {reason} "
+                            "(set AWS_CA_BUNDLE to the server's CA certificate)", uri=uri)
     if isinstance(reason, urllib3.exceptions.LocationValueError):
-        return StorageError(uri, f"bad endpoint for {uri}: {reason}")
+        return StorageError(f"bad endpoint for {uri}: {reason}", uri=uri)
     if isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
                         http.client.HTTPException)):
         return None
     if isinstance(exc, ValueError):  # minio validates names client-side
-        return StorageError(uri, f"invalid S3 URI {uri}: {exc}")
+        return StorageError(f"invalid S3 URI {uri}: {exc}", uri=uri)
     if isinstance(exc, OSError):
-        return StorageError(uri, f"local I/O error while transferring {uri}: {exc}")
+        return StorageError(f"local I/O error while transferring {uri}: {exc}", uri=uri)
     return _UNHANDLED  # a bug or something unexpected: let the original propagate
 
 
@@ -311,14 +317,14 @@ def _call(op: str, uri: str, fn: Callable[[object], T]) -> T:
             return fn(_client(uri))
         except Exception as exc:  # noqa: BLE001 - classified below
             err = _classify(exc, uri)
-            if err is _UNHANDLED:
+            if err is _UNHANDLED or err is exc:
                 raise
             if err is not None:
                 raise err from exc
             if attempt == attempts:
                 raise StorageError(
-                    uri, f"{op} {uri} failed after {attempts} attempts in "
-                         f"{time.monotonic() - start:.1f}s: {_describe(exc)}") from exc
+                    f"{op} {uri} failed after {attempts} attempts in "
+                    f"{time.monotonic() - start:.1f}s: {_describe(exc)}", uri=uri) from exc
             delay = delays[attempt - 1] * random.uniform(0.8, 1.2)
             log.warning("%s %s: %s; retrying in %.1fs (attempt %d/%d)",
                         op, uri, _scrub(_describe(exc)), delay, attempt + 1, attempts)
@@ -375,12 +381,12 @@ def _commit_local(tmp: str, path: str) -> None:
 
 def _local_error(uri: str, exc: OSError) -> StorageError:
     if isinstance(exc, FileNotFoundError):
-        return NotFound(uri, f"not found: {uri}")
+        return NotFound(f"not found: {uri}", uri=uri)
     if isinstance(exc, PermissionError):
-        return AccessDenied(uri, f"access denied for {uri}: permission denied")
+        return AccessDenied(f"access denied for {uri}: permission denied", uri=uri)
     if isinstance(exc, IsADirectoryError):
-        return StorageError(uri, f"{uri} is a directory, not a file")
-    return StorageError(uri, f"I/O error on {uri}: {exc.strerror or exc}")
+        return StorageError(f"{uri} is a directory, not a file", uri=uri)
+    return StorageError(f"I/O error on {uri}: {exc.strerror or exc}", uri=uri)
 
 
 # --------------------------------------------------------------------------- public API
@@ -427,8 +433,6 @@ def write_bytes(uri, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return
-    import io
-
     bucket, key = _object(uri)
     ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
     # a single PUT (or completed multipart upload) is atomic in S3
@@ -449,6 +453,23 @@ def exists(uri) -> bool:
         return True
     except NotFound:
         return False
+
+
+def delete(uri) -> None:
+    """Remove a file/object; a missing one is not an error."""
+    uri = _fspath(uri)
+    path = _local(uri)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    bucket, key = _object(uri)
+    _call("delete", uri, lambda c: c.remove_object(bucket, key))
+
+
+def local_path(uri) -> str | None:
+    """The local file path of ``uri``; None for s3:// (unsupported schemes raise StorageError)."""
+    return _local(_fspath(uri))
 
 
 def list_uris(prefix) -> list[str]:
@@ -511,7 +532,8 @@ def upload(local_path, uri) -> None:
     """Copy the local file ``local_path`` to ``uri`` (atomically)."""
     local_path, uri = _fspath(local_path), _fspath(uri)
     if not os.path.isfile(local_path):
-        raise NotFound(local_path, f"not found: {local_path} (nothing to upload to {uri})")
+        raise NotFound(f"not found: {local_path} (nothing to upload to {uri})",
+                       uri=local_path)
     dst = _local(uri)
     if dst is not None:
         with atomic_output(dst) as tmp:

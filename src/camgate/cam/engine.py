@@ -105,7 +105,7 @@ class CamEngine:
                 raise MethodError(f"target layer {type(_module).__name__} returns {type(out).__name__}, not a tensor")
             if not needs_grad:
                 captured.append(out.detach())
-                return None
+                return out.clone()  # in-place ops downstream (DenseNet's ReLU) must not touch what we keep
             # A leaf cut here keeps the upstream part graph-free; a layer downstream of another target
             # layer is already on the graph and stays connected so both get their gradients.
             act = out if out.requires_grad else out.detach().requires_grad_(True)

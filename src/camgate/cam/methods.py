@@ -14,19 +14,25 @@ def _weighted(weights: Tensor, acts: Tensor) -> Tensor:
     return (weights[:, :, None, None] * acts).sum(1)
 
 
+def _spatial_sum(a: Tensor) -> Tensor:
+    # Summed in float64: for LayerNorm'd tokens (ViT) a channel's sum can be ~1e-3 against values ~1,
+    # and XGradCAM / GradCAM++ divide by it, so float32 cancellation would show in the map.
+    return a.sum((2, 3), keepdim=True, dtype=torch.float64).to(a.dtype)
+
+
 def gradcam(a: Tensor, g: Tensor) -> Tensor:
     return _weighted(g.mean((2, 3)), a)
 
 
 def gradcam_pp(a: Tensor, g: Tensor) -> Tensor:
     g2 = g * g
-    aij = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6)
+    aij = g2 / (2 * g2 + _spatial_sum(a) * g2 * g + 1e-6)
     aij = torch.where(g != 0, aij, torch.zeros_like(aij))
     return _weighted((g.clamp(min=0) * aij).sum((2, 3)), a)
 
 
 def xgradcam(a: Tensor, g: Tensor) -> Tensor:
-    return _weighted((g * a / (a.sum((2, 3), keepdim=True) + 1e-7)).sum((2, 3)), a)
+    return _weighted((g * a / (_spatial_sum(a) + 1e-7)).sum((2, 3)), a)
 
 
 def hirescam(a: Tensor, g: Tensor) -> Tensor:

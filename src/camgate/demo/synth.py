@@ -44,6 +44,9 @@ RIGHT_WALL = ((1.0, 0.22), (0.62, 0.08), (0.62, 0.18), (0.96, 1.0), (1.0, 1.0))
 # Lamp colours: four well separated hues. Shortcut: lamp colour = class index.
 LAMP_COLOURS = np.array([(1.0, 0.15, 0.1), (0.1, 1.0, 0.2), (0.15, 0.35, 1.0), (1.0, 0.9, 0.1)])
 
+CUE_STRENGTH = 0.6  # peak opacity of the lamp's coloured light on the wall
+HALO = 3.0  # halo sigma in lamp radii
+
 _SS = 2  # supersampling factor for the scene and objects (smooth edges at low resolution)
 
 
@@ -145,6 +148,7 @@ def render(label: int, variant: str, rng: np.random.Generator,
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     h, w = size
     H, W = h * _SS, w * _SS
+    invalid = invalid_mask(size) > 0
     floor = _region(FLOOR, w, h, _SS)
     lwall, rwall = _region(LEFT_WALL, w, h, _SS), _region(RIGHT_WALL, w, h, _SS)
     opening = _region(OPENING, w, h, _SS)
@@ -194,8 +198,9 @@ def render(label: int, variant: str, rng: np.random.Generator,
             od = ImageDraw.Draw(obj)
             od.ellipse([x - 0.4 * u, y - 0.04 * u, x + 0.4 * u, y + 0.04 * u], fill=(0, 0, 0, 70))  # shadow
             drawer(od, x, y, u, facing, colour)
-            alpha = np.asarray(obj)[..., 3] > 0
-            if floor[alpha].all():
+            # Checked at output resolution: no output pixel touched by the object is invalid.
+            alpha = (np.asarray(obj)[..., 3] > 0).reshape(h, _SS, w, _SS).any(axis=(1, 3))
+            if not invalid[alpha].any():
                 layer.paste(obj, (0, 0), obj)
                 break
         else:  # pragma: no cover - the draw budget is far larger than ever needed
@@ -204,18 +209,18 @@ def render(label: int, variant: str, rng: np.random.Generator,
     img = np.asarray(layer.resize((w, h), Image.BOX), dtype=np.float32) / 255.0
 
     # Lamp on a wall or the ceiling: saturated core + halo, kept strictly inside the invalid region.
-    invalid = invalid_mask(size) > 0
     lamp_draw = int(rng.integers(len(CLASSES)))
     lamp = LAMP_COLOURS[label if variant == "shortcut" else lamp_draw]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     r = rng.uniform(0.035, 0.05) * h
     for cy, cx in rng.random((64, 2)) * (h, w):
         d2 = (ys - cy) ** 2 + (xs - cx) ** 2
-        if invalid[d2 <= (3 * r) ** 2].all():  # room for the halo on the wall
+        if invalid[d2 <= (2 * r) ** 2].all():  # the lamp itself sits on the wall/ceiling
             break
-    halo = np.exp(-d2 / (2 * (1.6 * r) ** 2))[..., None]
+    # The light spills over a wide patch of wall (never onto the floor): a spatially large cue.
+    halo = CUE_STRENGTH * np.exp(-d2 / (2 * (HALO * r) ** 2))[..., None]
     core = (d2 <= r * r)[..., None]
-    lit = img * (1 - 0.5 * halo) + 0.5 * halo * lamp
+    lit = img * (1 - halo) + halo * lamp
     lit = np.where(core, 0.6 * lamp + 0.4, lit)
     img = np.where(invalid[..., None], lit, img)
 

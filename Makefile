@@ -1,0 +1,30 @@
+# One entry point: `make demo` (the main job) and `make test`; both set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv demo test compile bench clean
+
+venv: $(VENV)/.installed
+
+# constraints.txt pins the tested versions; the registry's torchvision only imports against its
+# matching torch build, so torch and torchvision are always installed as the pinned pair
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(BIN)/camgate demo
+
+test: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+compile: venv
+	$(BIN)/camgate compile
+
+bench: venv
+	$(BIN)/camgate bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache

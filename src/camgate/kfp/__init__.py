@@ -1,0 +1,10 @@
+"""Kubeflow Pipelines (v2) face of camgate: components, the heatmap-gate pipeline, a local runner.
+
+Needs the ``kfp`` extra (``pip install 'camgate[kfp]'``). The logic lives in ``camgate.steps``.
+"""
+from .components import (IMAGE, analyze_invalid_activation, compute_heatmaps, gate, load_model,
+                         promote)
+from .pipelines import PipelineFailed, heatmap_gate, local_run, promote_if_passed
+
+__all__ = ["IMAGE", "load_model", "compute_heatmaps", "analyze_invalid_activation", "gate", "promote",
+           "heatmap_gate", "promote_if_passed", "local_run", "PipelineFailed"]

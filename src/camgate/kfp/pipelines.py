@@ -1,0 +1,192 @@
+"""The ``heatmap-gate`` pipeline and a local runner for it (kfp.local, no cluster).
+
+load_model -> compute_heatmaps (GPU) -> analyze_invalid_activation -> gate -> promote (if passed).
+S3 credentials come from a Kubernetes Secret and the endpoint from a ConfigMap, both named by
+pipeline parameters, so neither ever appears in parameters or in the compiled YAML.
+"""
+import contextlib
+import io
+import os
+import re
+import sys
+import warnings
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Input, Markdown, Model
+
+from .components import analyze_invalid_activation, compute_heatmaps, gate, load_model, promote
+
+__all__ = ["heatmap_gate", "promote_if_passed", "local_run", "PipelineFailed"]
+
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+def _s3_env(task: dsl.PipelineTask, s3_secret, s3_config) -> dsl.PipelineTask:
+    kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in SECRET_KEYS})
+    kubernetes.use_config_map_as_env(task, config_map_name=s3_config,
+                                     config_map_key_to_env={k: k for k in CONFIG_KEYS})
+    # Inputs are URIs whose content can change under the same name (new weights, new data):
+    # a cache hit would gate yesterday's model.
+    return task.set_caching_options(False)
+
+
+@dsl.pipeline(name="promote-if-passed", description="Run the promotion step when the gate passed.")
+def promote_if_passed(model: Input[Model], passed: bool, s3_secret: str = "camgate-s3",
+                      s3_config: str = "camgate-s3"):
+    # A sub-pipeline so the condition reads one of its own inputs: kfp.local cannot evaluate a
+    # condition on a multi-output task's output (it resolves only single 'Output' values), while a
+    # parent input works everywhere, on the cluster as locally.
+    with dsl.If(passed == True, name="gate-passed"):  # noqa: E712 - compiled to a CEL comparison
+        _s3_env(promote(model=model, passed=passed), s3_secret, s3_config)
+
+
+@dsl.pipeline(name="heatmap-gate",
+              description="Heatmap test gate: CAMs of a vision model on a data set with invalid-pixel masks, "
+                          "judged by a policy; promotes the model only when the gate passes.")
+def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
+                 method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
+                 mask_marks_valid: bool = False, fail_on_violation: bool = False,
+                 s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
+                 ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
+                                 n_images=int, summary=Markdown, report=HTML):
+    """Heatmap test gate.
+
+    Args:
+        model_card: Model card URI (YAML/JSON).
+        data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
+        policy: Policy YAML URI.
+        output_prefix: Where results.parquet, decision.json, summary.md and report.html are exported.
+        static_mask: One mask for every image (fixed camera); '' = per-image masks.
+        method: CAM method.
+        batch_size: Images per batch on the GPU.
+        target: Class to explain: predicted | label | <class index>.
+        mask_marks_valid: Masks mark the valid region instead of the invalid one.
+        fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
+        s3_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+        s3_config: Kubernetes ConfigMap with AWS_ENDPOINT_URL and AWS_REGION.
+    """
+    loaded = load_model(model_card=model_card)
+    loaded.set_cpu_request("1").set_memory_request("4Gi")  # holds the weights once for the check
+    heat = compute_heatmaps(model=loaded.outputs["model"], data=data, method=method, target=target,
+                            batch_size=batch_size)
+    heat.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    # decoding threads + a pinned-memory batch queue beside the GPU
+    heat.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
+    analyzed = analyze_invalid_activation(heatmaps=heat.outputs["heatmaps"], data=data, static_mask=static_mask,
+                                          mask_marks_valid=mask_marks_valid,
+                                          export_uri=f"{output_prefix}/results.parquet")
+    analyzed.set_cpu_request("2").set_memory_request("4Gi")
+    verdict = gate(results=analyzed.outputs["results"], policy=policy, fail_on_violation=fail_on_violation,
+                   export_prefix=output_prefix)
+    verdict.set_cpu_request("1").set_memory_request("2Gi")
+    for task in (loaded, heat, analyzed, verdict):
+        _s3_env(task, s3_secret, s3_config)
+    promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"], s3_secret=s3_secret,
+                      s3_config=s3_config)
+    outputs = NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
+                         n_images=int, summary=Markdown, report=HTML)
+    return outputs(verdict.outputs["passed"], verdict.outputs["mean_invalid_activation_ratio"],
+                   verdict.outputs["error_rate"], verdict.outputs["n_images"], verdict.outputs["summary"],
+                   verdict.outputs["report"])
+
+
+# --------------------------------------------------------------------------- local runs
+
+
+class PipelineFailed(RuntimeError):
+    """A local run failed in a task other than a hard gate; the message names the task's error."""
+
+
+class _Tee(io.TextIOBase):
+    """Task logs reach us as prints on stdout: keep a copy to find the failing task's error."""
+
+    def __init__(self, out, echo: bool):
+        self.out, self.echo, self.parts = out, echo, []
+
+    def write(self, s: str) -> int:
+        self.parts.append(s)
+        if self.echo:
+            self.out.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        if self.echo:
+            self.out.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+_ERROR_LINE = re.compile(r"^\s*((?:[\w.]+\.)?(\w+(?:Error|Exception|Failed|NotFound|Denied))): (.+)$")
+
+
+def _task_error(log: str) -> tuple[str, str] | None:
+    """(exception class, message) of the last traceback line in the task logs."""
+    found = None
+    for line in log.splitlines():
+        m = _ERROR_LINE.match(line)
+        if m:
+            found = (m.group(2), m.group(3).strip())
+    return found
+
+
+@contextlib.contextmanager
+def _child_env():
+    # kfp.local starts each task with this interpreter; a task that shells out to `python3` or
+    # `camgate` must find the same environment first on PATH
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def local_run(pipeline_args: dict, pipeline_root: str, package_path: str | None = None,
+              echo: bool = True) -> dict:
+    """Run the heatmap-gate pipeline with ``kfp.local.SubprocessRunner(use_venv=False)``.
+
+    ``package_path``: a compiled pipeline (``pipelines/heatmap_gate.yaml``) to run instead of the
+    Python definition — what a cluster would run. Tasks inherit this process's environment
+    (``AWS_*`` for S3); the Kubernetes Secret/ConfigMap and GPU settings are ignored locally.
+
+    Returns the gate's outputs: ``passed``, ``mean_invalid_activation_ratio``, ``error_rate``,
+    ``n_images``; the local paths ``summary`` (Markdown) and ``report`` (HTML); ``run_dir`` (the
+    run's folder under ``pipeline_root``) and ``promoted`` (whether the promote task ran).
+    Raises :class:`camgate.steps.GateFailed` when a hard gate fails, :class:`PipelineFailed` when
+    another task fails.
+    """
+    from kfp import local
+
+    from ..steps import GateFailed
+
+    if package_path:
+        from kfp import components
+
+        pipeline = components.load_component_from_file(os.fspath(package_path))
+    else:
+        pipeline = heatmap_gate
+    os.makedirs(pipeline_root, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.fspath(pipeline_root),
+               raise_on_error=True)
+    tee = _Tee(sys.stdout, echo)
+    try:
+        with _child_env(), contextlib.redirect_stdout(tee), warnings.catch_warnings():
+            # expected locally: the image is not used and cluster-only settings are no-ops
+            warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+            task = pipeline(**pipeline_args)
+    except RuntimeError as e:
+        err = _task_error(tee.text())
+        if err and err[0] == GateFailed.__name__:
+            raise GateFailed(err[1]) from None
+        detail = f": {err[0]}: {err[1]}" if err else ""
+        raise PipelineFailed(f"{e}{detail}") from None
+    out = task.outputs
+    result = {k: out[k] for k in ("passed", "mean_invalid_activation_ratio", "error_rate", "n_images")}
+    result.update(summary=out["summary"].path, report=out["report"].path)
+    run_dir = os.path.dirname(os.path.dirname(result["summary"]))  # <root>/<run>/gate/summary
+    result.update(run_dir=run_dir, promoted=os.path.isdir(os.path.join(run_dir, "promote")))
+    return result

@@ -1,0 +1,185 @@
+"""One function per pipeline step: what each KFP component body calls.
+
+Everything a component does lives here, so it runs (and is tested) without kfp: the component
+bodies in ``camgate.kfp.components`` only pass paths and parameters through and copy the return
+values onto their output artifacts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+from . import report, storage
+from .data import MaskSpec
+
+__all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "gate_step",
+           "promote_step", "gate_outputs"]
+
+_MAX_LISTED_RULES = 20
+
+
+class GateFailed(RuntimeError):
+    """A hard gate (``fail_on_violation``) failed; the message lists the failing rules."""
+
+    def __init__(self, message: str, failed: list[str] | None = None):
+        super().__init__(message)
+        self.failed = list(failed or [])
+
+    @classmethod
+    def from_decision(cls, decision) -> "GateFailed":
+        rules = [_rule_text(r) for r in decision.failed]
+        shown = rules[:_MAX_LISTED_RULES]
+        if len(rules) > len(shown):
+            shown.append(f"... and {len(rules) - len(shown)} more")
+        msg = (f"heatmap gate failed: policy '{decision.policy}' violated by {len(rules)} rule(s): "
+               + "; ".join(shown))
+        return cls(msg, [r.rule for r in decision.failed])
+
+
+def _rule_text(r) -> str:
+    value = "n/a" if r.value is None or (isinstance(r.value, float) and math.isnan(r.value)) else f"{r.value:.4g}"
+    why = f" ({r.reason})" if r.reason else ""
+    return f"{r.rule} @ {r.scope} = {value}, limit {r.op} {r.threshold:g}{why}"
+
+
+# --------------------------------------------------------------------------- load_model
+
+
+def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict:
+    """Validate a model card and write it, resolved, to ``out_path``; return the model's metadata.
+
+    Validation is the real thing: weights are read and loaded strictly, one dummy forward runs and
+    the target layer is resolved, so a broken card fails here and not after the GPU step started.
+    The resolved card is a valid model card (JSON) with ``weights`` as an absolute URI and the
+    target layer filled in, so later steps need nothing but this file.
+    """
+    from .modelspec import load_model
+
+    lm = load_model(model_card, device=device)
+    card = lm.card.to_dict()
+    weights = lm.card.weights_uri()
+    if weights and "://" not in weights:  # a local path: later steps run in other directories
+        weights = os.path.abspath(weights)
+    card.update(weights=weights, target_layer=lm.target_layers)
+    if lm.card.allow_pickle:
+        card["allow_pickle"] = True
+    storage.write_bytes(out_path, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+    return {**lm.metadata(), "source_card": model_card, "weights": weights}
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "gradcam",
+                  target: str = "predicted", batch_size: int = 16, device: str = "auto",
+                  card_sha256: str = "") -> dict:
+    """Resolved card + data -> heatmaps Parquet (predictions and raw maps; masks are not read).
+
+    ``card_sha256`` (the original card's hash, from the model artifact's metadata) is recorded
+    in the file instead of the resolved card's, so results trace back to what the user wrote.
+    """
+    from .modelspec import ModelCard, load_model
+    from .runner import run
+
+    card = ModelCard.load(model_path)
+    if card_sha256:
+        card.sha256 = card_sha256
+    lm = load_model(card, device=device)
+    summary = run(lm, data, out_path, method=method, target=target, batch_size=int(batch_size),
+                  analyze=False, progress=False)
+    return {**summary.to_dict(), "device": str(lm.device), "method": method}
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def mask_spec(mask_marks_valid: bool = False, invalid_ids: str = "") -> MaskSpec:
+    """Component parameters -> MaskSpec; ``invalid_ids`` is a comma-separated list ('' = none)."""
+    ids = [s.strip() for s in str(invalid_ids or "").split(",") if s.strip()]
+    try:
+        parsed = tuple(int(s) for s in ids) or None
+    except ValueError:
+        raise ValueError(f"invalid_ids must be comma-separated integers, got {invalid_ids!r}") from None
+    return MaskSpec(invert=bool(mask_marks_valid), invalid_ids=parsed)
+
+
+def _tidy(uri: str) -> str:
+    # output_prefix + '/results.parquet' doubles the slash when the prefix ends in '/'
+    return re.sub(r"(?<!:)/{2,}", "/", uri)
+
+
+def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask: str = "",
+                 mask_marks_valid: bool = False, invalid_ids: str = "", topk: float = 0.1,
+                 export_uri: str = "") -> dict:
+    """Heatmaps Parquet + masks -> results Parquet; also copied to ``export_uri`` when given."""
+    from .runner import analyze
+
+    summary = analyze(heatmaps_path, out_path, data=data or None, static_mask=static_mask or None,
+                      mask_spec=mask_spec(mask_marks_valid, invalid_ids), topk=float(topk),
+                      progress=False)
+    out = summary.to_dict()
+    if export_uri:
+        export_uri = _tidy(export_uri)
+        storage.upload(out_path, export_uri)
+        out["exported"] = export_uri
+    return out
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def gate_step(results_path: str, policy: str, fail_on_violation: bool = False, export_prefix: str = "",
+              summary_path: str | None = None, report_path: str | None = None):
+    """Results + policy -> ``(decision, markdown, html, metrics)``.
+
+    Writes the Markdown/HTML to the given paths and, with ``export_prefix``, ``decision.json``,
+    ``summary.md`` and ``report.html`` under it — all before a hard gate raises
+    :class:`GateFailed`, because a failed task's output artifacts are never stored: the exported
+    copies are then the only report of why the gate failed.
+    """
+    from .gate import gate
+
+    decision = gate(results_path, policy)
+    md = report.markdown(decision, results_path)
+    page = report.html(decision, results_path)
+    scalars = report.metrics(decision)
+    files = {"summary.md": md.encode(), "report.html": page.encode(),
+             "decision.json": (json.dumps(decision.to_dict(), indent=2) + "\n").encode()}
+    if summary_path:
+        storage.write_bytes(summary_path, files["summary.md"])
+    if report_path:
+        storage.write_bytes(report_path, files["report.html"])
+    if export_prefix:
+        for name, body in files.items():
+            storage.write_bytes(storage.join(export_prefix, name), body)
+    if fail_on_violation and not decision.passed:
+        raise GateFailed.from_decision(decision)
+    return decision, md, page, scalars
+
+
+def gate_outputs(decision) -> dict:
+    """The gate component's scalar outputs. KFP parameters cannot carry NaN: -1.0 stands for
+    'not measurable' (no ok image)."""
+    def finite(v) -> float:
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else -1.0
+
+    return {"passed": bool(decision.passed),
+            "mean_invalid_activation_ratio": finite(decision.overall.get("mean_invalid_activation_ratio")),
+            "error_rate": finite(decision.overall.get("error_rate")),
+            "n_images": int(decision.counts["rows"])}
+
+
+# --------------------------------------------------------------------------- promote
+
+
+def promote_step(model_path: str, metadata: dict, passed: bool) -> str:
+    """Placeholder: says what would be promoted. Replace the promote component with your own
+    (copy the weights to a registry, tag an image, open a merge request...)."""
+    card = json.loads(storage.read_bytes(model_path))
+    if not passed:
+        return f"not promoting model '{card.get('name')}': the heatmap gate did not pass"
+    return (f"would promote model '{card.get('name')}' ({card.get('arch')}), weights "
+            f"{card.get('weights')} sha256 {metadata.get('weights_sha256') or 'n/a'}, "
+            f"card {metadata.get('source_card') or model_path}")

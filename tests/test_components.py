@@ -1,0 +1,248 @@
+"""KFP components called as plain functions (``component.python_func``), and the compiled YAML."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("kfp")
+
+from kfp import dsl  # noqa: E402
+
+import camgate  # noqa: E402
+from camgate.kfp import (IMAGE, analyze_invalid_activation, compute_heatmaps, gate,  # noqa: E402
+                         load_model, promote)
+from camgate.kfp.compile import compile_all  # noqa: E402
+from camgate.steps import GateFailed  # noqa: E402
+from test_run import make_set  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "gate", "promote"]
+
+
+def tiny_card(folder: Path, name="card.yaml", **extra) -> Path:
+    """A zoo:tiny_cnn card next to safetensors weights referenced by a relative path."""
+    from safetensors.torch import save
+
+    from zoo import tiny_cnn
+
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    (folder / "models" / "w.safetensors").write_bytes(save(tiny_cnn().state_dict()))
+    card = {"name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3, "classes": ["a", "b", "c"],
+            "weights": "models/w.safetensors", "input": {"size": [32, 32]}, **extra}
+    (folder / name).write_text(yaml.safe_dump(card))
+    return folder / name
+
+
+def policy(folder: Path, name: str, max_ratio: float) -> str:
+    p = folder / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"name": name, "rules": {"mean_invalid_activation_ratio": {"max": max_ratio},
+                                                          "peak_in_invalid_rate": {"max": max_ratio}}}))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """load_model -> compute_heatmaps -> analyze once; tests reuse the artifacts."""
+    root = tmp_path_factory.mktemp("chain")
+    _, manifest = make_set(root, n=6)
+    card = tiny_card(root)
+    model = dsl.Model(uri=str(root / "a" / "model"))
+    (root / "a").mkdir()
+    load_model.python_func(model_card=str(card), model=model)
+    heat = dsl.Dataset(uri=str(root / "a" / "heatmaps"))
+    compute_heatmaps.python_func(model=model, data=manifest, heatmaps=heat, batch_size=4, device="cpu")
+    results = dsl.Dataset(uri=str(root / "a" / "results"))
+    analyze_invalid_activation.python_func(heatmaps=heat, results=results, data=manifest,
+                                           export_uri=str(root / "export") + "//results.parquet")
+    return {"root": root, "card": card, "manifest": manifest, "model": model, "heatmaps": heat, "results": results}
+
+
+def gate_artifacts(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    return dict(metrics=dsl.Metrics(uri=str(folder / "metrics")), summary=dsl.Markdown(uri=str(folder / "summary")),
+                report=dsl.HTML(uri=str(folder / "report")))
+
+
+# --------------------------------------------------------------------------- components
+
+
+def test_load_model_writes_resolved_card_and_metadata(chain):
+    card = json.loads(Path(chain["model"].path).read_text())
+    weights = chain["root"] / "models" / "w.safetensors"
+    assert card["weights"] == str(weights) and os.path.isabs(card["weights"])
+    assert card["target_layer"] == ["features.2"]  # default resolved: the last conv
+    md = chain["model"].metadata
+    assert md["arch"] == "zoo:tiny_cnn" and md["classes"] == ["a", "b", "c"]
+    assert md["input"]["size"] == [32, 32] and md["target_layer"] == ["features.2"]
+    assert md["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert md["card_sha256"] == hashlib.sha256(chain["card"].read_bytes()).hexdigest()
+    # the resolved card is itself a valid card, usable with `camgate run --model`
+    from camgate.modelspec import load_model as load
+
+    assert load(chain["model"].path, device="cpu").weights_sha256 == md["weights_sha256"]
+
+
+def test_load_model_relative_card_path_gives_absolute_weights(tmp_path, monkeypatch):
+    tiny_card(tmp_path / "set")
+    monkeypatch.chdir(tmp_path)
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    load_model.python_func(model_card="set/card.yaml", model=model)
+    assert json.loads(Path(model.path).read_text())["weights"] == str(tmp_path / "set" / "models" / "w.safetensors")
+
+
+def test_load_model_fails_fast_on_a_bad_card(tmp_path):
+    from camgate.modelspec import ModelCardError
+
+    card = tiny_card(tmp_path, target_layer="features.9")
+    with pytest.raises(ModelCardError, match="features.9"):
+        load_model.python_func(model_card=str(card), model=dsl.Model(uri=str(tmp_path / "m")))
+    assert not (tmp_path / "m").exists()
+
+
+def test_heatmaps_and_analyze(chain):
+    from camgate import results
+
+    h = results.read(chain["heatmaps"].path)
+    assert h.num_rows == 6 and h.column("invalid_activation_ratio").null_count == 6
+    md = chain["heatmaps"].metadata
+    assert md["rows"] == 6 and md["device"] == "cpu" and md["method"] == "gradcam"
+    # provenance points at the user's card, not at the resolved copy
+    assert results.run_metadata(h)["model_card_sha256"] == chain["model"].metadata["card_sha256"]
+    r = results.read(chain["results"].path)
+    assert r.column("status").to_pylist() == ["ok"] * 6
+    assert all(0 <= v <= 1 for v in r.column("invalid_activation_ratio").to_pylist())
+    # exported copy, with the doubled slash of prefix + '/results.parquet' folded
+    exported = chain["root"] / "export" / "results.parquet"
+    assert exported.read_bytes() == Path(chain["results"].path).read_bytes()
+    assert chain["results"].metadata["exported"] == str(exported)
+
+
+def test_analyze_rejects_bad_invalid_ids(chain, tmp_path):
+    with pytest.raises(ValueError, match="invalid_ids"):
+        analyze_invalid_activation.python_func(heatmaps=chain["heatmaps"], results=dsl.Dataset(uri=str(tmp_path / "r")),
+                                               data=chain["manifest"], invalid_ids="1,x")
+
+
+def test_gate_pass(chain, tmp_path):
+    arts = gate_artifacts(tmp_path)
+    out = gate.python_func(results=chain["results"], policy=policy(tmp_path, "loose", 1.0),
+                           fail_on_violation=True, **arts)
+    assert out.passed is True and out.n_images == 6 and out.error_rate == 0.0
+    assert 0 <= out.mean_invalid_activation_ratio <= 1
+    m = arts["metrics"].metadata
+    assert m["passed"] == 1.0 and m["n_images"] == 6.0
+    assert m["mean_invalid_activation_ratio"] == pytest.approx(out.mean_invalid_activation_ratio)
+    assert "PASS" in Path(arts["summary"].path).read_text()
+    assert Path(arts["report"].path).read_text().startswith("<!DOCTYPE html>")
+
+
+def test_gate_soft_fail_reports_and_exports(chain, tmp_path):
+    arts = gate_artifacts(tmp_path / "a")
+    out = gate.python_func(results=chain["results"], policy=policy(tmp_path, "strict", 0.0),
+                           export_prefix=str(tmp_path / "exp"), **arts)
+    assert out.passed is False
+    assert arts["metrics"].metadata["n_rules_failed"] >= 1
+    assert "FAIL" in Path(arts["summary"].path).read_text()
+    decision = json.loads((tmp_path / "exp" / "decision.json").read_text())
+    assert decision["passed"] is False and decision["policy"] == "strict"
+    assert (tmp_path / "exp" / "summary.md").read_text() == Path(arts["summary"].path).read_text()
+    assert (tmp_path / "exp" / "report.html").read_text() == Path(arts["report"].path).read_text()
+
+
+def test_gate_hard_fail_raises_with_rules_and_still_exports(chain, tmp_path):
+    arts = gate_artifacts(tmp_path / "a")
+    with pytest.raises(GateFailed) as info:
+        gate.python_func(results=chain["results"], policy=policy(tmp_path, "strict", 0.0),
+                         fail_on_violation=True, export_prefix=str(tmp_path / "exp"), **arts)
+    msg = str(info.value)
+    assert "policy 'strict'" in msg and "mean_invalid_activation_ratio @ all" in msg and "limit <= 0" in msg
+    assert "mean_invalid_activation_ratio" in info.value.failed
+    assert json.loads((tmp_path / "exp" / "decision.json").read_text())["passed"] is False
+
+
+def test_gate_bad_policy_is_a_clear_error(chain, tmp_path):
+    from camgate.gate import PolicyError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: {mean_ratio: 0.3}\n")
+    with pytest.raises(PolicyError, match="mean_ratio"):
+        gate.python_func(results=chain["results"], policy=str(bad), **gate_artifacts(tmp_path))
+
+
+def test_promote_prints_what_it_would_promote(chain, capsys):
+    promote.python_func(model=chain["model"], passed=True)
+    out = capsys.readouterr().out
+    assert "would promote model 'tiny'" in out and chain["model"].metadata["weights_sha256"] in out
+
+
+# --------------------------------------------------------------------------- image + compiled YAML
+
+
+def test_image_tag_is_the_package_version():
+    assert IMAGE.endswith(f"/camgate:{camgate.__version__}")
+    for name in COMPONENT_NAMES:
+        spec = yaml.safe_load((ROOT / "components" / f"{name}.yaml").read_text())
+        (executor,) = spec["deploymentSpec"]["executors"].values()
+        assert executor["container"]["image"] == IMAGE
+        # nothing is pip-installed when a task starts: the image carries camgate and kfp
+        assert "pip install" not in json.dumps(executor)
+
+
+def test_registry_comes_from_the_environment():
+    env = {**os.environ, "CAMGATE_IMAGE_REGISTRY": "registry.example/team/"}
+    out = subprocess.run([sys.executable, "-c", "from camgate.kfp.components import IMAGE; print(IMAGE)"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == f"registry.example/team/camgate:{camgate.__version__}"
+
+
+def test_compiled_yaml_is_not_stale(tmp_path):
+    if os.environ.get("CAMGATE_IMAGE_REGISTRY"):
+        pytest.skip("CAMGATE_IMAGE_REGISTRY is set; the checked-in YAML uses the default registry")
+    written = compile_all(str(tmp_path))
+    rel = sorted(str(Path(p).relative_to(tmp_path)) for p in written)
+    assert rel == sorted([f"components/{n}.yaml" for n in COMPONENT_NAMES] + ["pipelines/heatmap_gate.yaml"])
+    stale = [r for r in rel if not (ROOT / r).exists() or (ROOT / r).read_bytes() != (tmp_path / r).read_bytes()]
+    assert not stale, f"compiled YAML is stale: {stale}; run `camgate compile` and commit the result"
+    extra = sorted(p.name for p in (ROOT / "components").glob("*.yaml")) != sorted(f"{n}.yaml" for n in COMPONENT_NAMES)
+    assert not extra, "components/ holds YAML for a component that no longer exists; run `camgate compile`"
+
+
+def test_compile_is_deterministic(tmp_path):
+    a, b = compile_all(str(tmp_path / "a")), compile_all(str(tmp_path / "b"))
+    for pa_, pb_ in zip(a, b):
+        assert Path(pa_).read_bytes() == Path(pb_).read_bytes()
+
+
+def test_compiled_pipeline_has_gpu_secret_env_and_no_credentials(tmp_path, monkeypatch):
+    key_id, secret = "AKIATESTKEYID0000001", "test-secret-value-9f8e7d6c5b4a"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    compile_all(str(tmp_path))
+    for path in list(tmp_path.rglob("*.yaml")) + list((ROOT / "pipelines").glob("*.yaml")):
+        text = path.read_text()
+        assert key_id not in text and secret not in text, path
+    # two documents: the pipeline spec, then the platform (Kubernetes) spec
+    spec, platform = yaml.safe_load_all((ROOT / "pipelines" / "heatmap_gate.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    acc = executors["exec-compute-heatmaps"]["container"]["resources"]["accelerator"]
+    assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1"
+    assert not any("accelerator" in e["container"].get("resources", {}) for k, e in executors.items()
+                   if k != "exec-compute-heatmaps")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == set(executors)  # every task, promote inside the condition included
+    for name, cfg in k8s.items():
+        (sec,) = cfg["secretAsEnv"]
+        assert {m["envVar"] for m in sec["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        # the Secret's name is a run parameter, not baked into the YAML
+        assert sec["secretNameParameter"]["componentInputParameter"].endswith("s3_secret"), name
+        (cm,) = cfg["configMapAsEnv"]
+        assert {m["envVar"] for m in cm["keyToEnv"]} == {"AWS_ENDPOINT_URL", "AWS_REGION"}
+        assert cm["configMapNameParameter"]["componentInputParameter"].endswith("s3_config"), name
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["s3_secret"]["defaultValue"] == "camgate-s3" and params["s3_config"]["defaultValue"] == "camgate-s3"
+    assert not [p for p in params if "key" in p.lower() or "password" in p.lower()]

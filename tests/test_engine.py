@@ -1,0 +1,82 @@
+"""Properties of the CAM engine beyond equality with the reference."""
+import gc
+import weakref
+
+import pytest
+import torch
+import torchvision
+
+from camgate.cam import CamEngine, MethodError, methods, normalized
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=5).eval().requires_grad_(False)
+
+
+def test_no_parameter_gradients_and_no_graph_kept(model):
+    engine = CamEngine(model, [model.layer4], "gradcam")
+    x = torch.randn(2, 3, 96, 96)
+    out = engine(x)
+    assert all(p.grad is None for p in model.parameters())
+    assert not out.cams.requires_grad and out.logits.grad_fn is None
+    ref = weakref.ref(out.logits)
+    del out
+    gc.collect()
+    assert ref() is None  # nothing (hooks, graph) keeps the batch's tensors alive
+
+
+def test_backward_reaches_only_the_target_layer(model):
+    # anything upstream of the target layer runs without recording a graph
+    seen = []
+    h = model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        CamEngine(model, [model.layer4], "gradcam")(torch.randn(1, 3, 64, 64))
+    finally:
+        h.remove()
+    assert seen == [False]
+
+
+def test_chained_target_layers_both_get_gradients(model):
+    out = CamEngine(model, [model.layer3, model.layer4], "gradcam")(torch.randn(2, 3, 128, 128))
+    single = CamEngine(model, [model.layer3], "gradcam")(torch.randn(2, 3, 128, 128))
+    assert out.cams.shape[-2:] == single.cams.shape[-2:] == (8, 8)
+    assert out.cams.amax((1, 2)).gt(0).all()
+
+
+def test_targets_predicted_label_mix(model):
+    x = torch.randn(3, 3, 64, 64)
+    out = CamEngine(model, [model.layer4], "gradcam")(x, torch.tensor([-1, 2, 4]))
+    assert out.targets[0] == out.logits[0].argmax() and out.targets[1:].tolist() == [2, 4]
+
+
+def test_adapter_method_by_name():
+    from zoo import tiny_cnn
+
+    m = tiny_cnn(3).eval().requires_grad_(False)
+    assert "scorecam" in methods() and "ablationcam" in methods()
+    engine = CamEngine(m, [m.features[2]], "ScoreCAM")
+    x = torch.randn(2, 3, 32, 32)
+    out = engine(x)
+    assert out.cams.shape == (2, 32, 32) and float(out.cams.max()) <= 1.0
+    assert all(not p.requires_grad for p in m.parameters())  # the adapter leaves the model as it was
+    import pytorch_grad_cam as pgc
+
+    m.requires_grad_(True)
+    ref = pgc.ScoreCAM(model=m, target_layers=[m.features[2]])(x, targets=None)
+    assert abs(out.cams.numpy() - ref).max() < 1e-5
+
+
+def test_unknown_method_lists_choices(model):
+    with pytest.raises(MethodError, match="gradcam"):
+        CamEngine(model, [model.layer4], "magiccam")
+
+
+def test_inplace_relu_after_target_does_not_corrupt_map():
+    torch.manual_seed(0)
+    m = torchvision.models.vgg11(num_classes=4).eval().requires_grad_(False)
+    conv = m.features[18]  # followed by ReLU(inplace=True)
+    out = CamEngine(m, [conv], "gradcam")(torch.randn(1, 3, 64, 64))
+    assert torch.isfinite(out.cams).all()
+    assert normalized(out.cams, (64, 64)).max() <= 1

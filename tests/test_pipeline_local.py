@@ -1,0 +1,92 @@
+"""The compiled heatmap-gate pipeline under kfp.local's SubprocessRunner, against the real S3 server."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("kfp")
+
+from camgate import storage  # noqa: E402
+from camgate.kfp import PipelineFailed, local_run  # noqa: E402
+from camgate.steps import GateFailed  # noqa: E402
+from test_run import make_set  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED = str(ROOT / "pipelines" / "heatmap_gate.yaml")
+EXPORTS = ["decision.json", "report.html", "results.parquet", "summary.md"]
+
+
+@pytest.fixture
+def s3_set(s3_bucket, tmp_path, monkeypatch):
+    """6 images + masks + a zoo:tiny_cnn card with weights + two policies, all on S3."""
+    from safetensors.torch import save
+
+    from zoo import tiny_cnn
+
+    # the tasks are child processes: they import the card's `zoo` factory from tests/
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    prefix = storage.join(s3_bucket, "set")
+    card, manifest = make_set(tmp_path, n=6, prefix=prefix)
+    storage.write_bytes(storage.join(prefix, "models", "w.safetensors"), save(tiny_cnn().state_dict()))
+    storage.write_bytes(card, yaml.safe_dump({
+        "name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3, "classes": ["a", "b", "c"],
+        "weights": "models/w.safetensors", "input": {"size": [32, 32]}}).encode())
+    policies = {}
+    for name, limit in (("loose", 1.0), ("strict", 0.0)):
+        policies[name] = storage.join(s3_bucket, "policies", f"{name}.yaml")
+        storage.write_bytes(policies[name], yaml.safe_dump(
+            {"name": name, "rules": {"mean_invalid_activation_ratio": {"max": limit}}}).encode())
+    return {"bucket": s3_bucket, "card": card, "data": manifest, "policies": policies,
+            "root": str(tmp_path / "kfp")}
+
+
+def args(s, policy: str, out: str, **extra) -> dict:
+    return {"model_card": s["card"], "data": s["data"], "policy": s["policies"][policy],
+            "output_prefix": storage.join(s["bucket"], out), "batch_size": 4, **extra}
+
+
+def exported(s, out: str) -> list[str]:
+    return [u.rsplit("/", 1)[1] for u in storage.list_uris(storage.join(s["bucket"], out))]
+
+
+def test_pass_promotes_and_exports(s3_set, s3_server, capfd):
+    r = local_run(args(s3_set, "loose", "run-pass"), s3_set["root"], package_path=COMPILED)
+    assert r["passed"] is True and r["promoted"] is True
+    assert r["n_images"] == 6 and r["error_rate"] == 0.0 and 0 <= r["mean_invalid_activation_ratio"] <= 1
+    assert "PASS" in Path(r["summary"]).read_text()
+    assert Path(r["report"]).read_text().startswith("<!DOCTYPE html>")
+    assert exported(s3_set, "run-pass") == EXPORTS
+    decision = json.loads(storage.read_bytes(storage.join(s3_set["bucket"], "run-pass", "decision.json")))
+    assert decision["passed"] is True and decision["counts"]["ok"] == 6
+    logs = capfd.readouterr()
+    assert "would promote model 'tiny'" in logs.out
+    assert s3_server.secret_key not in logs.out + logs.err  # credentials never reach the logs
+
+
+def test_soft_fail_skips_promote_and_succeeds(s3_set):
+    r = local_run(args(s3_set, "strict", "run-soft"), s3_set["root"], package_path=COMPILED, echo=False)
+    assert r["passed"] is False and r["promoted"] is False and r["n_images"] == 6
+    assert "FAIL" in Path(r["summary"]).read_text()
+    decision = json.loads(storage.read_bytes(storage.join(s3_set["bucket"], "run-soft", "decision.json")))
+    verdicts = {r["rule"]: r["verdict"] for r in decision["rules"]}
+    assert decision["passed"] is False and verdicts["mean_invalid_activation_ratio"] == "fail"
+
+
+def test_hard_fail_raises_with_the_failing_rules(s3_set):
+    with pytest.raises(GateFailed, match=r"policy 'strict'.*mean_invalid_activation_ratio @ all = [0-9.]+, limit <= 0"):
+        local_run(args(s3_set, "strict", "run-hard", fail_on_violation=True), s3_set["root"],
+                  package_path=COMPILED, echo=False)
+    # the report of why is exported before the task fails (failed tasks store no artifacts)
+    assert exported(s3_set, "run-hard") == EXPORTS
+    assert not list(Path(s3_set["root"]).glob("*/promote"))
+
+
+def test_broken_card_fails_at_load_model(s3_set):
+    storage.write_bytes(s3_set["card"], yaml.safe_dump({"name": "t", "arch": "zoo:tiny_cnn", "num_classes": 3,
+                                                        "weights": "models/missing.safetensors"}).encode())
+    with pytest.raises(PipelineFailed, match=r"load-model.*ModelCardError: cannot read weights.*missing"):
+        local_run(args(s3_set, "loose", "run-bad"), s3_set["root"], echo=False)  # the Python definition
+    assert exported(s3_set, "run-bad") == []
