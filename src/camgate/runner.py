@@ -35,7 +35,14 @@ class RunSummary:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"out": self.out, "rows": self.rows, "counts": self.counts, "seconds": round(self.seconds, 3)}
+        return {"out": self.out, "rows": self.rows, "counts": self.counts, "seconds": round(self.seconds, 3),
+                "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def parse_target(target: str | int | None, num_classes: int) -> str | int:
@@ -181,9 +188,9 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
     resumes from there (see :class:`camgate.results.ResultsWriter`)."""
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
+    runner = Runner(lm, method, target, analyze, topk)  # method and target fail before data is read
     items = load_items(data, static_mask if analyze else None)
-    meta_cols = res.meta_types(it.meta for it in items)
-    runner = Runner(lm, method, target, analyze, topk, meta_cols)
+    runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
     if not analyze:  # heatmaps only: masks are not read
         items = [replace(it, mask=None) for it in items]
     sm = StaticMask(static_mask) if (static_mask and analyze) else None

@@ -119,6 +119,7 @@ class _Tee(io.TextIOBase):
         return "".join(self.parts)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task names
 _ERROR_LINE = re.compile(r"^\s*((?:[\w.]+\.)?(\w+(?:Error|Exception|Failed|NotFound|Denied))): (.+)$")
 
 
@@ -182,8 +183,8 @@ def local_run(pipeline_args: dict, pipeline_root: str, package_path: str | None 
         err = _task_error(tee.text())
         if err and err[0] == GateFailed.__name__:
             raise GateFailed(err[1]) from None
-        detail = f": {err[0]}: {err[1]}" if err else ""
-        raise PipelineFailed(f"{e}{detail}") from None
+        detail = f" {err[0]}: {err[1]}" if err else ""
+        raise PipelineFailed(_ANSI.sub("", str(e)) + detail) from None
     out = task.outputs
     result = {k: out[k] for k in ("passed", "mean_invalid_activation_ratio", "error_rate", "n_images")}
     result.update(summary=out["summary"].path, report=out["report"].path)
