@@ -60,6 +60,7 @@ WORKS = {
     "all_invalid_mask": (enc(rgb()), enc(Image.new("L", (48, 40), 255))),
     "all_valid_mask": (enc(rgb()), enc(Image.new("L", (48, 40), 0))),
     "jpeg": (enc(rgb(), "JPEG"), enc(MASK)),
+    "cmyk_jpeg": (enc(rgb().convert("CMYK"), "JPEG"), enc(MASK)),
 }
 
 

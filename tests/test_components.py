@@ -205,7 +205,8 @@ def test_compiled_yaml_is_not_stale(tmp_path):
         pytest.skip("CAMGATE_IMAGE_REGISTRY is set; the checked-in YAML uses the default registry")
     written = compile_all(str(tmp_path))
     rel = sorted(str(Path(p).relative_to(tmp_path)) for p in written)
-    assert rel == sorted([f"components/{n}.yaml" for n in COMPONENT_NAMES] + ["pipelines/heatmap_gate.yaml"])
+    assert rel == sorted([f"components/{n}.yaml" for n in COMPONENT_NAMES]
+                         + ["components/README.md", "pipelines/heatmap_gate.yaml"])
     stale = [r for r in rel if not (ROOT / r).exists() or (ROOT / r).read_bytes() != (tmp_path / r).read_bytes()]
     assert not stale, f"compiled YAML is stale: {stale}; run `camgate compile` and commit the result"
     extra = sorted(p.name for p in (ROOT / "components").glob("*.yaml")) != sorted(f"{n}.yaml" for n in COMPONENT_NAMES)

@@ -111,6 +111,9 @@ def test_tiny_training_writes_loadable_card(tmp_path):
     metrics = json.loads((card_path.parent / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert (card_path.parent / metrics["data"]).resolve().is_file()
+    # deterministic: the same seed elsewhere gives the same weights
+    again = train("clean", tmp_path / "again", seed=0, config=cfg)
+    assert (again.parent / "model.safetensors").read_bytes() == (card_path.parent / "model.safetensors").read_bytes()
     # cached: same parameters -> same card, not retrained
     mtime = (card_path.parent / "model.safetensors").stat().st_mtime_ns
     assert train("clean", tmp_path, seed=0, config=cfg) == card_path

@@ -90,3 +90,21 @@ def test_broken_card_fails_at_load_model(s3_set):
     with pytest.raises(PipelineFailed, match=r"load-model.*ModelCardError: cannot read weights.*missing"):
         local_run(args(s3_set, "loose", "run-bad"), s3_set["root"], echo=False)  # the Python definition
     assert exported(s3_set, "run-bad") == []
+
+
+def test_a_docker_folder_does_not_pass_for_the_docker_sdk(monkeypatch):
+    """The repository's docker/ folder on sys.path must not make kfp.local think Docker's SDK is there."""
+    import importlib.util
+    import sys
+
+    from camgate.kfp.pipelines import _shadowed_docker_sdk
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.delitem(sys.modules, "docker", raising=False)
+    spec = importlib.util.find_spec("docker")
+    if spec.origin not in (None, "namespace"):
+        pytest.skip("the Docker SDK is installed; it wins over a namespace folder")
+    _shadowed_docker_sdk()
+    assert sys.modules["docker"] is None
+    with pytest.raises(ImportError):
+        import docker  # noqa: F401

@@ -101,6 +101,21 @@ def test_nan_model_gives_error_rows_only_where_it_fails(tmp_path):
     assert st[:-1].count("error") == 0
 
 
+def test_model_raising_on_one_image_fails_only_that_row(tmp_path):
+    card, manifest = make_set(tmp_path, n=5)
+    (tmp_path / "picky.yaml").write_text(yaml.safe_dump({"name": "p", "arch": "zoo:picky_net", "num_classes": 3,
+                                                         "input": {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    (tmp_path / "images" / "white.png").write_bytes(png(np.full((32, 32, 3), 255, np.uint8)))
+    lines = (tmp_path / "manifest.csv").read_text().splitlines()
+    lines.insert(3, "images/white.png,masks/000.png,0,cam0")  # in the middle of the first batch
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    t = pq.read_table(run(str(tmp_path / "picky.yaml"), manifest, str(tmp_path / "r.parquet"), batch_size=4,
+                          progress=False).out)
+    st, err = t.column("status").to_pylist(), t.column("error").to_pylist()
+    assert st[2] == "error" and "white.png" in err[2] and "cannot handle bright images" in err[2]
+    assert st.count("error") == 1 and t.num_rows == 6
+
+
 def test_cli_exit_codes(tmp_path, capsys):
     card, manifest = make_set(tmp_path, n=6)
     out = str(tmp_path / "r.parquet")

@@ -38,3 +38,17 @@ class NaNNet(TinyCNN):
 def nan_net(num_classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return NaNNet(num_classes)
+
+
+class PickyNet(TinyCNN):
+    """Raises on very bright images: one input that breaks the forward pass of its whole batch."""
+
+    def forward(self, x):
+        if (x.mean((1, 2, 3)) > 0.5).any():
+            raise RuntimeError("picky: cannot handle bright images")
+        return super().forward(x)
+
+
+def picky_net(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return PickyNet(num_classes)

@@ -162,8 +162,7 @@ def render(label: int, variant: str, rng: np.random.Generator,
     img[lwall | rwall] = np.repeat(wall[..., None], 3, axis=2)[lwall | rwall]
     img[opening] = (0.82, 0.9, 0.8)  # daylight at the far end
     ftone = rng.uniform(0.3, 0.45)
-    blotch = np.asarray(Image.fromarray(rng.normal(0, 1, (8, 10)).astype(np.float32), mode="F")
-                        .resize((W, H), Image.BICUBIC))
+    blotch = np.asarray(Image.fromarray(rng.normal(0, 1, (8, 10)).astype(np.float32)).resize((W, H), Image.BICUBIC))
     img[floor] = (ftone + 0.03 * blotch[floor])[:, None]
 
     # Floor clutter (stains, litter) on every image so "empty" is not just "nothing drawn".

@@ -5,6 +5,7 @@ S3 credentials come from a Kubernetes Secret and the endpoint from a ConfigMap, 
 pipeline parameters, so neither ever appears in parameters or in the compiled YAML.
 """
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -133,6 +134,25 @@ def _task_error(log: str) -> tuple[str, str] | None:
     return found
 
 
+def _shadowed_docker_sdk() -> None:
+    """Keep a ``docker/`` folder (this repository has one) from passing for the Docker SDK.
+
+    On ``sys.path`` (the current directory under ``python -m``) such a folder imports as an empty
+    namespace package; kfp.local then takes the SDK for installed and fails on ``docker.DockerClient``.
+    Without the real SDK it must see an ImportError instead. An installed SDK (a regular package)
+    always wins over a namespace folder and is left alone.
+    """
+    mod = sys.modules.get("docker", False)
+    if mod is False:  # not imported yet
+        spec = importlib.util.find_spec("docker")
+        shadowed = (spec is not None and spec.origin in (None, "namespace")
+                    and spec.submodule_search_locations is not None)
+    else:
+        shadowed = mod is not None and not hasattr(mod, "DockerClient")
+    if shadowed:
+        sys.modules["docker"] = None  # `import docker` -> ImportError
+
+
 @contextlib.contextmanager
 def _child_env():
     # kfp.local starts each task with this interpreter; a task that shells out to `python3` or
@@ -159,6 +179,7 @@ def local_run(pipeline_args: dict, pipeline_root: str, package_path: str | None 
     Raises :class:`camgate.steps.GateFailed` when a hard gate fails, :class:`PipelineFailed` when
     another task fails.
     """
+    _shadowed_docker_sdk()
     from kfp import local
 
     from ..steps import GateFailed
