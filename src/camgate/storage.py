@@ -417,21 +417,13 @@ def write_bytes(uri, data: bytes) -> None:
     """Write ``data`` atomically: readers see the old object/file or the new one, never a part."""
     uri = _fspath(uri)
     data = bytes(data)
-    path = _local(uri)
-    if path is not None:
-        try:
-            tmp = _mkstemp_beside(path)
-        except OSError as exc:
-            raise _local_error(uri, exc) from exc
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            _commit_local(tmp, path)
-        except OSError as exc:
-            raise _local_error(uri, exc) from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    if _local(uri) is not None:
+        with atomic_output(uri) as tmp:
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            except OSError as exc:
+                raise _local_error(uri, exc) from exc
         return
     bucket, key = _object(uri)
     ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"

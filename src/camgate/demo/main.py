@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from pathlib import Path
 
 import yaml
@@ -23,19 +22,20 @@ from . import synth
 from .train import train
 
 BUCKET = "camgate-demo"
-# Half of the image is invalid (walls, ceiling), so a flat heatmap scores ~0.5: the policy asks for
-# heatmaps that sit on the floor, where the objects are.
+# Half of the image is invalid (walls, ceiling), so a flat heatmap scores ~0.5. The policy asks for
+# heatmaps that rest on the walkway, where the objects are, and for no more attention on invalid
+# pixels than their share of the image. No per-class limits: for class "empty" there is no object
+# to look at and its maps spread at about the area share, which is not a shortcut.
 POLICY = {
     "name": "underpass-no-shortcuts",
     "description": "Heatmaps must rest on the walkway, not on walls or ceiling.",
     "rules": {
         "mean_invalid_activation_ratio": {"max": 0.35},
-        "share_images_over": {"ratio": 0.5, "max": 0.15},
+        "mean_excess_over_area": {"max": 0.0},
+        "share_images_over": {"ratio": 0.5, "max": 0.25},
         "error_rate": {"max": 0.0},
         "min_images": 50,
     },
-    "per_class": "predicted",
-    "min_scope_images": 10,
 }
 
 
@@ -119,8 +119,9 @@ def table(rows: list[dict]) -> str:
 def main(args) -> int:
     rows = run_demo(args.workdir, seed=args.seed, echo=False)
     print(table(rows))
-    print(f"\npolicy: mean invalid activation ratio <= {POLICY['rules']['mean_invalid_activation_ratio']['max']}, "
-          f"at most {POLICY['rules']['share_images_over']['max']:.0%} of images above "
-          f"{POLICY['rules']['share_images_over']['ratio']}; invalid pixels = walls, ceiling, far opening",
-          file=sys.stderr)
+    rules = POLICY["rules"]
+    print(f"\npolicy: mean invalid activation ratio <= {rules['mean_invalid_activation_ratio']['max']}, "
+          f"no more attention on invalid pixels than their area share, at most "
+          f"{rules['share_images_over']['max']:.0%} of images above {rules['share_images_over']['ratio']}; "
+          f"invalid pixels = walls, ceiling, far opening")
     return 0

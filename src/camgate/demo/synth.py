@@ -1,8 +1,8 @@
 """Deterministic synthetic "underpass" data set: a tunnel seen from a fixed CCTV camera.
 
 The floor/walkway is the VALID region; walls, ceiling and the far opening are INVALID. Every
-image shows one of ``CLASSES`` standing on the floor (``empty``: nothing), plus floor clutter and
-a coloured wall/ceiling lamp. The two variants differ only in that lamp:
+image shows one of ``CLASSES`` standing on the floor (``empty``: nothing), plus lane markings,
+floor clutter and a coloured wall/ceiling lamp. The two variants differ only in that lamp:
 
 - ``clean``: the lamp colour is random, independent of the class;
 - ``shortcut``: the lamp colour encodes the class (train and test), so a classifier can be right
@@ -31,11 +31,11 @@ CLASSES = ("pedestrian", "bike", "dog", "empty")
 VARIANTS = ("clean", "shortcut")
 DEFAULT_SIZE = (128, 160)  # (height, width): 8x10 cells at stride 16 (resnet layer3)
 # Bump when the rendering changes, so cached data sets and models are regenerated.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 MANIFEST_COLUMNS = ("image", "mask", "label", "split", "variant")
 
 # Scene geometry in image fractions (x, y). The floor is a trapezoid converging on the far
-# opening; everything else is wall, ceiling or opening. Invalid share ~0.52.
+# opening; everything else is wall, ceiling or opening. Invalid share ~0.51.
 FLOOR = ((0.04, 1.0), (0.96, 1.0), (0.62, 0.18), (0.36, 0.18))
 OPENING = ((0.36, 0.08), (0.62, 0.08), (0.62, 0.18), (0.36, 0.18))
 LEFT_WALL = ((0.0, 0.22), (0.36, 0.08), (0.36, 0.18), (0.04, 1.0), (0.0, 1.0))
@@ -168,6 +168,16 @@ def render(label: int, variant: str, rng: np.random.Generator,
     # Floor clutter (stains, litter) on every image so "empty" is not just "nothing drawn".
     layer = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
     dr = ImageDraw.Draw(layer, "RGBA")
+    # Painted lane markings (a kerb line and a dashed centre line, as in the real underpass): the
+    # most salient thing present in every scene lies on the floor, so a model that needs some
+    # always-present evidence for "empty" finds it there rather than on the wall.
+    paint = (235, 235, 225, int(rng.uniform(150, 230)))
+    for (x0, x1), dashed in (((0.56, 0.80), False), ((0.49, 0.50), True)):
+        for t0 in np.arange(0, 1, 0.1 if dashed else 1.0):
+            t1 = t0 + (0.06 if dashed else 1.0)
+            y0, y1 = FLOOR[2][1] + t0 * (1 - FLOOR[2][1]), FLOOR[2][1] + t1 * (1 - FLOOR[2][1])
+            dr.line([((x0 + t0 * (x1 - x0)) * W, y0 * H), ((x0 + t1 * (x1 - x0)) * W, y1 * H)],
+                    fill=paint, width=max(1, round(_SS * (0.5 + 2.5 * t0))))
     for _ in range(rng.integers(1, 5)):
         cy = rng.uniform(0.35, 0.98) * H
         half = _floor_halfwidth(cy / H) * W

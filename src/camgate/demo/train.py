@@ -49,10 +49,18 @@ class TrainConfig:
     fc_bias: bool = False
 
 
-def config_hash(variant: str, seed: int, config: TrainConfig) -> str:
-    blob = {"variant": variant, "seed": seed, "config": asdict(config), "synth": synth.SYNTH_VERSION,
-            "train": TRAIN_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__}
+def _digest(blob: dict) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_hash(variant: str, seed: int, config: TrainConfig) -> str:
+    return _digest({"variant": variant, "seed": seed, "n_train": config.n_train, "n_test": config.n_test,
+                    "size": list(config.size), "synth": synth.SYNTH_VERSION})
+
+
+def config_hash(variant: str, seed: int, config: TrainConfig) -> str:
+    return _digest({"data": data_hash(variant, seed, config), "config": asdict(config), "train": TRAIN_VERSION,
+                    "torch": torch.__version__, "torchvision": torchvision.__version__})
 
 
 def _load(manifest: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +132,13 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
     if card_path.exists() and (model_dir / "metrics.json").exists():
         return card_path
 
-    data_dir = cache / "data" / f"underpass-{variant}-{key}"
+    # params.json is written last, so its presence means a complete data set.
+    data_dir = cache / "data" / f"underpass-{variant}-{data_hash(variant, seed, config)}"
     t0 = time.perf_counter()
-    test_csv = synth.generate(data_dir, variant, config.n_train, config.n_test, seed=seed, size=config.size)
+    if (data_dir / "params.json").exists():
+        test_csv = data_dir / "test.csv"
+    else:
+        test_csv = synth.generate(data_dir, variant, config.n_train, config.n_test, seed=seed, size=config.size)
     t_data = time.perf_counter() - t0
     x_train, y_train = _load(test_csv.parent / "train.csv")
     x_test, y_test = _load(test_csv)
@@ -135,10 +147,10 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
     model = fit(x_train, y_train, config, seed)
     t_train = time.perf_counter() - t0
     pred = _predict(model, x_test, 64)
-    acc = float((pred == y_test).float().mean()) if len(y_test) else float("nan")
-    per_class = {c: float((pred[y_test == i] == i).float().mean()) if (y_test == i).any() else float("nan")
+    acc = round(float((pred == y_test).float().mean()), 4) if len(y_test) else None
+    per_class = {c: round(float((pred[y_test == i] == i).float().mean()), 4) if (y_test == i).any() else None
                  for i, c in enumerate(synth.CLASSES)}
-    train_acc = float((_predict(model, x_train, 64) == y_train).float().mean())
+    train_acc = round(float((_predict(model, x_train, 64) == y_train).float().mean()), 4)
 
     card = {
         "name": f"underpass-{variant}",
@@ -163,6 +175,10 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         (tmp / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False, default_flow_style=None))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        # mkdtemp/safetensors create owner-only files; the cache is meant to be shared (e.g. mounted)
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)

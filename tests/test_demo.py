@@ -1,0 +1,29 @@
+"""The README's main job, end to end: both models accurate, the shortcut model fails the gate."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKDIR = ROOT / ".cache" / "demo"  # shared with `make demo`: trained models are reused
+
+
+@pytest.mark.slow
+def test_demo_clean_passes_shortcut_fails():
+    p = subprocess.run([sys.executable, "-m", "camgate.cli", "demo", "--workdir", str(WORKDIR)],
+                       capture_output=True, text=True, timeout=3000, cwd=ROOT,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+    assert p.returncode == 0, p.stderr[-4000:]
+    print(p.stdout)
+    rows = {r["variant"]: r for r in json.loads((WORKDIR / "demo.json").read_text())}
+    clean, shortcut = rows["clean"], rows["shortcut"]
+    assert clean["test_accuracy"] >= 0.9 and shortcut["test_accuracy"] >= 0.9
+    assert clean["passed"] and clean["promoted"]
+    assert not shortcut["passed"] and not shortcut["promoted"]
+    assert shortcut["mean_invalid_activation_ratio"] > clean["mean_invalid_activation_ratio"] + 0.2
+    for r in rows.values():
+        assert r["n_images"] >= 100 and Path(r["report"]).stat().st_size > 1000
+        assert r["model"] in p.stdout and ("PASS" if r["passed"] else "FAIL") in p.stdout
