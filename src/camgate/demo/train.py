@@ -25,8 +25,8 @@ from PIL import Image
 
 from . import synth
 
-TRAIN_VERSION = 1
-MEAN = (0.5, 0.5, 0.5)
+TRAIN_VERSION = 1  # bump when training changes, so cached models are retrained
+MEAN = (0.5, 0.5, 0.5)  # synthetic images: no reason for ImageNet statistics
 STD = (0.25, 0.25, 0.25)
 
 
