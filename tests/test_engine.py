@@ -80,3 +80,17 @@ def test_inplace_relu_after_target_does_not_corrupt_map():
     out = CamEngine(m, [conv], "gradcam")(torch.randn(1, 3, 64, 64))
     assert torch.isfinite(out.cams).all()
     assert normalized(out.cams, (64, 64)).max() <= 1
+
+
+@pytest.mark.parametrize("arch, shape", [("swin_t", (7, 7)), ("vit_b_16", (14, 14))])
+def test_token_models_get_their_reshape_from_the_card(tmp_path, arch, shape):
+    import yaml
+
+    from camgate.modelspec import load_model
+
+    card = tmp_path / "c.yaml"
+    card.write_text(yaml.safe_dump({"name": arch, "arch": f"torchvision/{arch}", "num_classes": 3}))
+    lm = load_model(str(card), device="cpu")
+    torch.nn.init.normal_(lm.model.head.weight if arch == "swin_t" else lm.model.heads.head.weight, std=0.02)
+    out = CamEngine(lm.model, lm.layers(), "gradcam", lm.reshape_transform)(torch.randn(1, 3, 224, 224))
+    assert out.cams.shape == (1, *shape) and out.cams.max() > 0

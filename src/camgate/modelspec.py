@@ -326,6 +326,16 @@ def token_reshape(kind: str, input_size: tuple[int, int], patch: int = 16) -> Ca
     return vit
 
 
+def _token_kind(arch: str, layers: Sequence[str]) -> str | None:
+    """torchvision ViT/Swin target layers emit tokens, not maps: pick the reshape for them."""
+    name = arch.split("/")[-1] if arch.startswith("torchvision/") else ""
+    if name.startswith("vit_") and all(l.startswith("encoder.") for l in layers):
+        return "vit"
+    if name.startswith("swin") and all(l.startswith("features") for l in layers):
+        return "swin"
+    return None
+
+
 def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequence[str] | str | None = None,
                check_forward: bool = True) -> LoadedModel:
     """Build, load weights, freeze, resolve the target layers and (optionally) run one dummy forward."""
@@ -355,9 +365,8 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     resolve_layers(model, layers)  # fail now, before any data is read
     dev = pick_device(device)
     model.to(dev)
-    reshape = token_reshape(card.reshape, card.input.size) if card.reshape else None
-    if reshape is None and card.arch.split("/")[-1].startswith("vit_"):
-        reshape = token_reshape("vit", card.input.size)
+    kind = card.reshape or _token_kind(card.arch, layers)
+    reshape = token_reshape(kind, card.input.size) if kind else None
     lm = LoadedModel(card, model, list(layers), sha, dev, reshape)
     if check_forward:
         with torch.no_grad():
