@@ -87,6 +87,17 @@ def test_split_heatmaps_then_analyze_equals_fused(tmp_path):
                                b.column("invalid_activation_ratio").to_numpy(), atol=2e-3)
 
 
+def test_analyze_reports_a_missing_mask_on_its_row(tmp_path):
+    card, manifest = make_set(tmp_path, n=5)
+    run(card, manifest, str(tmp_path / "h.parquet"), analyze=False, progress=False)
+    (tmp_path / "masks" / "002.png").unlink()
+    s = analyze(str(tmp_path / "h.parquet"), str(tmp_path / "r.parquet"), data=manifest, progress=False)
+    rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert s.rows == 5 and s.counts["error"] == 1
+    assert rows[2]["status"] == "error" and "002.png" in rows[2]["error"] and "not found" in rows[2]["error"]
+    assert all(r["status"] != "error" for i, r in enumerate(rows) if i != 2)
+
+
 def test_nan_model_gives_error_rows_only_where_it_fails(tmp_path):
     card, manifest = make_set(tmp_path, n=4)
     (tmp_path / "nan.yaml").write_text(yaml.safe_dump({"name": "n", "arch": "zoo:nan_net", "num_classes": 3,

@@ -158,16 +158,25 @@ class ResultsWriter:
         return False
 
 
-def read(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """A results (or heatmaps) file, local or s3://."""
+def open_file(uri: str) -> pq.ParquetFile:
+    """A results (or heatmaps) file, local or s3://, for streaming reads."""
     local = storage.local_path(uri)
-    if local:
-        return pq.read_table(local, columns=columns)
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
+    return pq.ParquetFile(local if local else pa.BufferReader(storage.read_bytes(uri)))
 
 
-def run_metadata(table_or_uri) -> dict:
-    sch = table_or_uri.schema if isinstance(table_or_uri, pa.Table) else read(table_or_uri, columns=[]).schema
+def read(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole results (or heatmaps) file, local or s3://."""
+    return open_file(uri).read(columns=columns)
+
+
+def run_metadata(source) -> dict:
+    """The run's metadata (key ``camgate``) from a table, a schema or a file URI."""
+    if isinstance(source, pa.Table):
+        sch = source.schema
+    elif isinstance(source, pa.Schema):
+        sch = source
+    else:
+        sch = open_file(source).schema_arrow
     return json.loads((sch.metadata or {}).get(META_KEY, b"{}"))
 
 

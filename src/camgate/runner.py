@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -252,7 +253,7 @@ def _sha_or_none(uri: str | None) -> str | None:
 def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: str | None = None,
             mask_spec: MaskSpec = MaskSpec(), input_spec: InputSpec | None = None,
             topk: float = TOPK_DEFAULT, batch_size: int = 64, device: str = "cpu",
-            progress: bool = True) -> RunSummary:
+            workers: int = 8, progress: bool = True) -> RunSummary:
     """Heatmaps Parquet (from ``run(..., analyze=False)``) + masks -> results Parquet.
 
     Masks come from ``static_mask``, else from ``data`` (the manifest, matched row by row), else from
@@ -260,26 +261,30 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
     model's input spec recorded in the heatmaps file.
     """
     t0 = time.perf_counter()
-    table = res.read(heatmaps)
-    md = res.run_metadata(table)
+    pf = res.open_file(heatmaps)
+    n = pf.metadata.num_rows
+    md = res.run_metadata(pf.schema_arrow)
     spec = input_spec or InputSpec.from_card(md.get("model", {}).get("input"))
     if data:
         items = load_items(data, static_mask)
-        if len(items) != table.num_rows:
-            raise DataError(f"data {data} has {len(items)} items but heatmaps {heatmaps} has {table.num_rows} rows")
+        if len(items) != n:
+            raise DataError(f"data {data} has {len(items)} items but heatmaps {heatmaps} has {n} rows")
         masks = [it.mask for it in items]
     else:
-        masks = [static_mask] * table.num_rows if static_mask else table.column("mask").to_pylist()
+        masks = [static_mask] * n if static_mask else pf.read(columns=["mask"]).column("mask").to_pylist()
     sm = StaticMask(static_mask) if static_mask else None
     md.update(stage="results", static_mask=static_mask, topk=topk, analyzed_with=__version__,
               mask_spec={"invert": mask_spec.invert, "invalid_ids": list(mask_spec.invalid_ids or [])})
-    schema = table.schema.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
+    schema = pf.schema_arrow.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
     summary = RunSummary(out)
     dev = torch.device(device)
-    with res.ResultsWriter(out, schema) as w, _progress(table.num_rows, progress) as bar:
-        for start in range(0, table.num_rows, batch_size):
-            rows = table.slice(start, batch_size).to_pylist()
-            _analyze_rows(rows, masks[start:start + batch_size], spec, mask_spec, sm, topk, dev)
+    start = 0
+    with res.ResultsWriter(out, schema) as w, _progress(n, progress) as bar, \
+            ThreadPoolExecutor(workers, thread_name_prefix="camgate-mask") as pool:
+        for batch in pf.iter_batches(batch_size=batch_size):  # the file is never held as Python rows
+            rows = batch.to_pylist()
+            _analyze_rows(rows, masks[start:start + len(rows)], spec, mask_spec, sm, topk, dev, pool)
+            start += len(rows)
             w.write(rows)
             _count(summary, rows)
             bar.update(len(rows))
@@ -287,23 +292,30 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
     return summary
 
 
-def _analyze_rows(rows, mask_uris, spec, mask_spec, sm, topk, dev) -> None:
+def _mask_for(row: dict, muri: str | None, spec: InputSpec, mask_spec: MaskSpec, sm) -> np.ndarray:
+    """The invalid mask of the image region the model saw; ValueError/StorageError naming the problem."""
     from .data import decode_mask
 
-    ready, cams, masks = [], [], []
+    if not muri:
+        raise ValueError("no mask (give a mask column, a masks/ folder or a static mask)")
+    w, h = row.get("image_width"), row.get("image_height")
+    full = sm.get(mask_spec, (w, h)) if sm else decode_mask(storage.read_bytes(muri), muri, mask_spec, (w, h))
+    left, top, right, bottom = spec.box(w, h)
+    return np.ascontiguousarray(full[top:bottom, left:right])
+
+
+def _analyze_rows(rows, mask_uris, spec, mask_spec, sm, topk, dev, pool) -> None:
+    todo = []
     for row, muri in zip(rows, mask_uris):
         row["mask"] = muri
-        if row["status"] == "error" or row.get("cam") is None:
-            continue
-        w, h = row.get("image_width"), row.get("image_height")
+        if row["status"] != "error" and row.get("cam") is not None:
+            todo.append((row, pool.submit(_mask_for, row, muri, spec, mask_spec, sm)))  # fetched in parallel
+    ready, cams, masks = [], [], []
+    for row, fut in todo:
         try:
-            if not muri:
-                raise ValueError("no mask (give a mask column, a masks/ folder or a static mask)")
-            full = sm.get(mask_spec, (w, h)) if sm else decode_mask(storage.read_bytes(muri), muri, mask_spec, (w, h))
-            left, top, right, bottom = spec.box(w, h)
-            masks.append(torch.from_numpy(np.ascontiguousarray(full[top:bottom, left:right])).to(dev))
+            masks.append(torch.from_numpy(fut.result()).to(dev))
         except (storage.StorageError, ValueError) as e:
-            row.update(status="error", error=f"mask {muri} (id {row['image_id']}): {e}")
+            row.update(status="error", error=f"mask {row['mask']} (id {row['image_id']}): {e}")
             continue
         ready.append(row)
         cams.append(torch.from_numpy(res.cam_array(row)).to(dev))
@@ -312,4 +324,3 @@ def _analyze_rows(rows, mask_uris, spec, mask_spec, sm, topk, dev) -> None:
     for row, mi in zip(ready, invalid_metrics(cams, masks, topk).rows()):
         row.update(status="ok", error=None)
         row.update(metric_values(mi))
-
