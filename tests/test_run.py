@@ -98,6 +98,23 @@ def test_analyze_reports_a_missing_mask_on_its_row(tmp_path):
     assert all(r["status"] != "error" for i, r in enumerate(rows) if i != 2)
 
 
+def test_report_overlays_show_the_top_images(tmp_path):
+    import io
+
+    from camgate import report
+
+    card, manifest = make_set(tmp_path, n=6)
+    out = str(tmp_path / "r.parquet")
+    run(card, manifest, out, progress=False)
+    (tmp_path / "images" / "005.png").unlink()  # a vanished image: no picture, no crash
+    pics = report.overlays(out, top=4)
+    ok = [r for r in pq.read_table(out).to_pylist() if r["status"] == "ok"]
+    top = sorted(ok, key=lambda r: -r["invalid_activation_ratio"])[:4]
+    assert set(pics) == {r["image_id"] for r in top} - {"005"} and pics
+    im = Image.open(io.BytesIO(next(iter(pics.values()))))
+    assert im.size[0] == 256 and im.mode == "RGB"
+
+
 def test_nan_model_gives_error_rows_only_where_it_fails(tmp_path):
     card, manifest = make_set(tmp_path, n=4)
     (tmp_path / "nan.yaml").write_text(yaml.safe_dump({"name": "n", "arch": "zoo:nan_net", "num_classes": 3,

@@ -262,3 +262,75 @@ def html(decision: Decision, results=None, title: str | None = None, top: int = 
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(c.title)}</title><style>{_CSS}</style></head>"
             f'<body class="{state}">\n' + "\n".join(body) + "\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------- heatmap overlays
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB in [0, 1], the classic jet ramp (blue = cold, red = hot)."""
+    return np.clip(1.5 - np.abs(4 * x[..., None] - np.array([3.0, 2.0, 1.0])), 0, 1)
+
+
+def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,
+                width: int = 256) -> bytes:
+    """The model's view of ``image`` (``box``) with the heatmap blended in and the invalid region
+    (``mask``: bool array of the box) outlined in white."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from .cam import normalized
+    from .data import decode_image
+
+    img = decode_image(image, "overlay").crop(box)
+    w, h = img.size
+    size = (max(1, round(h * width / w)), width)
+    base = np.asarray(img.resize(size[::-1], Image.BILINEAR), dtype=np.float32) / 255
+    heat = normalized(torch.from_numpy(cam)[None].float(), size)[0].numpy()
+    out = 0.55 * base + 0.45 * _jet(heat)
+    if mask is not None:
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+        out[edge] = 1.0
+    buf = io.BytesIO()
+    Image.fromarray((out * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_OVERLAY_COLUMNS = ["image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
+                    "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
+                    "cam_width", "image_width", "image_height"]
+
+
+def overlays(results_uri: str, top: int = 10) -> dict[str, bytes]:
+    """PNG overlays for the ``top`` images by invalid activation ratio (what ``html`` embeds).
+
+    An image that cannot be read any more is left out: the report still renders."""
+    from . import results as res
+    from . import storage
+    from .data import MaskSpec, decode_mask
+    from .modelspec import InputSpec
+
+    pf = res.open_file(results_uri)
+    table = pf.read(columns=[c for c in _OVERLAY_COLUMNS if c in pf.schema_arrow.names])
+    md = res.run_metadata(pf.schema_arrow)
+    spec = InputSpec.from_card(md.get("model", {}).get("input"))
+    ms = md.get("mask_spec") or {}
+    mask_spec = MaskSpec(bool(ms.get("invert")), tuple(ms["invalid_ids"]) if ms.get("invalid_ids") else None)
+    rows = {r["image_id"]: r for r in table.to_pylist() if r["status"] == "ok"}
+    out: dict[str, bytes] = {}
+    for image_id, _cells in _top_and_errors(table, top)[0]:
+        row = rows[image_id]
+        try:
+            w, h = row["image_width"], row["image_height"]
+            box = spec.box(w, h)
+            mask = None
+            if row.get("mask"):
+                full = decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, (w, h))
+                mask = full[box[1]:box[3], box[0]:box[2]]
+            out[image_id] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(row), box, mask)
+        except (storage.StorageError, ValueError, TypeError):
+            continue  # the image moved or the row has no map: the report goes without this picture
+    return out

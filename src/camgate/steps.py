@@ -143,7 +143,7 @@ def gate_step(results_path: str, policy: str, fail_on_violation: bool = False, e
 
     decision = gate(results_path, policy)
     md = report.markdown(decision, results_path)
-    page = report.html(decision, results_path)
+    page = report.html(decision, results_path, images=report.overlays(results_path))
     scalars = report.metrics(decision)
     files = {"summary.md": md.encode(), "report.html": page.encode(),
              "decision.json": (json.dumps(decision.to_dict(), indent=2) + "\n").encode()}
