@@ -10,7 +10,6 @@ import subprocess
 import zlib
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image

@@ -1,5 +1,4 @@
 import io
-import pickle
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torchvision
 import yaml
 from safetensors.torch import save_file
 
-from camgate.modelspec import InputSpec, ModelCard, ModelCardError, default_target_layers, load_model
+from camgate.modelspec import InputSpec, ModelCardError, default_target_layers, load_model
 
 
 def write_card(tmp_path, **kw):

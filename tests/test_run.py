@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import yaml
 from PIL import Image
 

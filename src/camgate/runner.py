@@ -21,11 +21,10 @@ import torch
 from . import __version__, storage
 from . import results as res
 from .analysis import TOPK_DEFAULT, invalid_metrics
-from .cam import CamEngine, MethodError
+from .cam import CamEngine
 from .data import DataError, Item, MaskSpec, Sample, StaticMask, iter_batches, load_items
-from .modelspec import InputSpec, LoadedModel, ModelCardError, load_model
+from .modelspec import InputSpec, LoadedModel, load_model
 
-RUN_ERRORS = (ModelCardError, MethodError, DataError, storage.StorageError, ValueError)
 
 
 @dataclass
