@@ -1,5 +1,4 @@
 """Shared S3 fixtures: one real SeaweedFS server per test session."""
-import os
 import uuid
 
 import pytest
@@ -19,11 +18,7 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        server.restore_env(previous)
 
 
 @pytest.fixture

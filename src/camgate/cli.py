@@ -15,8 +15,7 @@ EXIT_FAIL, EXIT_USAGE = 1, 2
 def _mask_spec(args):
     from .data import MaskSpec
 
-    ids = tuple(int(v) for v in args.invalid_ids.split(",")) if args.invalid_ids else None
-    return MaskSpec(invert=args.mask_marks_valid, invalid_ids=ids)
+    return MaskSpec.parse(args.mask_marks_valid, args.invalid_ids)
 
 
 def _add_mask_args(p):

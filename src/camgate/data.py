@@ -71,6 +71,24 @@ class MaskSpec:
     invert: bool = False
     invalid_ids: tuple[int, ...] | None = None
 
+    @classmethod
+    def parse(cls, invert: bool = False, invalid_ids: str | None = "") -> "MaskSpec":
+        """From user text: ``invalid_ids`` is a comma-separated list ('' = any non-zero pixel is invalid)."""
+        ids = [s.strip() for s in str(invalid_ids or "").split(",") if s.strip()]
+        try:
+            parsed = tuple(int(s) for s in ids) or None
+        except ValueError:
+            raise ValueError(f"invalid_ids must be comma-separated integers, got {invalid_ids!r}") from None
+        return cls(invert=bool(invert), invalid_ids=parsed)
+
+    def to_dict(self) -> dict:
+        return {"invert": self.invert, "invalid_ids": list(self.invalid_ids or [])}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "MaskSpec":
+        d = d or {}
+        return cls(bool(d.get("invert")), tuple(d["invalid_ids"]) if d.get("invalid_ids") else None)
+
 
 @dataclass
 class Sample:
@@ -409,6 +427,13 @@ class StaticMask:
             raise DataError(f"static mask {self.uri}: {e}") from e
 
 
+def model_view(mask: np.ndarray, input_spec: InputSpec, size: tuple[int, int]) -> np.ndarray:
+    """The part of an image-size mask the model sees (``input_spec.box``), as its own copy:
+    cached static masks are read-only and shared between samples."""
+    left, top, right, bottom = input_spec.box(*size)
+    return mask[top:bottom, left:right].copy()
+
+
 def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
                 static_mask: str | StaticMask | None = None) -> Sample:
     """Fetch + decode one item. Never raises: problems come back as ``Sample.error`` naming the item."""
@@ -429,10 +454,7 @@ def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
         else:
             full = None
         if full is not None:
-            left, top, right, bottom = input_spec.box(*img.size)
-            cut = full[top:bottom, left:right]
-            # cached static masks are read-only and shared: each sample gets its own copy
-            mask = torch.from_numpy(cut.copy() if not cut.flags.writeable else np.ascontiguousarray(cut))
+            mask = torch.from_numpy(model_view(full, input_spec, img.size))
         return Sample(item, x, mask, None, img.size)
     except (storage.StorageError, ValueError) as e:  # both already say what went wrong
         problem = str(e)

@@ -177,6 +177,15 @@ class S3Server:
         os.environ.update(self.env())
         return previous
 
+    @staticmethod
+    def restore_env(previous: dict[str, str | None]) -> None:
+        """Undo :meth:`apply_env` with the values it returned."""
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

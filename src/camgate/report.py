@@ -310,27 +310,25 @@ def overlays(results_uri: str, top: int = 10) -> dict[str, bytes]:
     An image that cannot be read any more is left out: the report still renders."""
     from . import results as res
     from . import storage
-    from .data import MaskSpec, decode_mask
+    from .data import MaskSpec, decode_mask, model_view
     from .modelspec import InputSpec
 
     pf = res.open_file(results_uri)
     table = pf.read(columns=[c for c in _OVERLAY_COLUMNS if c in pf.schema_arrow.names])
     md = res.run_metadata(pf.schema_arrow)
     spec = InputSpec.from_card(md.get("model", {}).get("input"))
-    ms = md.get("mask_spec") or {}
-    mask_spec = MaskSpec(bool(ms.get("invert")), tuple(ms["invalid_ids"]) if ms.get("invalid_ids") else None)
+    mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
     rows = {r["image_id"]: r for r in table.to_pylist() if r["status"] == "ok"}
     out: dict[str, bytes] = {}
     for image_id, _cells in _top_and_errors(table, top)[0]:
         row = rows[image_id]
         try:
-            w, h = row["image_width"], row["image_height"]
-            box = spec.box(w, h)
+            size = (row["image_width"], row["image_height"])
             mask = None
             if row.get("mask"):
-                full = decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, (w, h))
-                mask = full[box[1]:box[3], box[0]:box[2]]
-            out[image_id] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(row), box, mask)
+                mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
+                                  spec, size)
+            out[image_id] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(row), spec.box(*size), mask)
         except (storage.StorageError, ValueError, TypeError):
             continue  # the image moved or the row has no map: the report goes without this picture
     return out

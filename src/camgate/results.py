@@ -100,8 +100,7 @@ class ResultsWriter:
         marker = storage.join(self.parts, "_run.json")
         same = storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("fingerprint") == self.fingerprint
         if not same:
-            for u in storage.list_uris(self.parts):
-                storage.delete(u)
+            self._clear()
             storage.write_bytes(marker, json.dumps({"fingerprint": self.fingerprint}).encode())
             return
         for u in self._part_uris():  # names carry the first row's index: contiguous parts only
@@ -137,6 +136,9 @@ class ResultsWriter:
         with storage.atomic_output(self.uri) as path, pq.ParquetWriter(path, self.schema, compression="zstd") as w:
             for u in self._part_uris():
                 w.write_table(pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema))
+        self._clear()
+
+    def _clear(self) -> None:
         for u in storage.list_uris(self.parts):
             storage.delete(u)
         local = storage.local_path(self.parts)

@@ -197,8 +197,7 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
     md = {"camgate_version": __version__, "stage": "results" if analyze else "heatmaps",
           "model": lm.metadata(), "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256,
           "method": runner.engine.method, "target": str(runner.target), "target_layer": lm.target_layers,
-          "data": data, "static_mask": static_mask, "mask_spec": {"invert": mask_spec.invert,
-          "invalid_ids": list(mask_spec.invalid_ids or [])}, "topk": topk, "policy": policy,
+          "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk, "policy": policy,
           "policy_sha256": _sha_or_none(policy)}
     schema = res.schema(meta_cols, md)
     summary = RunSummary(out)
@@ -273,7 +272,7 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
         masks = [static_mask] * n if static_mask else pf.read(columns=["mask"]).column("mask").to_pylist()
     sm = StaticMask(static_mask) if static_mask else None
     md.update(stage="results", static_mask=static_mask, topk=topk, analyzed_with=__version__,
-              mask_spec={"invert": mask_spec.invert, "invalid_ids": list(mask_spec.invalid_ids or [])})
+              mask_spec=mask_spec.to_dict())
     schema = pf.schema_arrow.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
     summary = RunSummary(out)
     dev = torch.device(device)
@@ -293,14 +292,13 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
 
 def _mask_for(row: dict, muri: str | None, spec: InputSpec, mask_spec: MaskSpec, sm) -> np.ndarray:
     """The invalid mask of the image region the model saw; ValueError/StorageError naming the problem."""
-    from .data import decode_mask
+    from .data import decode_mask, model_view
 
     if not muri:
         raise ValueError("no mask (give a mask column, a masks/ folder or a static mask)")
-    w, h = row.get("image_width"), row.get("image_height")
-    full = sm.get(mask_spec, (w, h)) if sm else decode_mask(storage.read_bytes(muri), muri, mask_spec, (w, h))
-    left, top, right, bottom = spec.box(w, h)
-    return np.ascontiguousarray(full[top:bottom, left:right])
+    size = (row.get("image_width"), row.get("image_height"))
+    full = sm.get(mask_spec, size) if sm else decode_mask(storage.read_bytes(muri), muri, mask_spec, size)
+    return model_view(full, spec, size)
 
 
 def _analyze_rows(rows, mask_uris, spec, mask_spec, sm, topk, dev, pool) -> None:

@@ -97,12 +97,7 @@ def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "grad
 
 def mask_spec(mask_marks_valid: bool = False, invalid_ids: str = "") -> MaskSpec:
     """Component parameters -> MaskSpec; ``invalid_ids`` is a comma-separated list ('' = none)."""
-    ids = [s.strip() for s in str(invalid_ids or "").split(",") if s.strip()]
-    try:
-        parsed = tuple(int(s) for s in ids) or None
-    except ValueError:
-        raise ValueError(f"invalid_ids must be comma-separated integers, got {invalid_ids!r}") from None
-    return MaskSpec(invert=bool(mask_marks_valid), invalid_ids=parsed)
+    return MaskSpec.parse(mask_marks_valid, invalid_ids)
 
 
 def _tidy(uri: str) -> str:

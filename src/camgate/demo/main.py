@@ -73,11 +73,7 @@ def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False) -> l
         try:
             rows = _run_models(cards, work, pipeline_yaml, echo)
         finally:  # the caller's own S3 settings come back
-            for key, value in previous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            server.restore_env(previous)
     (work / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
