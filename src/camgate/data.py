@@ -33,6 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import storage
+from .errors import ConfigError
 from .modelspec import InputSpec
 
 DEFAULT_MAX_PIXELS = 10_000 * 10_000
@@ -42,7 +43,7 @@ _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(0|[1-9]\d*)?(\.\d+)?([eE][+-]?\d+)?")  # no leading zeros, no nan/inf
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """The data set as a whole is unusable (unreadable manifest, no ``image`` column, no items...)."""
 
 

@@ -43,6 +43,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from .errors import ConfigError
+
 STATUSES = ("ok", "no_activation", "error")
 
 # name -> (op, statistic key, basis, allowed threshold range). basis 'ok': judged over ok images;
@@ -69,11 +71,11 @@ RESULT_COLUMNS = (
 _REQUIRED = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     """The policy is unreadable or invalid; the message names the file and the key."""
 
 
-class ResultsError(ValueError):
+class ResultsError(ConfigError):
     """The results table lacks a column or holds values outside the results contract."""
 
 

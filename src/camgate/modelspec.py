@@ -28,13 +28,14 @@ from PIL import Image
 from torch import nn
 
 from . import storage
+from .errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_POLICIES = ("stretch", "center_crop")
 
 
-class ModelCardError(ValueError):
+class ModelCardError(ConfigError):
     """The model card (or what it points to) is unusable; raised before any compute."""
 
 

@@ -25,6 +25,8 @@ import time
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
+from .errors import CamgateError
+
 __all__ = [
     "StorageError", "NotFound", "AccessDenied",
     "is_s3", "read_bytes", "write_bytes", "exists", "list_uris", "resolve", "join",
@@ -54,7 +56,7 @@ _TRANSIENT_CODES = {
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-class StorageError(Exception):
+class StorageError(CamgateError):
     """A storage operation failed; ``uri`` names the object or path involved."""
 
     def __init__(self, message: str, uri: str | None = None):

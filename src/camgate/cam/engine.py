@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from . import adapter
 from .methods import ALIASES, NATIVE
 
 
-class MethodError(ValueError):
-    pass
+class MethodError(ConfigError):
+    """Unknown method, or a target layer the method cannot use."""
 
 
 def canonical(method: str) -> str:
