@@ -96,14 +96,14 @@ def corpus_run(s3_server, tmp_path_factory):
 def test_every_row_is_accounted_for(corpus_run):
     p, out, n = corpus_run
     assert p.returncode == 0, p.stderr
-    t = results.read(out)
+    t = results.read_table(out)
     assert t.num_rows == n == json.loads(p.stdout)["rows"]
     assert "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
 def test_broken_item_gets_an_error_naming_it(corpus_run, name):
-    rows = {r["image_id"]: r for r in results.read(corpus_run[1]).to_pylist()}
+    rows = {r["image_id"]: r for r in results.read_table(corpus_run[1]).to_pylist()}
     row = rows[name]
     assert row["status"] == "error"
     for word in BROKEN[name][3]:
@@ -112,7 +112,7 @@ def test_broken_item_gets_an_error_naming_it(corpus_run, name):
 
 @pytest.mark.parametrize("name", list(WORKS))
 def test_odd_but_valid_item_works(corpus_run, name):
-    row = next(r for r in results.read(corpus_run[1]).to_pylist() if r["image_id"] == name)
+    row = next(r for r in results.read_table(corpus_run[1]).to_pylist() if r["image_id"] == name)
     assert row["status"] in ("ok", "no_activation"), row["error"]
     assert row["error"] is None and row["cam"] is not None
     if name == "all_invalid_mask" and row["status"] == "ok":
@@ -122,7 +122,7 @@ def test_odd_but_valid_item_works(corpus_run, name):
 
 
 def test_rows_named_in_the_manifest_tail(corpus_run):
-    rows = results.read(corpus_run[1]).to_pylist()[-5:]
+    rows = results.read_table(corpus_run[1]).to_pylist()[-5:]
     assert [r["status"] for r in rows[:2]] == ["ok", "ok"] or all(r["status"] != "error" for r in rows[:2])
     assert rows[0]["label"] == rows[1]["label"] == "1"  # duplicates each keep their own row
     assert "unsupported URI scheme" in rows[2]["error"]

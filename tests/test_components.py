@@ -107,13 +107,13 @@ def test_load_model_fails_fast_on_a_bad_card(tmp_path):
 def test_heatmaps_and_analyze(chain):
     from camgate import results
 
-    h = results.read(chain["heatmaps"].path)
+    h = results.read_table(chain["heatmaps"].path)
     assert h.num_rows == 6 and h.column("invalid_activation_ratio").null_count == 6
     md = chain["heatmaps"].metadata
     assert md["rows"] == 6 and md["device"] == "cpu" and md["method"] == "gradcam"
     # provenance points at the user's card, not at the resolved copy
     assert results.run_metadata(h)["model_card_sha256"] == chain["model"].metadata["card_sha256"]
-    r = results.read(chain["results"].path)
+    r = results.read_table(chain["results"].path)
     assert r.column("status").to_pylist() == ["ok"] * 6
     assert all(0 <= v <= 1 for v in r.column("invalid_activation_ratio").to_pylist())
     # exported copy, with the doubled slash of prefix + '/results.parquet' folded
@@ -247,3 +247,48 @@ def test_compiled_pipeline_has_gpu_secret_env_and_no_credentials(tmp_path, monke
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["s3_secret"]["defaultValue"] == "camgate-s3" and params["s3_config"]["defaultValue"] == "camgate-s3"
     assert not [p for p in params if "key" in p.lower() or "password" in p.lower()]
+
+
+def test_heatmaps_task_killed_and_restarted_resumes_from_its_checkpoint_on_s3(s3_bucket, tmp_path, monkeypatch):
+    """A pod restart: the task dies, a new pod (new local output path) runs it again and resumes from
+    the rows committed under the run's output prefix, computing only the rest."""
+    import signal
+    import time
+
+    from camgate import storage
+
+    _, manifest = make_set(tmp_path, n=24)
+    card = tmp_path / "count.yaml"
+    card.write_text(yaml.safe_dump({"name": "c", "arch": "zoo:counting_net", "num_classes": 3,
+                                    "input": {"size": [32, 32]}}))
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    load_model.python_func(model_card=str(card), model=model)
+    (tmp_path / "model.json").write_text(json.dumps(model.metadata))
+    ckpt = storage.join(s3_bucket, "runs", "r1", "checkpoints", "heatmaps")
+    task = ("import json, sys\nfrom kfp import dsl\nfrom camgate.kfp import compute_heatmaps\n"
+            f"m = dsl.Model(uri={str(tmp_path / 'model')!r}); m.metadata = json.load(open({str(tmp_path / 'model.json')!r}))\n"
+            "compute_heatmaps.python_func(model=m, data=sys.argv[1], heatmaps=dsl.Dataset(uri=sys.argv[2]), "
+            f"batch_size=2, checkpoint={ckpt!r}, checkpoint_rows=2, device='cpu')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), CAMGATE_TEST_COUNT=str(tmp_path / "first.count"))
+    proc = subprocess.Popen([sys.executable, "-c", task, manifest, str(tmp_path / "pod1" / "heatmaps")], env=env)
+    parts = lambda: [u for u in storage.list_uris(ckpt) if "part-" in u]  # noqa: E731
+    end = time.time() + 180
+    while len(parts()) < 3 and time.time() < end and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = 2 * len(parts())
+    assert 6 <= done < 24
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    monkeypatch.setenv("CAMGATE_TEST_COUNT", str(tmp_path / "second.count"))
+    heat = dsl.Dataset(uri=str(tmp_path / "pod2" / "heatmaps"))
+    (tmp_path / "pod2").mkdir()
+    compute_heatmaps.python_func(model=model, data=manifest, heatmaps=heat, batch_size=2, checkpoint=ckpt,
+                                 checkpoint_rows=2, device="cpu")
+    assert heat.metadata["resumed"] == done and heat.metadata["computed"] == 24 - done
+    assert sum(int(n) for n in (tmp_path / "second.count").read_text().split()) == 24 - done
+    from camgate import results
+
+    assert results.read_table(heat.path).column("row").to_pylist() == list(range(24))
+    assert parts() == []  # merged and removed

@@ -18,6 +18,11 @@ def test_demo_clean_passes_shortcut_fails():
                        env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
     assert p.returncode == 0, p.stderr[-4000:]
     print(p.stdout)
+    # never silent for minutes: training (or the cache hit) and each pipeline task are announced
+    for variant in ("clean", "shortcut"):
+        assert f"[demo] {variant}: " in p.stderr
+        for task in ("load-model", "compute-heatmaps", "analyze-invalid-activation", "gate"):
+            assert f"[demo] {variant}: Task '{task}' finished with status SUCCESS" in p.stderr, p.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads((WORKDIR / "demo.json").read_text())}
     clean, shortcut = rows["clean"], rows["shortcut"]
     assert clean["test_accuracy"] >= 0.9 and shortcut["test_accuracy"] >= 0.9

@@ -136,7 +136,8 @@ def test_per_class_and_slice_scopes():
 
 def test_per_class_by_label_and_skip_on_empty_scope():
     t = results([0.1, NAN, NAN], status=["ok", "no_activation", "error"], label=["cat", "dog", "dog"])
-    d = evaluate(t, {"rules": {"mean_invalid_activation_ratio": 0.5, "error_rate": 1.0}, "per_class": "label"})
+    d = evaluate(t, {"rules": {"mean_invalid_activation_ratio": 0.5, "error_rate": 1.0, "no_activation_rate": 1.0},
+                     "per_class": "label"})
     r = rule(d, "mean_invalid_activation_ratio", "class=dog")
     assert r["verdict"] == "skip" and r["n"] == 0 and "no ok images" in r["reason"]
     assert rule(d, "error_rate", "class=dog")["value"] == 0.5  # rows-based rules still judged

@@ -58,7 +58,7 @@ def test_html_self_contained_escaped_with_images():
     t = results()
     d = evaluate(t, POLICY)
     png = b"\x89PNG\r\n\x1a\nfake"
-    page = report.html(d, t, top=3, images={EVIL: png})
+    page = report.html(d, t, top=3, images={0: png})  # keyed by row (here: position, EVIL's)
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;cat&lt;/b&gt;" in page

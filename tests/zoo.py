@@ -52,3 +52,63 @@ class PickyNet(TinyCNN):
 def picky_net(num_classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return PickyNet(num_classes)
+
+
+class CountingNet(TinyCNN):
+    """Appends the number of real images of each forward to $CAMGATE_TEST_COUNT (the dry forward at load,
+    an all-zero image, is not counted): counts what a run really computes."""
+
+    def forward(self, x):
+        import os
+
+        real = int((x.flatten(1).abs().amax(1) > 0).sum())
+        if real and os.environ.get("CAMGATE_TEST_COUNT"):
+            with open(os.environ["CAMGATE_TEST_COUNT"], "a") as f:
+                f.write(f"{real}\n")
+        return super().forward(x)
+
+
+def counting_net(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return CountingNet(num_classes)
+
+
+def faint_net(num_classes: int = 3) -> nn.Module:
+    """Heatmap values around 1e-9, below float16's smallest subnormal (6e-8)."""
+    torch.manual_seed(0)
+    net = TinyCNN(num_classes)
+    with torch.no_grad():
+        net.head.weight.mul_(1e-9)
+    return net
+
+
+class PairOut(nn.Module):
+    def forward(self, x):
+        return x, x.mean()
+
+
+class TupleNet(TinyCNN):
+    """A module (``pair``) that returns a tuple: not a target layer."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.pair = PairOut()
+
+    def forward(self, x):
+        return self.head(self.pair(self.features(x))[0].mean((2, 3)))
+
+
+def tuple_net(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return TupleNet(num_classes)
+
+
+def vit_patch14(num_classes: int = 3) -> nn.Module:
+    """A small torchvision ViT with 14 px patches (56 px input -> a 4x4 grid)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=56, patch_size=14, num_layers=2, num_heads=2, hidden_dim=32,
+                            mlp_dim=64, num_classes=num_classes)
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision zero-initialises the head
+    return vit

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .cam import upsample
+from .errors import ConfigError
 
 TOPK_DEFAULT = 0.1
 METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share")
@@ -58,12 +59,16 @@ def _metrics_same_size(cams: torch.Tensor, masks: torch.Tensor, topk: float) -> 
     return Metrics(ratio, area, peak_invalid, topk_share, active)
 
 
+def check_topk(topk: float) -> None:
+    if not 0 < topk <= 1:
+        raise ConfigError(f"topk must be in (0, 1], got {topk}")
+
+
 def invalid_metrics(cams: torch.Tensor | list[torch.Tensor], masks: list[torch.Tensor],
                     topk: float = TOPK_DEFAULT) -> Metrics:
     """Metrics for a batch whose masks may differ in size: images are grouped by mask size, so a
     fixed camera (one size) is a single batched computation."""
-    if not 0 < topk <= 1:
-        raise ValueError(f"topk must be in (0, 1], got {topk}")
+    check_topk(topk)
     b = len(masks)
     if b == 0:
         e = torch.empty(0)

@@ -1,20 +1,27 @@
 """``camgate`` command line: run, analyze, gate, bench, demo, compile.
 
 Exit codes: 0 success (gate: passed, or failed without --fail-on-violation), 1 gate failed with
---fail-on-violation, 2 usage or input error (bad model card, data, policy, credentials...).
+--fail-on-violation, 2 usage or input error (bad model card, data, policy, option, credentials...:
+every error camgate states for the user), 3 internal error (a bug: the message says so; ``--debug``
+or ``CAMGATE_DEBUG=1`` prints the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 
-EXIT_FAIL, EXIT_USAGE = 1, 2
+EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
 
 def _mask_spec(args):
+    """The mask options, or None when none was given (``analyze`` then keeps the heatmaps' own)."""
     from .data import MaskSpec
 
+    if not (args.mask_marks_valid or args.invalid_ids):
+        return None
     return MaskSpec.parse(args.mask_marks_valid, args.invalid_ids)
 
 
@@ -28,11 +35,13 @@ def _add_mask_args(p):
 def cmd_run(args) -> int:
     from . import runner
 
+    from .data import MaskSpec
+
     s = runner.run(args.model, args.data, args.out, method=args.method, target=args.target,
-                   target_layer=args.target_layer, static_mask=args.static_mask, mask_spec=_mask_spec(args),
-                   batch_size=args.batch_size, device=args.device, workers=args.workers, topk=args.topk,
-                   analyze=not args.heatmaps_only, policy=args.policy, progress=not args.quiet,
-                   checkpoint_rows=args.checkpoint_rows)
+                   target_layer=args.target_layer, static_mask=args.static_mask,
+                   mask_spec=_mask_spec(args) or MaskSpec(), batch_size=args.batch_size, device=args.device,
+                   workers=args.workers, topk=args.topk, analyze=not args.heatmaps_only, policy=args.policy,
+                   progress=not args.quiet, checkpoint_rows=args.checkpoint_rows, checkpoint=args.checkpoint)
     print(json.dumps(s.to_dict()))
     return 0
 
@@ -49,7 +58,7 @@ def cmd_analyze(args) -> int:
 def cmd_gate(args) -> int:
     from .gate import gate
 
-    decision = gate(args.results, args.policy)
+    decision = gate(args.results, args.policy, road=args.road)
     print(json.dumps(decision.to_dict(), indent=None if args.compact else 2))
     return EXIT_FAIL if (args.fail_on_violation and not decision.passed) else 0
 
@@ -79,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="camgate", description="Heatmap test gates for vision models.")
     p.add_argument("--version", action="version", version=f"camgate {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="compute heatmaps and invalid-pixel metrics -> results Parquet")
@@ -96,13 +106,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--checkpoint-rows", type=int, default=256,
                    help="commit rows every N rows; re-running after a crash resumes from there")
+    r.add_argument("--checkpoint", help="folder (local or s3://) for the committed rows (default: OUT.parts)")
     _add_mask_args(r)
     r.set_defaults(fn=cmd_run)
 
     a = sub.add_parser("analyze", help="heatmaps Parquet + masks -> results Parquet")
     a.add_argument("heatmaps")
     a.add_argument("--out", required=True)
-    a.add_argument("--data", help="manifest to take masks from (row by row)")
+    a.add_argument("--data", help="manifest to take masks from (paired by row and image); "
+                                  "default: the masks recorded in the heatmaps file")
     a.add_argument("--quiet", action="store_true")
     _add_mask_args(a)
     a.set_defaults(fn=cmd_analyze)
@@ -110,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gate", help="results + policy -> decision (JSON on stdout)")
     g.add_argument("results")
     g.add_argument("--policy", required=True)
+    g.add_argument("--road", help="ROAD results (camgate road) for the policy's faithfulness rule")
     g.add_argument("--fail-on-violation", action="store_true", help="exit 1 when the gate fails")
     g.add_argument("--compact", action="store_true", help="one-line JSON")
     g.set_defaults(fn=cmd_gate)
@@ -133,17 +146,19 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .cam import MethodError
-    from .data import DataError
-    from .gate import PolicyError, ResultsError
-    from .modelspec import ModelCardError
-    from .storage import StorageError
+    from .errors import CamgateError
 
     try:
         return args.fn(args)
-    except (ModelCardError, MethodError, DataError, PolicyError, ResultsError, StorageError, ValueError) as e:
+    except CamgateError as e:  # a problem camgate states for the user
         print(f"camgate {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - anything else is a bug, and must not read as a verdict or a usage error
+        if args.debug or os.environ.get("CAMGATE_DEBUG"):
+            traceback.print_exc()
+        print(f"camgate {args.cmd}: internal error (a bug in camgate, please report it): {type(e).__name__}: {e}"
+              f"{'' if args.debug else ' (run with --debug for the traceback)'}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class MaskSpec:
         try:
             parsed = tuple(int(s) for s in ids) or None
         except ValueError:
-            raise ValueError(f"invalid_ids must be comma-separated integers, got {invalid_ids!r}") from None
+            raise ConfigError(f"invalid_ids must be comma-separated integers, got {invalid_ids!r}") from None
         return cls(invert=bool(invert), invalid_ids=parsed)
 
     def to_dict(self) -> dict:
@@ -104,6 +104,7 @@ class Sample:
     mask: torch.Tensor | None
     error: str | None
     size: tuple[int, int] | None = None  # original image (width, height)
+    error_kind: str | None = None  # 'input' | 'storage' (see camgate.results.ERROR_KINDS)
 
 
 # --- items -----------------------------------------------------------------------------------
@@ -436,16 +437,20 @@ def model_view(mask: np.ndarray, input_spec: InputSpec, size: tuple[int, int]) -
 
 
 def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
-                static_mask: str | StaticMask | None = None) -> Sample:
-    """Fetch + decode one item. Never raises: problems come back as ``Sample.error`` naming the item."""
+                static_mask: str | StaticMask | None = None, with_mask: bool = True) -> Sample:
+    """Fetch + decode one item. Never raises: problems come back as ``Sample.error`` naming the item.
+
+    ``with_mask=False`` (heatmaps only) leaves the item's mask unread: it is analysed later."""
     if item.error:
-        return Sample(item, None, None, item.error)
+        return Sample(item, None, None, item.error, error_kind="input")
     what, uri = "image", item.image
     try:
         img = decode_image(storage.read_bytes(uri), uri)
         x = input_spec.image_tensor(img)
         mask = None
-        if static_mask is not None:
+        if not with_mask:
+            full = None
+        elif static_mask is not None:
             what, uri = "mask", static_mask.uri if isinstance(static_mask, StaticMask) else static_mask
             sm = static_mask if isinstance(static_mask, StaticMask) else StaticMask(static_mask)
             full = sm.get(mask_spec, img.size)
@@ -458,15 +463,20 @@ def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
             mask = torch.from_numpy(model_view(full, input_spec, img.size))
         return Sample(item, x, mask, None, img.size)
     except (storage.StorageError, ValueError) as e:  # both already say what went wrong
-        problem = str(e)
+        problem, kind = str(e), storage_error_kind(e)
     except Exception as e:  # noqa: BLE001 - one bad item must not stop the run
-        problem = f"{type(e).__name__}: {e}"
-    return Sample(item, None, None, f"{what} {uri} (id {item.image_id}): {problem}")
+        problem, kind = f"{type(e).__name__}: {e}", "input"
+    return Sample(item, None, None, f"{what} {uri} (id {item.image_id}): {problem}", error_kind=kind)
+
+
+def storage_error_kind(e: Exception) -> str:
+    """'storage' for a failure of the storage service (worth retrying later), else 'input'."""
+    return "storage" if isinstance(e, storage.StorageError) and not isinstance(e, storage.NotFound) else "input"
 
 
 def iter_batches(items: Iterable[Item], input_spec: InputSpec, mask_spec: MaskSpec, batch_size: int,
-                 workers: int = 4, prefetch: int = 2,
-                 static_mask: str | StaticMask | None = None) -> Iterator[list[Sample]]:
+                 workers: int = 4, prefetch: int = 2, static_mask: str | StaticMask | None = None,
+                 with_masks: bool = True) -> Iterator[list[Sample]]:
     """Yield lists of ``batch_size`` samples (the last may be shorter) in item order.
 
     Loading runs in ``workers`` threads ahead of the consumer, so fetch and decode overlap the
@@ -475,15 +485,15 @@ def iter_batches(items: Iterable[Item], input_spec: InputSpec, mask_spec: MaskSp
     An unreadable static mask raises :class:`DataError` here, before anything is loaded.
     """
     if batch_size < 1 or workers < 1 or prefetch < 0:
-        raise ValueError("batch_size and workers must be >= 1, prefetch >= 0")
+        raise ConfigError("batch_size and workers must be >= 1, prefetch >= 0")
     if isinstance(static_mask, str):
         static_mask = StaticMask(static_mask)
     if static_mask is not None:
         static_mask.check(mask_spec)
-    return _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask)
+    return _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask, with_masks)
 
 
-def _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask):
+def _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask, with_masks):
     limit = batch_size * (prefetch + 1)
     source = iter(items)
     pending: deque = deque()
@@ -493,7 +503,7 @@ def _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static
                 item = next(source, None)
                 if item is None:
                     return
-                pending.append(pool.submit(load_sample, item, input_spec, mask_spec, static_mask))
+                pending.append(pool.submit(load_sample, item, input_spec, mask_spec, static_mask, with_masks))
 
         try:
             fill()

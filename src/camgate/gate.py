@@ -16,8 +16,8 @@ A policy is a small YAML file (local path or s3://)::
     min_scope_images: 5       # class/slice scopes with fewer ok images are skipped (default 1)
 
 Defaults: a rule left out is not checked, except ``error_rate`` (default ``max: 0.0``: every
-image must be judged) and ``min_images`` (default ``1``: an empty run never passes). Set either to
-``null`` to turn it off. ``{max: x}`` may be written as a bare number. ``min_images`` applies to the
+image must be judged), ``no_activation_rate`` (default ``max: 0.05``: at most 5 % all-zero maps) and
+``min_images`` (default ``1``: an empty run never passes). Set any of them to ``null`` to turn it off. ``{max: x}`` may be written as a bare number. ``min_images`` applies to the
 whole run only; in class/slice scopes ``min_scope_images`` decides whether a scope is judged at all,
 so a rarely predicted class is skipped (with a reason) rather than failing the gate on no evidence.
 
@@ -57,15 +57,22 @@ RULES: dict[str, tuple[str, str, str, tuple[float, float]]] = {
     "share_images_over": ("<=", "share_images_over", "ok", (0.0, 1.0)),
     "peak_in_invalid_rate": ("<=", "peak_in_invalid_rate", "ok", (0.0, 1.0)),
     "mean_excess_over_area": ("<=", "mean_excess_over_area", "ok", (-1.0, 1.0)),
+    # over the images of a ROAD file (`camgate road`): mean(road - road_random), run-wide only
+    "faithfulness": (">=", "faithfulness_margin", "road", (-1.0, 1.0)),
 }
 DEFAULT_SHARE_RATIO = 0.5
+# Checked unless the policy sets them to null: every image must be judged; an all-zero map is
+# no evidence either way, and a few are normal for Grad-CAM (its channel weights can all be
+# negative for a class), but a run of them must not pass on what the other maps say; and an empty
+# run never passes.
+DEFAULT_RULES = {"error_rate": {"max": 0.0}, "no_activation_rate": {"max": 0.05}, "min_images": 1}
 _POLICY_KEYS = {"name", "description", "rules", "per_class", "slices", "min_scope_images"}
 _REL_TOL = 1e-9
 _MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
 
 # Columns evaluate() and the reports read; `cam` is deliberately absent (it is the bulk of the file).
 RESULT_COLUMNS = (
-    "image_id", "status", "error", "label", "predicted_class", "predicted_label",
+    "row", "image_id", "status", "error", "label", "predicted_class", "predicted_label",
     "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
 )
 _REQUIRED = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
@@ -112,8 +119,9 @@ class Policy:
         """Normalised form (defaults filled in): recordable in Parquet metadata, reloadable."""
         rules: dict[str, Any] = {}
         for r in self.rules:
-            rules[r.name] = r.threshold if r.name == "min_images" else {"max": r.threshold, **r.params}
-        for name in ("error_rate", "min_images"):  # keep explicit opt-outs explicit
+            bound = "min_margin" if r.name == "faithfulness" else "max"
+            rules[r.name] = r.threshold if r.name == "min_images" else {bound: r.threshold, **r.params}
+        for name in DEFAULT_RULES:  # keep explicit opt-outs explicit
             rules.setdefault(name, None)
         return {
             "name": self.name,
@@ -170,7 +178,7 @@ def _parse_policy(doc: Mapping, where: str, default_name: str = "policy") -> Pol
     unknown = sorted(set(map(str, raw_rules)) - set(RULES))
     if unknown:
         fail(f"rules.{unknown[0]}", f"unknown rule (expected one of {list(RULES)})")
-    specs = {"error_rate": {"max": 0.0}, "min_images": 1, **raw_rules}
+    specs = {**DEFAULT_RULES, **raw_rules}
 
     rules = []
     for rname, (op, _, _, (lo, hi)) in RULES.items():  # fixed order -> stable decision output
@@ -188,13 +196,14 @@ def _parse_policy(doc: Mapping, where: str, default_name: str = "policy") -> Pol
             rules.append(Rule(rname, int(spec), op))
             continue
         params = {}
+        bound = "min_margin" if rname == "faithfulness" else "max"
         if not isinstance(spec, Mapping):
-            spec = {"max": spec}
-        allowed = {"max", "ratio"} if rname == "share_images_over" else {"max"}
+            spec = {bound: spec}
+        allowed = {"max", "ratio"} if rname == "share_images_over" else {bound}
         _only_keys(spec, allowed, key, fail)
-        if "max" not in spec:
-            fail(f"{key}.max", "missing")
-        threshold = _number(spec["max"], lo, hi, f"{key}.max", fail)
+        if bound not in spec:
+            fail(f"{key}.{bound}", "missing")
+        threshold = _number(spec[bound], lo, hi, f"{key}.{bound}", fail)
         if rname == "share_images_over":
             params["ratio"] = _number(spec.get("ratio", DEFAULT_SHARE_RATIO), 0.0, 1.0, f"{key}.ratio", fail)
         rules.append(Rule(rname, threshold, op, params))
@@ -385,6 +394,10 @@ class Decision:
     overall: dict[str, float]
     rules: list[RuleResult]
     scopes: list[dict] = field(default_factory=list)  # stats per class/slice scope evaluated
+    # Whether the heatmaps behind the verdict were shown to be faithful (ROAD beats a random map by
+    # the policy's margin); None when the policy does not ask.
+    trusted: bool | None = None
+    trust_reason: str | None = None
 
     @property
     def failed(self) -> list[RuleResult]:
@@ -401,6 +414,8 @@ class Decision:
             "summary": {"rules": len(verdicts), **{v: verdicts.count(v) for v in ("pass", "fail", "skip")}},
             "rules": [r.to_dict() for r in self.rules],
             "scopes": [{k: _json_float(v) for k, v in s.items()} for s in self.scopes],
+            "trusted": self.trusted,
+            "trust_reason": self.trust_reason,
         }
 
 
@@ -412,12 +427,14 @@ def _json_float(v):
 
 def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
     op, key, basis, _ = RULES[rule.name]
-    n = stats["ok"] if basis == "ok" else stats["rows"]
-    value = float(stats[key]) if rule.name != "min_images" else stats["ok"]
+    n = {"ok": stats["ok"], "rows": stats["rows"]}.get(basis, stats.get("road_images", 0))
+    value = float(stats.get(key, math.nan)) if rule.name != "min_images" else stats["ok"]
     res = dict(rule=rule.name, scope=scope, threshold=rule.threshold, op=op, n=n, params=rule.params)
     if rule.name != "min_images":
         if basis == "rows" and n == 0:
             return RuleResult(value=None, verdict="skip", reason="no rows in scope", **res)
+        if basis == "road" and n == 0:
+            return RuleResult(value=None, verdict="fail", reason=stats.get("road_reason") or "no ROAD scores", **res)
         if basis == "ok" and stats["ok"] < min_ok:
             why = "no ok images in scope" if stats["ok"] == 0 else f"{stats['ok']} ok images < {min_ok}"
             return RuleResult(value=None, verdict="skip", reason=why, **res)
@@ -430,19 +447,55 @@ def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
     return RuleResult(value=value, verdict="pass" if ok else "fail", **res)
 
 
-def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | str | os.PathLike) -> Decision:
-    """Apply ``policy`` to a results table (or Parquet path/URI) and decide pass/fail."""
+def road_stats(road, layer: str | None = None) -> dict:
+    """Faithfulness of the maps from a ROAD file (``camgate road``): the mean margin of ROAD over the
+    seeded random map, over the images scored at ``layer`` (when the file holds several layers)."""
+    if road is None:
+        return {"road_images": 0, "road_reason": "the policy asks for faithfulness but no ROAD results were given "
+                                                 "(camgate road ..., then gate --road)"}
+    t = read_results(road, ("layer", "status", "road", "road_random"))
+    missing = [c for c in ("road", "road_random") if c not in t.column_names]
+    if missing:
+        raise ResultsError(f"ROAD results lack column(s) {missing}")
+    keep = np.ones(t.num_rows, dtype=bool)
+    if "layer" in t.column_names and layer and len(set(t.column("layer").to_pylist())) > 1:
+        keep &= np.array([v == layer for v in t.column("layer").to_pylist()])
+    r, rnd = _floats(t, "road")[keep], _floats(t, "road_random")[keep]
+    ok = np.isfinite(r) & np.isfinite(rnd)
+    if not ok.any():
+        return {"road_images": 0, "road_reason": "no image has a finite ROAD score (all-zero maps?)"}
+    return {"road_images": int(ok.sum()), "road_mean": float(r[ok].mean()), "road_random_mean": float(rnd[ok].mean()),
+            "faithfulness_margin": float((r[ok] - rnd[ok]).mean())}
+
+
+def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | str | os.PathLike,
+             road=None) -> Decision:
+    """Apply ``policy`` to a results table (or Parquet path/URI) and decide pass/fail.
+
+    ``road``: ROAD results (table or URI) for the ``faithfulness`` rule; the decision is then marked
+    ``trusted`` or not, with the reason."""
     policy = load_policy(policy)
-    table = read_results(results, RESULT_COLUMNS + policy.slices)
+    table = read_results(results, RESULT_COLUMNS + ("target_layer",) + policy.slices)
     missing = [s for s in policy.slices if s not in table.column_names]
     if missing:
         raise PolicyError(f"{policy.source}: slices: column {missing[0]!r} not in results")
     frame = _Frame.of(table)
     ratio = policy.share_ratio
     overall = frame.stats(np.ones(frame.n, dtype=bool), ratio)
+    faith = policy.rule("faithfulness")
+    if faith or road is not None:
+        layers = table.column("target_layer").drop_null().unique().to_pylist() if "target_layer" in table.column_names else []
+        overall.update(road_stats(road, layers[0] if len(layers) == 1 else None))
     rules = [_judge(r, overall, "all", 1) for r in policy.rules]
+    trusted = reason = None
+    if faith:
+        verdict = next(r for r in rules if r.rule == "faithfulness")
+        trusted = verdict.verdict == "pass"
+        reason = (f"ROAD beats the random map by {verdict.value:.3f} (margin >= {faith.threshold:g})" if trusted else
+                  verdict.reason or f"ROAD beats the random map by only {verdict.value:.3f} (< {faith.threshold:g}): "
+                                    f"a verdict on heatmaps that do not show what the model uses is not evidence")
 
-    scoped = [r for r in policy.rules if r.name != "min_images"]  # evidence is judged on the run
+    scoped = [r for r in policy.rules if r.name not in ("min_images", "faithfulness")]  # judged on the run
     groupings: list[tuple[str, str]] = []
     if policy.per_class:
         groupings.append((policy.per_class, "class"))
@@ -460,13 +513,15 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
                 rules.append(_judge(r, stats, scope, policy.min_scope_images))
 
     counts = {k: overall[k] for k in ("rows", *STATUSES)}
-    metrics = {k: v for k, v in overall.items() if k not in counts}
-    return Decision(policy.name, all(r.verdict != "fail" for r in rules), counts, metrics, rules, scopes)
+    metrics = {k: v for k, v in overall.items() if k not in counts and k != "road_reason"}
+    return Decision(policy.name, all(r.verdict != "fail" for r in rules), counts, metrics, rules, scopes,
+                    trusted, reason)
 
 
-def gate(results_uri: str | os.PathLike | pa.Table, policy_uri: Policy | Mapping | str | os.PathLike) -> Decision:
+def gate(results_uri: str | os.PathLike | pa.Table, policy_uri: Policy | Mapping | str | os.PathLike,
+         road=None) -> Decision:
     """Load the policy (first: a bad policy fails fast, before reading results) and evaluate."""
-    return evaluate(results_uri, load_policy(policy_uri))
+    return evaluate(results_uri, load_policy(policy_uri), road)
 
 
 def class_stats(results: pa.Table | str | os.PathLike, by: str = "predicted",

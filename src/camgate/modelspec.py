@@ -313,18 +313,35 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def token_reshape(kind: str, input_size: tuple[int, int], patch: int = 16) -> Callable:
-    """Token sequence (B, N, C) -> map (B, C, h, w). ViT drops the class token; Swin is (B, h, w, C)."""
+def token_reshape(kind: str, grid: tuple[int, int] | None = None) -> Callable:
+    """Token layer output -> map (B, C, h, w). Swin's is (B, h, w, C); ViT's is (B, N, C), N = the
+    prefix tokens (class token, registers) followed by the h x w patch grid."""
     if kind == "swin":
         return lambda t: t.permute(0, 3, 1, 2)
+    h, w = grid
 
     def vit(t: torch.Tensor) -> torch.Tensor:
-        n = t.shape[1] - 1
-        h = input_size[0] // patch
-        w = n // h if h and n % h == 0 else int(math.isqrt(n))
-        return t[:, 1:, :].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+        return t[:, t.shape[1] - h * w:, :].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
 
     return vit
+
+
+def vit_grid(model: nn.Module, n_tokens: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid behind ``n_tokens`` tokens: from the model's own patch size when it states one
+    (torchvision ``patch_size``, timm ``patch_embed.patch_size``), else the grid with the input's
+    aspect ratio that leaves the fewest prefix tokens."""
+    H, W = input_size
+    patch = getattr(model, "patch_size", None) or getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if (H // ph) * (W // pw) <= n_tokens:
+            return H // ph, W // pw
+    for prefix in range(0, 9):
+        n = n_tokens - prefix
+        h = max(1, round(math.sqrt(n * H / W)))
+        if n > 0 and n % h == 0 and abs(h / (n // h) - H / W) < 0.25 * H / W:
+            return h, n // h
+    raise ModelCardError(f"cannot tell the patch grid of {n_tokens} tokens for a {H}x{W} input")
 
 
 def _token_kind(arch: str, layers: Sequence[str]) -> str | None:
@@ -337,9 +354,63 @@ def _token_kind(arch: str, layers: Sequence[str]) -> str | None:
     return None
 
 
-def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequence[str] | str | None = None,
-               check_forward: bool = True) -> LoadedModel:
-    """Build, load weights, freeze, resolve the target layers and (optionally) run one dummy forward."""
+def _dry_forward(model: nn.Module, layers: Sequence[str], device, size) -> tuple[torch.Tensor, dict]:
+    """One forward of a zero image with hooks on ``layers``: (output, {layer: [outputs per call]})."""
+    seen: dict[str, list] = {name: [] for name in layers}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: seen[n].append(o)) for n in layers]
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, *size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+def spatial_layers(model: nn.Module, device, size) -> list[str]:
+    """Modules that run once per forward and output a (B, C, h, w) map: the valid target layers."""
+    names = [n for n, _ in model.named_modules() if n]
+    _, seen = _dry_forward(model, names, device, size)
+    return [n for n in names if len(seen[n]) == 1 and torch.is_tensor(seen[n][0]) and seen[n][0].ndim == 4]
+
+
+def _check_layers(model: nn.Module, layers: list[str], kind: str | None, device, size):
+    """Validate every target layer with one dry forward; -> (the token reshape they need or None, output).
+
+    A layer must run once per forward and give a tensor that is (or reshapes to) a spatial map; any
+    other layer would turn every row into an error, so it is refused here, before data is read."""
+    out, seen = _dry_forward(model, layers, device, size)
+
+    def refuse(problem: str):
+        cands = spatial_layers(model, device, size)
+        raise ModelCardError(f"{problem}; candidates (last {min(12, len(cands))} of {len(cands)} modules giving a "
+                             f"spatial map once per forward): {', '.join(cands[-12:])}")
+
+    reshape = None
+    for name in layers:
+        calls = seen[name]
+        if len(calls) != 1:
+            refuse(f"target layer {name!r} runs {len(calls)} times in one forward, not once")
+        a = calls[0]
+        if not torch.is_tensor(a):
+            refuse(f"target layer {name!r} returns a {type(a).__name__}, not a tensor")
+        if kind == "vit" and a.ndim == 3:
+            reshape = token_reshape("vit", vit_grid(model, a.shape[1], size))
+        elif kind == "swin" and a.ndim == 4:
+            reshape = token_reshape("swin")
+        elif kind and a.ndim in (3, 4):
+            refuse(f"target layer {name!r} gives shape {tuple(a.shape)}, which 'reshape: {kind}' cannot map")
+        shaped = reshape(a) if reshape else a
+        if shaped.ndim != 4:
+            hint = " (token layers need 'reshape: vit' or 'swin' in the model card)" if a.ndim == 3 else ""
+            refuse(f"target layer {name!r} gives shape {tuple(a.shape)}, not a spatial map (B, C, h, w){hint}")
+    return reshape, out
+
+
+def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequence[str] | str | None = None
+               ) -> LoadedModel:
+    """Build, load weights, freeze, resolve the target layers and check them with one dry forward."""
     if isinstance(card, str):
         card = ModelCard.load(card)
     with torch.random.fork_rng(devices=[]):
@@ -367,14 +438,12 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     dev = pick_device(device)
     model.to(dev)
     kind = card.reshape or _token_kind(card.arch, layers)
-    reshape = token_reshape(kind, card.input.size) if kind else None
-    lm = LoadedModel(card, model, list(layers), sha, dev, reshape)
-    if check_forward:
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, *card.input.size, device=dev))
-        if out.ndim != 2 or out.shape[1] != card.num_classes:
-            raise ModelCardError(f"model output has shape {tuple(out.shape)}, expected (N, {card.num_classes})")
-    return lm
+    # the dry forward finds every configuration problem now (layer, shape, output), not per batch
+    reshape, out = _check_layers(model, list(layers), kind, dev, card.input.size)
+    if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != card.num_classes:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ModelCardError(f"model output has shape {shape}, expected (N, {card.num_classes})")
+    return LoadedModel(card, model, list(layers), sha, dev, reshape)
 
 
 def card_json(lm: LoadedModel) -> str:

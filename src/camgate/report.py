@@ -48,7 +48,7 @@ class _Content:
     rules: list[list[str]]
     rule_verdicts: list[str]
     classes: list[list[str]] | None
-    top: list[tuple[str, list[str]]] | None  # (image_id, cells)
+    top: list[tuple[int, list[str]]] | None  # (row, cells)
     errors: list[tuple[str, str]] | None
     errors_more: int
 
@@ -99,7 +99,10 @@ def _content(d: Decision, results, title: str | None, top: int) -> _Content:
         ("error rate", _fmt(o.get("error_rate"))),
         ("no-activation rate", _fmt(o.get("no_activation_rate"))),
     ]
-    c = _Content(title or f"camgate gate: {d.policy}", _verdict_line(d, top),
+    verdict = _verdict_line(d, top)
+    if d.trusted is not None:  # the trust line: were the heatmaps behind the verdict shown to be faithful?
+        verdict += f". Heatmaps {'trusted' if d.trusted else 'NOT trusted'}: {d.trust_reason}"
+    c = _Content(title or f"camgate gate: {d.policy}", verdict,
                  [(k, str(v)) for k, v in d.counts.items()], overall, rules,
                  [r.verdict for r in d.rules], None, None, None, 0)
     if results is None:
@@ -120,10 +123,11 @@ def _top_and_errors(table: pa.Table, top: int):
     order = ok[np.argsort(-ratio[ok], kind="stable")][:top]
     pick = table.take(pa.array(order, type=pa.int64())).to_pylist()
     rows = []
-    for r in pick:
+    for position, r in zip(order, pick):
         area = r.get("invalid_area_ratio")
         excess = r["invalid_activation_ratio"] - area if area is not None else None
-        rows.append((str(r.get("image_id", "")), [
+        # keyed by `row`: image ids repeat (duplicate rows, one stem in two folders)
+        rows.append((int(r.get("row", position)), [
             str(r.get("image_id", "")), _class_of(r), _fmt(r["invalid_activation_ratio"]), _fmt(area),
             _fmt(excess), {True: "yes", False: "no"}.get(r.get("peak_in_invalid"), "n/a")]))
 
@@ -228,8 +232,8 @@ def _fmt_is_num(cell: str) -> bool:
 
 def html(decision: Decision, results=None, title: str | None = None, top: int = 10,
          images: dict[str, bytes] | None = None) -> str:
-    """Self-contained HTML page (inline CSS, no external assets). ``images`` maps image_id to
-    PNG bytes of a heatmap overlay, embedded for the top images."""
+    """Self-contained HTML page (inline CSS, no external assets). ``images`` maps a result's ``row``
+    to PNG bytes of its heatmap overlay, embedded for the top images."""
     c = _content(decision, results, title, top)
     state = "pass" if decision.passed else "fail"
     body = [f"<h1>{_e(c.title)}</h1>", f'<p class="verdict">{_e(c.verdict)}</p>',
@@ -245,11 +249,11 @@ def html(decision: Decision, results=None, title: str | None = None, top: int = 
         else:
             with_img = bool(images) and any(i in images for i, _ in c.top)
             rows = []
-            for image_id, cells in c.top:
+            for key, cells in c.top:
                 row = list(cells)
                 if with_img:
-                    png = (images or {}).get(image_id)
-                    row.append(f'<img class="overlay" alt="{_e(image_id)}" src="data:image/png;base64,'
+                    png = (images or {}).get(key)
+                    row.append(f'<img class="overlay" alt="{_e(cells[0])}" src="data:image/png;base64,'
                                f'{base64.b64encode(png).decode("ascii")}">' if png else "")
                 rows.append(row)
             body.append(_html_table(_TOP_HEAD + (["overlay"] if with_img else []), rows, raw_last=with_img))
@@ -299,13 +303,13 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
     return buf.getvalue()
 
 
-_OVERLAY_COLUMNS = ["image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
+_OVERLAY_COLUMNS = ["row", "image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
                     "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
                     "cam_width", "image_width", "image_height"]
 
 
-def overlays(results_uri: str, top: int = 10) -> dict[str, bytes]:
-    """PNG overlays for the ``top`` images by invalid activation ratio (what ``html`` embeds).
+def overlays(results_uri: str, top: int = 10) -> dict[int, bytes]:
+    """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds).
 
     An image that cannot be read any more is left out: the report still renders."""
     from . import results as res
@@ -318,17 +322,17 @@ def overlays(results_uri: str, top: int = 10) -> dict[str, bytes]:
     md = res.run_metadata(pf.schema_arrow)
     spec = InputSpec.from_card(md.get("model", {}).get("input"))
     mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
-    rows = {r["image_id"]: r for r in table.to_pylist() if r["status"] == "ok"}
-    out: dict[str, bytes] = {}
-    for image_id, _cells in _top_and_errors(table, top)[0]:
-        row = rows[image_id]
+    rows = {r.get("row", i): r for i, r in enumerate(table.to_pylist())}
+    out: dict[int, bytes] = {}
+    for key, _cells in _top_and_errors(table, top)[0]:
+        row = rows[key]
         try:
             size = (row["image_width"], row["image_height"])
             mask = None
             if row.get("mask"):
                 mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
                                   spec, size)
-            out[image_id] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(row), spec.box(*size), mask)
+            out[key] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(row), spec.box(*size), mask)
         except (storage.StorageError, ValueError, TypeError):
             continue  # the image moved or the row has no map: the report goes without this picture
     return out

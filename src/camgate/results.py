@@ -1,8 +1,12 @@
 """Results Parquet: the schema, a streaming writer and readers.
 
-One row per manifest item, in manifest order, failures included. ``cam`` holds the raw ReLU'd
-low-resolution map as float16 bytes (row-major, ``cam_height`` × ``cam_width``); normalised or
-upsampled views are derived on demand (:func:`cam_array`, :func:`camgate.cam.normalized`).
+One row per manifest item, in manifest order, failures included; ``row`` is the item's 0-based
+position in the full manifest (it survives sharding, and it is what masks, overlays and baselines pair
+on). ``cam`` holds the raw ReLU'd low-resolution map as float32 bytes (row-major, ``cam_height`` ×
+``cam_width``): metrics recomputed from a stored map equal the in-process ones (files written before
+float32 maps hold float16; :func:`cam_array`, the one decoder, reads both). Normalised or upsampled
+views are derived on demand (:func:`cam_array`, :func:`camgate.cam.normalized`).
+
 Rows are written in row groups as they come, so memory does not grow with the number of images, and
 the file only becomes visible at its destination once complete.
 """
@@ -20,8 +24,8 @@ import pyarrow.parquet as pq
 from . import storage
 
 FIELDS = [
-    ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
-    ("status", pa.string()), ("error", pa.string()),
+    ("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
     ("label", pa.string()), ("predicted_class", pa.int32()), ("predicted_label", pa.string()),
     ("predicted_score", pa.float32()), ("target_class", pa.int32()),
     ("method", pa.string()), ("target_layer", pa.string()),
@@ -31,12 +35,26 @@ FIELDS = [
     ("image_width", pa.int32()), ("image_height", pa.int32()),
 ]
 COLUMNS = [name for name, _ in FIELDS]
+# `camgate layers`: one row per (image, layer) of the all-layer maps (same map encoding as above)
+LAYER_FIELDS = [
+    ("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
+    ("layer", pa.string()), ("layer_index", pa.int32()), ("status", pa.string()), ("error", pa.string()),
+    ("error_kind", pa.string()), ("predicted_class", pa.int32()), ("target_class", pa.int32()),
+    ("invalid_activation_ratio", pa.float64()), ("invalid_area_ratio", pa.float64()),
+    ("peak_in_invalid", pa.bool_()), ("topk_invalid_share", pa.float64()),
+    ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam", pa.binary()),
+    ("image_width", pa.int32()), ("image_height", pa.int32()),
+]
 STATUSES = ("ok", "no_activation", "error")
+# What an error row's cause was: the input itself (missing, corrupt, refused), the storage service
+# (access, or still failing after the retries: worth another try later), or the model (NaN, raised).
+ERROR_KINDS = ("input", "storage", "model")
 META_KEY = b"camgate"
 
 
-def schema(meta_columns: dict[str, pa.DataType] | None = None, metadata: dict | None = None) -> pa.Schema:
-    fields = list(FIELDS)
+def schema(meta_columns: dict[str, pa.DataType] | None = None, metadata: dict | None = None,
+           fields: list | None = None) -> pa.Schema:
+    fields = list(fields or FIELDS)
     for name, typ in (meta_columns or {}).items():
         fields.append((meta_column(name), pa.string() if pa.types.is_null(typ) else typ))
     md = {META_KEY: json.dumps(metadata or {}, sort_keys=True, default=str).encode()}
@@ -71,19 +89,28 @@ class ResultsWriter:
     """Streams rows into a Parquet file that appears at ``uri`` (local or s3://) only when complete.
 
     With a ``fingerprint`` (a hash of everything that determines the rows) rows are committed as they
-    come in numbered part files under ``<uri>.parts/``, each written atomically. If the process dies,
-    a new writer with the same fingerprint finds them and reports ``resumed`` rows already done; the
-    caller skips those items. On close the parts are merged in order into ``uri`` and removed, so
-    the final file equals an uninterrupted run's. Parts from another run configuration are discarded.
+    come in numbered part files under ``parts`` (default ``<uri>.parts/``; any local or s3:// folder,
+    e.g. under a pipeline's output prefix, so a restarted pod finds them), each written atomically. If
+    the process dies, a new writer with the same fingerprint finds them and reports ``resumed`` rows
+    already done; the caller skips those items, except ``retry``: rows committed as errors of the
+    storage service (a transient outage), which the caller computes again and hands to
+    :meth:`replace`. On close the parts are merged in order into ``uri`` and removed, so the final file
+    equals an uninterrupted run's; while rows failed on the storage service the parts are kept
+    (``storage_errors``), so running the same command again retries just those rows. Parts from
+    another run configuration are discarded.
     """
 
-    def __init__(self, uri: str, schema: pa.Schema, row_group_size: int = 256, fingerprint: str | None = None):
+    def __init__(self, uri: str, schema: pa.Schema, row_group_size: int = 256, fingerprint: str | None = None,
+                 parts: str | None = None):
         self.uri, self.schema, self.row_group_size, self.fingerprint = uri, schema, row_group_size, fingerprint
-        self.parts = f"{uri}.parts"
+        self.parts = parts or f"{uri}.parts"
         self._buf: list[dict] = []
         self.rows = 0
         self.resumed = 0
         self.resumed_status: list[str] = []
+        self.retry: list[int] = []  # positions (0-based, in this writer's row order) to compute again
+        self._spans: list[tuple[int, int, str]] = []  # (first position, rows, part URI) of committed parts
+        self.storage_errors = 0  # rows of the final file that failed on the storage service
 
     def __enter__(self) -> "ResultsWriter":
         if self.fingerprint:
@@ -103,40 +130,57 @@ class ResultsWriter:
             self._clear()
             storage.write_bytes(marker, json.dumps({"fingerprint": self.fingerprint}).encode())
             return
-        for u in self._part_uris():  # names carry the first row's index: contiguous parts only
+        for u in self._part_uris():  # names carry the first row's position: contiguous parts only
             start = int(posixpath.basename(u).split("-")[1].split(".")[0])
             if start != self.resumed:
                 break
-            part = pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=["status"])
+            part = pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=["status", "error_kind"])
+            status = part.column("status").to_pylist()
+            kinds = part.column("error_kind").to_pylist()
+            self.retry += [start + i for i, k in enumerate(kinds) if k == "storage"]
+            self.resumed_status += status
+            self._spans.append((start, part.num_rows, u))
             self.resumed += part.num_rows
-            self.resumed_status += part.column("status").to_pylist()
         self.rows = self.resumed
+
+    def replace(self, positions: list[int], rows: list[dict]) -> None:
+        """Swap committed rows (by position) for recomputed ones; each touched part is rewritten atomically."""
+        new = dict(zip(positions, rows))
+        for start, n, u in self._spans:
+            mine = [p for p in new if start <= p < start + n]
+            if not mine:
+                continue
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema).to_pylist()
+            for p in mine:
+                table[p - start] = new[p]
+            storage.write_bytes(u, _part_bytes(table, self.schema))
+            for p in mine:
+                self.resumed_status[p] = new[p]["status"]
 
     def write(self, rows: Iterable[dict]) -> None:
         self._buf.extend(rows)
         if len(self._buf) >= self.row_group_size:
             self._flush()
 
-    def _table(self) -> pa.Table:
-        return pa.table({n: [r.get(n) for r in self._buf] for n in self.schema.names}, schema=self.schema)
-
     def _flush(self) -> None:
         if not self._buf:
             return
         if self.fingerprint:
-            sink = pa.BufferOutputStream()
-            pq.write_table(self._table(), sink, compression="zstd")
-            storage.write_bytes(storage.join(self.parts, f"part-{self.rows:012d}.parquet"), sink.getvalue().to_pybytes())
+            storage.write_bytes(storage.join(self.parts, f"part-{self.rows:012d}.parquet"),
+                                _part_bytes(self._buf, self.schema))
         else:
-            self._writer.write_table(self._table())
+            self._writer.write_table(_table(self._buf, self.schema))
         self.rows += len(self._buf)
         self._buf = []
 
     def _merge(self) -> None:
         with storage.atomic_output(self.uri) as path, pq.ParquetWriter(path, self.schema, compression="zstd") as w:
             for u in self._part_uris():
-                w.write_table(pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema))
-        self._clear()
+                part = pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema)
+                self.storage_errors += part.column("error_kind").to_pylist().count("storage")
+                w.write_table(part)
+        if not self.storage_errors:
+            self._clear()
 
     def _clear(self) -> None:
         for u in storage.list_uris(self.parts):
@@ -160,15 +204,36 @@ class ResultsWriter:
         return False
 
 
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.table({n: [r.get(n) for r in rows] for n in schema.names}, schema=schema)
+
+
+def _part_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(_table(rows, schema), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
 def open_file(uri: str) -> pq.ParquetFile:
     """A results (or heatmaps) file, local or s3://, for streaming reads."""
     local = storage.local_path(uri)
     return pq.ParquetFile(local if local else pa.BufferReader(storage.read_bytes(uri)))
 
 
-def read(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole results (or heatmaps) file, local or s3://."""
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole results (or heatmaps) file, local or s3://, as an Arrow table."""
     return open_file(uri).read(columns=columns)
+
+
+def read(uri: str, columns: list[str] | None = None):
+    """A results (or heatmaps, layers, ROAD) file as a pandas DataFrame, one row per image.
+
+    The run's metadata (model, method, policy...) is in ``df.attrs['camgate']``; decode a row's map
+    with :func:`cam_array` (``cam_array(df.iloc[i])``)."""
+    table = read_table(uri, columns)
+    df = table.to_pandas()
+    df.attrs["camgate"] = run_metadata(table)
+    return df
 
 
 def run_metadata(source) -> dict:
@@ -183,13 +248,18 @@ def run_metadata(source) -> dict:
 
 
 def cam_bytes(cam) -> bytes:
-    """(h, w) float tensor/array -> float16 bytes; values beyond float16's range are clipped, not inf."""
+    """(h, w) float tensor/array -> float32 bytes, exactly the values the metrics were computed from."""
     a = cam.detach().float().cpu().numpy() if hasattr(cam, "detach") else np.asarray(cam, dtype=np.float32)
-    return np.clip(a, 0, np.finfo(np.float16).max).astype(np.float16).tobytes()
+    return np.ascontiguousarray(a, dtype=np.float32).tobytes()
 
 
-def cam_array(row: dict) -> np.ndarray | None:
-    """A row's raw map as float32 (h, w), or None for rows without one."""
-    if not row.get("cam"):
+def cam_array(row) -> np.ndarray | None:
+    """A row's raw map as float32 (h, w), or None for rows without one (a dict or a DataFrame row).
+
+    The byte count tells the storage type: 4 per cell (float32) or 2 (float16, older files)."""
+    raw = row.get("cam")
+    if raw is None or not len(raw):
         return None
-    return np.frombuffer(row["cam"], dtype=np.float16).reshape(row["cam_height"], row["cam_width"]).astype(np.float32)
+    h, w = int(row["cam_height"]), int(row["cam_width"])
+    dtype = np.float32 if len(raw) == 4 * h * w else np.float16
+    return np.frombuffer(raw, dtype=dtype).reshape(h, w).astype(np.float32)

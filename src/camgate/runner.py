@@ -9,6 +9,7 @@ goes on; problems of the whole run (model card, method, data set, target) raise 
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +21,13 @@ import torch
 
 from . import __version__, storage
 from . import results as res
-from .analysis import TOPK_DEFAULT, invalid_metrics
-from .cam import CamEngine
-from .data import DataError, Item, MaskSpec, Sample, StaticMask, iter_batches, load_items
+from .analysis import TOPK_DEFAULT, check_topk, invalid_metrics
+from .cam import NATIVE, CamEngine, MethodError, canonical
+from .data import DataError, Item, MaskSpec, Sample, StaticMask, iter_batches, load_items, storage_error_kind
+from .errors import ConfigError
 from .modelspec import InputSpec, LoadedModel, load_model
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,9 +36,13 @@ class RunSummary:
     rows: int = 0
     counts: dict = field(default_factory=lambda: {s: 0 for s in res.STATUSES})
     seconds: float = 0.0
+    resumed: int = 0   # rows taken from the committed parts of an interrupted run
+    computed: int = 0  # rows computed by this invocation (retried rows included)
+    storage_errors: int = 0  # error rows caused by the storage service: the same command retries them
 
     def to_dict(self) -> dict:
         return {"out": self.out, "rows": self.rows, "counts": self.counts, "seconds": round(self.seconds, 3),
+                "resumed": self.resumed, "computed": self.computed, "storage_errors": self.storage_errors,
                 "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
@@ -54,9 +61,9 @@ def parse_target(target: str | int | None, num_classes: int) -> str | int:
     try:
         t = int(target)
     except (TypeError, ValueError):
-        raise ValueError(f"target must be 'predicted', 'label' or a class index, got {target!r}") from None
+        raise ConfigError(f"target must be 'predicted', 'label' or a class index, got {target!r}") from None
     if not 0 <= t < num_classes:
-        raise ValueError(f"target class {t} is outside the model's {num_classes} classes")
+        raise ConfigError(f"target class {t} is outside the model's {num_classes} classes")
     return t
 
 
@@ -75,6 +82,15 @@ def label_index(label, classes: list[str] | None, num_classes: int) -> int:
     raise ValueError(f"label {label!r} is not {known}")
 
 
+def item_target(item: Item, target: str | int, card) -> int:
+    """The class to explain for one item (-1 = its predicted class); ValueError naming the problem."""
+    if target == "predicted":
+        return -1
+    if target == "label":
+        return label_index(item.label, card.classes, card.num_classes)
+    return int(target)
+
+
 class Runner:
     """Holds the loaded model and engine; ``process`` turns one batch of samples into rows."""
 
@@ -87,15 +103,11 @@ class Runner:
         self.layer_name = ",".join(lm.target_layers)
 
     def _target_of(self, item: Item) -> int:
-        if self.target == "predicted":
-            return -1
-        if self.target == "label":
-            return label_index(item.label, self.lm.card.classes, self.lm.card.num_classes)
-        return int(self.target)
+        return item_target(item, self.target, self.lm.card)
 
     def base_row(self, s: Sample) -> dict:
         it = s.item
-        row = {"image_id": it.image_id, "image": it.image, "mask": it.mask,
+        row = {"row": it.index, "image_id": it.image_id, "image": it.image, "mask": it.mask,
                "label": None if it.label is None else str(it.label),
                "method": self.engine.method, "target_layer": self.layer_name, "status": "error"}
         if s.size:
@@ -109,7 +121,7 @@ class Runner:
         todo: list[int] = []
         targets: list[int] = []
         for i, s in enumerate(batch):
-            err = s.error
+            err, kind = s.error, s.error_kind or "input"
             if err is None and self.analyze and s.mask is None:
                 err = (f"image {s.item.image} (id {s.item.image_id}): no mask "
                        f"(give a mask column, a masks/ folder or a static mask)")
@@ -121,7 +133,7 @@ class Runner:
             if err is None:
                 todo.append(i)
             else:
-                rows[i]["error"] = err
+                rows[i].update(error=err, error_kind=kind)
         if todo:
             try:
                 self._compute([batch[i] for i in todo], [rows[i] for i in todo], targets)
@@ -130,7 +142,7 @@ class Runner:
                     try:
                         self._compute([batch[i]], [rows[i]], [t])
                     except Exception as e:  # noqa: BLE001
-                        rows[i].update(status="error", error=f"image {batch[i].item.image} "
+                        rows[i].update(status="error", error_kind="model", error=f"image {batch[i].item.image} "
                                        f"(id {batch[i].item.image_id}): {type(e).__name__}: {e}")
         return rows
 
@@ -138,37 +150,44 @@ class Runner:
         dev = self.lm.device
         x = torch.stack([s.x for s in samples]).to(dev, non_blocking=True)
         cb = self.engine(x, torch.tensor(targets, device=dev))
+        cams = cb.cams.float()  # what is stored, and what the metrics are computed from
         probs = torch.softmax(cb.logits.float(), 1)
         pred = probs.argmax(1)
-        finite = torch.isfinite(cb.logits).all(1) & torch.isfinite(cb.cams).flatten(1).all(1)
-        m = None
-        if self.analyze:
-            m = invalid_metrics(cb.cams, [s.mask.to(dev, non_blocking=True) for s in samples], self.topk).rows()
+        finite = torch.isfinite(cb.logits).all(1) & torch.isfinite(cams).flatten(1).all(1)
         # the batch's only device -> host transfer: finished values
         host = {"pred": pred.tolist(), "score": probs.gather(1, pred[:, None])[:, 0].tolist(),
-                "target": cb.targets.tolist(), "finite": finite.tolist()}
-        cams = cb.cams.float().cpu()
+                "target": cb.targets.tolist(), "finite": finite.tolist(), "cams": cams.cpu()}
         classes = self.lm.card.classes
+        good, good_cams, good_masks = [], [], []
         for i, row in enumerate(rows):
             if not host["finite"][i]:
-                row["error"] = (f"image {samples[i].item.image} (id {samples[i].item.image_id}): "
-                                f"the model produced NaN/Inf (outputs or heatmap)")
+                row.update(error_kind="model", error=f"image {samples[i].item.image} (id {samples[i].item.image_id}): "
+                                                     f"the model produced NaN/Inf (outputs or heatmap)")
                 continue
             p = host["pred"][i]
-            row.update(status="ok", error=None, predicted_class=p, predicted_score=host["score"][i],
+            row.update(status="ok", error=None, error_kind=None, predicted_class=p, predicted_score=host["score"][i],
                        predicted_label=classes[p] if classes else None, target_class=host["target"][i],
-                       cam_height=cams.shape[1], cam_width=cams.shape[2], cam=res.cam_bytes(cams[i]))
-            if m is not None:
-                row.update(metric_values(m[i]))
+                       cam_height=cams.shape[1], cam_width=cams.shape[2], cam=res.cam_bytes(host["cams"][i]))
+            if self.analyze:
+                good.append(row)
+                good_cams.append(cams[i])
+                good_masks.append(samples[i].mask.to(dev, non_blocking=True))
+        apply_metrics(good, good_cams, good_masks, self.topk)
 
 
-def metric_values(mi: dict) -> dict:
-    """Metric dict from analysis -> row fields, with the no_activation status."""
-    out = {k: mi[k] for k in ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
-                              "topk_invalid_share")}
-    if not mi["active"]:
-        out.update(status="no_activation", peak_in_invalid=None)
-    return out
+def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.Tensor], topk: float) -> None:
+    """Invalid-pixel metrics of each row's map and mask into the row (status ``ok`` or ``no_activation``).
+
+    The one place metrics meet rows: ``run`` (maps fresh from the engine) and ``analyze`` (maps decoded
+    from a heatmaps file) both call it with the same float32 maps, so both give the same numbers."""
+    if not rows:
+        return
+    for row, mi in zip(rows, invalid_metrics(cams, masks, topk).rows()):
+        row.update(status="ok", error=None, error_kind=None)
+        row.update({k: mi[k] for k in ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
+                                       "topk_invalid_share")})
+        if not mi["active"]:
+            row.update(status="no_activation", peak_in_invalid=None)
 
 
 def _progress(total: int, enabled: bool):
@@ -181,18 +200,21 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
         target: str | int = "predicted", target_layer: str | list[str] | None = None,
         static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(), batch_size: int = 16,
         device: str = "auto", workers: int = 4, topk: float = TOPK_DEFAULT, analyze: bool = True,
-        policy: str | None = None, progress: bool = True, checkpoint_rows: int = 256) -> RunSummary:
+        policy: str | None = None, progress: bool = True, checkpoint_rows: int = 256,
+        checkpoint: str | None = None) -> RunSummary:
     """The heatmap test step. Raises (before any compute) only for problems of the whole run.
 
-    Rows are committed every ``checkpoint_rows`` rows; re-running the same command after a crash
-    resumes from there (see :class:`camgate.results.ResultsWriter`)."""
+    With ``analyze=False`` only predictions and maps are computed (masks are not read; their URIs and
+    the static mask stay in the file for :func:`analyze`). Rows are committed every
+    ``checkpoint_rows`` rows under ``checkpoint`` (default ``<out>.parts``); re-running the same
+    command after a crash resumes from there and computes again only the rows that are missing or
+    failed on the storage service (see :class:`camgate.results.ResultsWriter`)."""
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
     runner = Runner(lm, method, target, analyze, topk)  # method and target fail before data is read
-    items = load_items(data, static_mask if analyze else None)
+    check_topk(topk)
+    items = load_items(data, static_mask)
     runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
-    if not analyze:  # heatmaps only: masks are not read
-        items = [replace(it, mask=None) for it in items]
     sm = StaticMask(static_mask) if (static_mask and analyze) else None
     md = {"camgate_version": __version__, "stage": "results" if analyze else "heatmaps",
           "model": lm.metadata(), "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256,
@@ -201,28 +223,41 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
           "policy_sha256": _sha_or_none(policy)}
     schema = res.schema(meta_cols, md)
     summary = RunSummary(out)
-    with res.ResultsWriter(out, schema, checkpoint_rows, _fingerprint(md, items)) as w, \
+
+    def batches(todo: list[Item]):
+        return iter_batches(todo, lm.input, mask_spec, batch_size, workers=workers, static_mask=sm,
+                            with_masks=analyze)
+
+    with res.ResultsWriter(out, schema, checkpoint_rows, _fingerprint(md, items), checkpoint) as w, \
             _progress(len(items), progress) as bar:
-        # rows committed by an interrupted run of the same command are not computed again
-        for st in w.resumed_status:
-            summary.rows += 1
-            summary.counts[st] += 1
+        # rows committed by an interrupted run of the same command are not computed again, except
+        # those that failed on the storage service: that may have been a passing outage
+        if w.retry:
+            redo = [r for batch in batches([items[i] for i in w.retry]) for r in runner.process(batch)]
+            w.replace(w.retry, redo)
+            summary.computed += len(redo)
+        _count(summary, w.resumed_status)
+        summary.resumed = w.resumed - len(w.retry)
         bar.update(w.resumed)
-        batches = iter_batches(items[w.resumed:], lm.input, mask_spec, batch_size, workers=workers, static_mask=sm)
-        for batch in batches:
+        for batch in batches(items[w.resumed:]):
             rows = runner.process(batch)
             w.write(rows)
-            _count(summary, rows)
+            _count(summary, [r["status"] for r in rows])
+            summary.computed += len(rows)
             bar.update(len(rows))
     runner.engine.close()
+    summary.storage_errors = w.storage_errors
+    if w.storage_errors:
+        log.warning("%d rows failed on the storage service; their committed parts are kept under %s: run the "
+                    "same command again to retry just those rows", w.storage_errors, w.parts)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _count(summary: RunSummary, rows: Iterable[dict]) -> None:
-    for r in rows:
+def _count(summary: RunSummary, statuses: Iterable[str]) -> None:
+    for st in statuses:
         summary.rows += 1
-        summary.counts[r["status"]] += 1
+        summary.counts[st] += 1
 
 
 def _fingerprint(md: dict, items: list[Item]) -> str:
@@ -232,7 +267,7 @@ def _fingerprint(md: dict, items: list[Item]) -> str:
 
     h = hashlib.sha256(json.dumps(md, sort_keys=True, default=str).encode())
     for it in items:
-        h.update(json.dumps([it.image_id, it.image, it.mask, it.label, it.meta, it.error],
+        h.update(json.dumps([it.index, it.image_id, it.image, it.mask, it.label, it.meta, it.error],
                             sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -249,51 +284,75 @@ def _sha_or_none(uri: str | None) -> str | None:
 
 
 def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: str | None = None,
-            mask_spec: MaskSpec = MaskSpec(), input_spec: InputSpec | None = None,
+            mask_spec: MaskSpec | None = None, input_spec: InputSpec | None = None,
             topk: float = TOPK_DEFAULT, batch_size: int = 64, device: str = "cpu",
             workers: int = 8, progress: bool = True) -> RunSummary:
     """Heatmaps Parquet (from ``run(..., analyze=False)``) + masks -> results Parquet.
 
-    Masks come from ``static_mask``, else from ``data`` (the manifest, matched row by row), else from
-    the heatmaps' own ``mask`` column. The mask is cut to the image region the model saw, using the
-    model's input spec recorded in the heatmaps file.
+    Masks come from ``static_mask``, else from ``data`` (a manifest: heatmap row ``r`` takes manifest
+    item ``r``, and the two must name the same image, else :class:`DataError` before anything is
+    written), else from the heatmaps file itself (its ``mask`` column, or the static mask it was made
+    with). The mask is cut to the image region the model saw, using the model's input spec recorded in
+    the heatmaps file; the mask semantics default to the ones recorded there.
     """
     t0 = time.perf_counter()
+    check_topk(topk)
     pf = res.open_file(heatmaps)
     n = pf.metadata.num_rows
     md = res.run_metadata(pf.schema_arrow)
     spec = input_spec or InputSpec.from_card(md.get("model", {}).get("input"))
-    if data:
-        items = load_items(data, static_mask)
-        if len(items) != n:
-            raise DataError(f"data {data} has {len(items)} items but heatmaps {heatmaps} has {n} rows")
-        masks = [it.mask for it in items]
-    else:
-        masks = [static_mask] * n if static_mask else pf.read(columns=["mask"]).column("mask").to_pylist()
+    mask_spec = mask_spec or MaskSpec.from_dict(md.get("mask_spec"))
+    static_mask = static_mask or (None if data else md.get("static_mask"))
+    masks = _paired_masks(pf, heatmaps, data, static_mask) if data and not static_mask else None
     sm = StaticMask(static_mask) if static_mask else None
     md.update(stage="results", static_mask=static_mask, topk=topk, analyzed_with=__version__,
               mask_spec=mask_spec.to_dict())
+    if data:
+        md["masks_from"] = data
     schema = pf.schema_arrow.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
     summary = RunSummary(out)
     dev = torch.device(device)
-    start = 0
     with res.ResultsWriter(out, schema) as w, _progress(n, progress) as bar, \
             ThreadPoolExecutor(workers, thread_name_prefix="camgate-mask") as pool:
+        position = 0
         for batch in pf.iter_batches(batch_size=batch_size):  # the file is never held as Python rows
             rows = batch.to_pylist()
-            _analyze_rows(rows, masks[start:start + len(rows)], spec, mask_spec, sm, topk, dev, pool)
-            start += len(rows)
+            for r in rows:
+                r.setdefault("row", position)  # files from before `row` pair by position (and image)
+                position += 1
+                if static_mask:
+                    r["mask"] = static_mask
+                elif masks is not None:
+                    r["mask"] = masks[r["row"]]
+            _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool)
             w.write(rows)
-            _count(summary, rows)
+            _count(summary, [r["status"] for r in rows])
+            summary.computed += len(rows)
             bar.update(len(rows))
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _mask_for(row: dict, muri: str | None, spec: InputSpec, mask_spec: MaskSpec, sm) -> np.ndarray:
+def _paired_masks(pf, heatmaps: str, data: str, static_mask: str | None) -> dict[int, str | None]:
+    """Mask URI per heatmap ``row`` from the manifest, after checking that row and image agree."""
+    items = load_items(data, static_mask)
+    have = pf.read(columns=[c for c in ("row", "image") if c in pf.schema_arrow.names]).to_pydict()
+    rows = have.get("row") or list(range(len(have["image"])))  # files from before `row`: by position
+    for r, image in zip(rows, have["image"]):
+        if r >= len(items):
+            raise DataError(f"data {data} has {len(items)} items but heatmaps {heatmaps} hold row {r}: "
+                            f"not the manifest the heatmaps were computed from")
+        if items[r].image != image:
+            raise DataError(f"data {data} does not match heatmaps {heatmaps}: row {r} is {items[r].image} in the "
+                            f"manifest but {image} in the heatmaps (reordered or another manifest?)")
+    return {r: items[r].mask for r in rows}
+
+
+def _mask_for(row: dict, spec: InputSpec, mask_spec: MaskSpec, sm) -> np.ndarray:
     """The invalid mask of the image region the model saw; ValueError/StorageError naming the problem."""
     from .data import decode_mask, model_view
 
+    muri = row.get("mask")
     if not muri:
         raise ValueError("no mask (give a mask column, a masks/ folder or a static mask)")
     size = (row.get("image_width"), row.get("image_height"))
@@ -301,23 +360,126 @@ def _mask_for(row: dict, muri: str | None, spec: InputSpec, mask_spec: MaskSpec,
     return model_view(full, spec, size)
 
 
-def _analyze_rows(rows, mask_uris, spec, mask_spec, sm, topk, dev, pool) -> None:
-    todo = []
-    for row, muri in zip(rows, mask_uris):
-        row["mask"] = muri
-        if row["status"] != "error" and row.get("cam") is not None:
-            todo.append((row, pool.submit(_mask_for, row, muri, spec, mask_spec, sm)))  # fetched in parallel
+def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
+    todo = [(row, pool.submit(_mask_for, row, spec, mask_spec, sm))  # fetched in parallel
+            for row in rows if row["status"] != "error" and row.get("cam") is not None]
     ready, cams, masks = [], [], []
     for row, fut in todo:
         try:
             masks.append(torch.from_numpy(fut.result()).to(dev))
         except (storage.StorageError, ValueError) as e:
-            row.update(status="error", error=f"mask {row['mask']} (id {row['image_id']}): {e}")
+            row.update(status="error", error=f"mask {row['mask']} (id {row['image_id']}): {e}",
+                       error_kind=storage_error_kind(e))
             continue
         ready.append(row)
         cams.append(torch.from_numpy(res.cam_array(row)).to(dev))
-    if not ready:
-        return
-    for row, mi in zip(ready, invalid_metrics(cams, masks, topk).rows()):
-        row.update(status="ok", error=None)
-        row.update(metric_values(mi))
+    apply_metrics(ready, cams, masks, topk)
+
+
+def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | list[str] = "all",
+               method: str = "gradcam", target: str | int = "predicted", static_mask: str | None = None,
+               mask_spec: MaskSpec = MaskSpec(), batch_size: int = 8, device: str = "auto", workers: int = 4,
+               topk: float = TOPK_DEFAULT, progress: bool = True, items: list[Item] | None = None) -> RunSummary:
+    """Every selected layer's map for every image -> layers Parquet, one row per (image, layer).
+
+    One forward and one backward per batch reach all layers (:mod:`camgate.cam.layers`); with masks,
+    each row also gets the invalid-pixel metrics of its layer's map, so the file shows where in the
+    network attention moves onto invalid pixels. The layer plan (and every skipped module with its
+    reason) is fixed by one dry forward before any data is read, and recorded in the file's metadata.
+    """
+    from .cam.layers import plan_layers
+
+    t0 = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    check_topk(topk)
+    method = canonical(method)
+    if method not in NATIVE:
+        raise MethodError(f"all-layer maps take a native method {sorted(NATIVE)}; {method!r} runs one layer "
+                          f"per pass through pytorch-grad-cam")
+    target = parse_target(target, lm.card.num_classes)
+    plan = plan_layers(lm.model, torch.zeros(1, 3, *lm.input.size, device=lm.device), layers)
+    if not plan.layers:
+        raise ConfigError(f"no module of {lm.card.name} gives a spatial map: nothing to show per layer")
+    items = items if items is not None else load_items(data, static_mask)
+    with_masks = any(it.mask for it in items)
+    md = {"camgate_version": __version__, "stage": "layers", "model": lm.metadata(),
+          "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256, "method": method,
+          "target": str(target), "layers": plan.names(),
+          "skipped_layers": [{"layer": n, "reason": why} for n, why in plan.skipped],
+          "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk}
+    summary = RunSummary(out)
+    sm = StaticMask(static_mask) if static_mask else None
+    with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS)) as w, _progress(len(items), progress) as bar:
+        for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=workers, static_mask=sm,
+                                  with_masks=with_masks):
+            rows = _layer_rows(lm, plan, method, target, batch, topk, with_masks)
+            w.write(rows)
+            _count(summary, [r["status"] for r in rows])
+            summary.computed += len(batch)
+            bar.update(len(batch))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _layer_rows(lm: LoadedModel, plan, method: str, target, batch: list[Sample], topk: float,
+                with_masks: bool) -> list[dict]:
+    from .cam.layers import layer_maps
+
+    def base(s: Sample, ref) -> dict:
+        row = {"row": s.item.index, "image_id": s.item.image_id, "image": s.item.image, "mask": s.item.mask,
+               "layer": ref.label, "layer_index": ref.index, "status": "error"}
+        if s.size:
+            row["image_width"], row["image_height"] = s.size
+        return row
+
+    def compute(samples: list[Sample], targets: list[int]) -> list[dict]:
+        dev = lm.device
+        out = layer_maps(lm.model, torch.stack([s.x for s in samples]).to(dev), plan, method,
+                         torch.tensor(targets, device=dev))
+        pred, tgt = out.logits.argmax(1).tolist(), out.targets.tolist()
+        finite = torch.isfinite(out.logits).all(1).tolist()
+        rows = []
+        for ref, m in zip(plan.layers, out.maps):
+            m = m.float()
+            host, ok = m.cpu(), torch.isfinite(m).flatten(1).all(1).tolist()
+            good, cams, masks = [], [], []
+            for i, s in enumerate(samples):
+                r = base(s, ref)
+                rows.append(r)
+                if not (finite[i] and ok[i]):
+                    r.update(error_kind="model", error=f"image {s.item.image} (id {s.item.image_id}): "
+                                                       f"the model produced NaN/Inf (outputs or heatmap)")
+                    continue
+                r.update(status="ok", predicted_class=pred[i], target_class=tgt[i], cam_height=m.shape[1],
+                         cam_width=m.shape[2], cam=res.cam_bytes(host[i]))
+                if with_masks:
+                    good.append(r)
+                    cams.append(m[i])
+                    masks.append(s.mask.to(dev))
+            apply_metrics(good, cams, masks, topk)
+        return rows
+
+    rows, todo, targets = [], [], []
+    for s in batch:
+        err, kind = s.error, s.error_kind or "input"
+        if err is None and with_masks and s.mask is None:
+            err = f"image {s.item.image} (id {s.item.image_id}): no mask"
+        if err is None:
+            try:
+                targets.append(item_target(s.item, target, lm.card))
+                todo.append(s)
+                continue
+            except ValueError as e:
+                err = f"image {s.item.image} (id {s.item.image_id}): {e}"
+        rows += [{**base(s, ref), "error": err, "error_kind": kind} for ref in plan.layers]
+    if todo:
+        try:
+            rows += compute(todo, targets)
+        except Exception:  # noqa: BLE001 - find the item that breaks the batch, keep the rest
+            for s, t in zip(todo, targets):
+                try:
+                    rows += compute([s], [t])
+                except Exception as e:  # noqa: BLE001
+                    rows += [{**base(s, ref), "error_kind": "model", "error": f"image {s.item.image} "
+                              f"(id {s.item.image_id}): {type(e).__name__}: {e}"} for ref in plan.layers]
+    return sorted(rows, key=lambda r: (r["row"], r["layer_index"]))

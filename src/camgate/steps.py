@@ -74,11 +74,14 @@ def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict
 
 def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "gradcam",
                   target: str = "predicted", batch_size: int = 16, device: str = "auto",
-                  card_sha256: str = "") -> dict:
+                  card_sha256: str = "", checkpoint: str = "", static_mask: str = "",
+                  checkpoint_rows: int = 256) -> dict:
     """Resolved card + data -> heatmaps Parquet (predictions and raw maps; masks are not read).
 
     ``card_sha256`` (the original card's hash, from the model artifact's metadata) is recorded
     in the file instead of the resolved card's, so results trace back to what the user wrote.
+    ``checkpoint``: where rows are committed as they come (e.g. under the run's output prefix on
+    S3): a restarted task resumes there instead of beside its pod-local output path.
     """
     from .modelspec import ModelCard, load_model
     from .runner import run
@@ -88,7 +91,8 @@ def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "grad
         card.sha256 = card_sha256
     lm = load_model(card, device=device)
     summary = run(lm, data, out_path, method=method, target=target, batch_size=int(batch_size),
-                  analyze=False, progress=False)
+                  analyze=False, progress=False, checkpoint=_tidy(checkpoint) or None,
+                  static_mask=static_mask or None, checkpoint_rows=int(checkpoint_rows))
     return {**summary.to_dict(), "device": str(lm.device), "method": method}
 
 
@@ -111,9 +115,9 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
     """Heatmaps Parquet + masks -> results Parquet; also copied to ``export_uri`` when given."""
     from .runner import analyze
 
+    spec = mask_spec(mask_marks_valid, invalid_ids) if (mask_marks_valid or invalid_ids) else None
     summary = analyze(heatmaps_path, out_path, data=data or None, static_mask=static_mask or None,
-                      mask_spec=mask_spec(mask_marks_valid, invalid_ids), topk=float(topk),
-                      progress=False)
+                      mask_spec=spec, topk=float(topk), progress=False)
     out = summary.to_dict()
     if export_uri:
         export_uri = _tidy(export_uri)
@@ -126,7 +130,7 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
 
 
 def gate_step(results_path: str, policy: str, fail_on_violation: bool = False, export_prefix: str = "",
-              summary_path: str | None = None, report_path: str | None = None):
+              summary_path: str | None = None, report_path: str | None = None, road: str = ""):
     """Results + policy -> ``(decision, markdown, html, metrics)``.
 
     Writes the Markdown/HTML to the given paths and, with ``export_prefix``, ``decision.json``,
@@ -136,7 +140,7 @@ def gate_step(results_path: str, policy: str, fail_on_violation: bool = False, e
     """
     from .gate import gate
 
-    decision = gate(results_path, policy)
+    decision = gate(results_path, policy, road=road or None)
     md = report.markdown(decision, results_path)
     page = report.html(decision, results_path, images=report.overlays(results_path))
     scalars = report.metrics(decision)

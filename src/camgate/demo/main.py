@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import yaml
@@ -58,27 +59,32 @@ def _publish(variant: str, card_path: Path, base: str) -> tuple[str, str, dict]:
     return storage.join(prefix, "model", "card.yaml"), storage.join(prefix, "data", "test.csv"), metrics
 
 
-def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False) -> list[dict]:
-    """The demo; returns one dict per model (also written to ``<workdir>/demo.json``)."""
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=_say) -> list[dict]:
+    """The demo; returns one dict per model (also written to ``<workdir>/demo.json``).
+    ``log`` gets a progress line per step (training epochs, pipeline tasks)."""
     from ..devserver import S3Server
     from ..kfp.compile import compile_pipeline
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cards = {v: train(v, work / "cache", seed=seed) for v in synth.VARIANTS}
+    cards = {v: train(v, work / "cache", seed=seed, log=log) for v in synth.VARIANTS}
     pipeline_yaml = compile_pipeline(str(work / "heatmap_gate.yaml"))
     server = S3Server(work / "s3", access_key=f"demo-{secrets.token_hex(4)}", secret_key=secrets.token_hex(16))
     with server:
         previous = server.apply_env()
         try:
-            rows = _run_models(cards, work, pipeline_yaml, echo)
+            rows = _run_models(cards, work, pipeline_yaml, echo, log)
         finally:  # the caller's own S3 settings come back
             server.restore_env(previous)
     (work / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
-def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool) -> list[dict]:
+def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
     from ..kfp import local_run
 
     rows = []
@@ -88,9 +94,11 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool) -> list
     for variant, card in cards.items():
         card_uri, data_uri, metrics = _publish(variant, card, base)
         out_prefix = storage.join(base, "runs", variant)
+        log(f"{variant}: heatmap-gate pipeline (compiled YAML, kfp.local)")
         r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri,
                        "output_prefix": out_prefix, "fail_on_violation": False},
-                      pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo)
+                      pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
+                      progress=lambda line, v=variant: log(f"{v}: {line}"))
         report = work / "reports" / f"{variant}.html"
         report.parent.mkdir(exist_ok=True)
         report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))

@@ -84,8 +84,10 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.
     return torch.cat([model(_normalise(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def fit(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int) -> torch.nn.Module:
-    """Train from random init (nothing is downloaded). Deterministic for a given seed and thread count."""
+def fit(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int, log=None) -> torch.nn.Module:
+    """Train from random init (nothing is downloaded). Deterministic for a given seed, thread count,
+    machine and library versions (float summation order differs between CPUs and builds).
+    ``log``: called with a line per epoch."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = torchvision.models.get_model(config.arch, weights=None, num_classes=len(synth.CLASSES))
@@ -98,8 +100,10 @@ def fit(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int) -> tor
     steps = config.epochs * -(-len(x) // config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.2)
     model.train()
-    for _ in range(config.epochs):
+    t0 = time.perf_counter()
+    for epoch in range(config.epochs):
         order = torch.randperm(len(x), generator=gen)
+        total = 0.0
         for i in range(0, len(x), config.batch_size):
             idx = order[i:i + config.batch_size]
             xb = _normalise(x[idx])
@@ -111,10 +115,13 @@ def fit(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int) -> tor
             loss.backward()
             opt.step()
             sched.step()
+            total += loss.detach().item() * len(idx)
+        if log:
+            log(f"epoch {epoch + 1}/{config.epochs}: loss {total / len(x):.3f} ({time.perf_counter() - t0:.0f} s)")
     return model.eval()
 
 
-def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = None) -> Path:
+def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = None, log=None) -> Path:
     """Generate the ``variant`` data set and train its model; return the model card's path.
 
     Layout under ``cache_dir``: ``data/underpass-<variant>-<hash>/`` (manifests, images, masks) and
@@ -129,7 +136,9 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
     cache = Path(cache_dir)
     model_dir = cache / "models" / f"underpass-{variant}-{key}"
     card_path = model_dir / "card.yaml"
+    say = (lambda msg: log(f"{variant}: {msg}")) if log else (lambda msg: None)
     if card_path.exists() and (model_dir / "metrics.json").exists():
+        say(f"trained model cached ({model_dir})")
         return card_path
 
     # params.json is written last, so its presence means a complete data set.
@@ -138,16 +147,19 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
     if (data_dir / "params.json").exists():
         test_csv = data_dir / "test.csv"
     else:
+        say(f"generating {config.n_train} + {config.n_test} images")
         test_csv = synth.generate(data_dir, variant, config.n_train, config.n_test, seed=seed, size=config.size)
     t_data = time.perf_counter() - t0
     x_train, y_train = _load(test_csv.parent / "train.csv")
     x_test, y_test = _load(test_csv)
 
+    say(f"training {config.arch} for {config.epochs} epochs on {len(x_train)} images (CPU)")
     t0 = time.perf_counter()
-    model = fit(x_train, y_train, config, seed)
+    model = fit(x_train, y_train, config, seed, log=say)
     t_train = time.perf_counter() - t0
     pred = _predict(model, x_test, 64)
     acc = round(float((pred == y_test).float().mean()), 4) if len(y_test) else None
+    say(f"test accuracy {acc}")
     per_class = {c: round(float((pred[y_test == i] == i).float().mean()), 4) if (y_test == i).any() else None
                  for i, c in enumerate(synth.CLASSES)}
     train_acc = round(float((_predict(model, x_train, 64) == y_train).float().mean()), 4)

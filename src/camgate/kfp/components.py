@@ -40,8 +40,9 @@ def load_model(model_card: str, model: Output[Model], device: str = "cpu"):
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], method: str = "gradcam",
-                     target: str = "predicted", batch_size: int = 16, device: str = "auto"):
-    """Compute a CAM heatmap and the prediction for every image (no masks read).
+                     target: str = "predicted", batch_size: int = 16, device: str = "auto",
+                     checkpoint: str = "", static_mask: str = "", checkpoint_rows: int = 256):
+    """Compute a CAM heatmap and the prediction for every image (no masks read; their URIs are kept).
 
     Args:
         model: Resolved model card from load_model.
@@ -50,14 +51,18 @@ def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], 
         target: Class to explain: predicted | label | <class index>.
         batch_size: Images per forward/backward pass.
         device: auto | cpu | cuda[:N].
+        checkpoint: Folder (s3:// or path) where rows are committed as they come; a restarted task resumes from it. '' = beside the output artifact (lost with the pod).
+        static_mask: One mask for every image (fixed camera), recorded for the analysis; '' = per-image masks.
+        checkpoint_rows: Commit rows every this many rows.
 
     Returns:
-        heatmaps: Heatmaps Parquet (one row per data item, raw low-resolution maps).
+        heatmaps: Heatmaps Parquet (one row per data item, raw low-resolution maps, mask URIs).
     """
     from camgate.steps import heatmaps_step
 
     heatmaps.metadata.update(heatmaps_step(model.path, data, heatmaps.path, method, target, batch_size,
-                                           device, model.metadata.get("card_sha256", "")))
+                                           device, model.metadata.get("card_sha256", ""), checkpoint,
+                                           static_mask, checkpoint_rows))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -68,7 +73,7 @@ def analyze_invalid_activation(heatmaps: Input[Dataset], results: Output[Dataset
 
     Args:
         heatmaps: Heatmaps Parquet from compute_heatmaps.
-        data: The manifest the heatmaps came from (masks are taken from it row by row); '' = the heatmaps' own mask column.
+        data: A manifest to take masks from, paired with the heatmaps by row and image (a manifest that does not match is refused); '' = the masks recorded in the heatmaps file.
         static_mask: One mask for every image (fixed camera); overrides per-image masks.
         mask_marks_valid: Masks mark the VALID region instead of the invalid one.
         invalid_ids: Label-map masks: comma-separated invalid label ids ('' = any non-zero pixel is invalid).

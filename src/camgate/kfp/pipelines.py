@@ -70,8 +70,10 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
     """
     loaded = load_model(model_card=model_card)
     loaded.set_cpu_request("1").set_memory_request("4Gi")  # holds the weights once for the check
+    # rows are committed under the output prefix: a restarted pod (or a re-run) resumes there
     heat = compute_heatmaps(model=loaded.outputs["model"], data=data, method=method, target=target,
-                            batch_size=batch_size)
+                            batch_size=batch_size, checkpoint=f"{output_prefix}/checkpoints/heatmaps",
+                            static_mask=static_mask)
     heat.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     # decoding threads + a pinned-memory batch queue beside the GPU
     heat.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
@@ -101,15 +103,22 @@ class PipelineFailed(RuntimeError):
 
 
 class _Tee(io.TextIOBase):
-    """Task logs reach us as prints on stdout: keep a copy to find the failing task's error."""
+    """Task logs reach us as prints on stdout: keep a copy to find the failing task's error, and hand
+    the lines that say a task started or finished to ``progress``."""
 
-    def __init__(self, out, echo: bool):
-        self.out, self.echo, self.parts = out, echo, []
+    def __init__(self, out, echo: bool, progress=None):
+        self.out, self.echo, self.parts, self.progress, self._line = out, echo, [], progress, ""
 
     def write(self, s: str) -> int:
         self.parts.append(s)
         if self.echo:
             self.out.write(s)
+        if self.progress:
+            *done, self._line = (self._line + s).split("\n")
+            for line in done:
+                m = _TASK_LINE.search(_ANSI.sub("", line))
+                if m:
+                    self.progress(m.group(0))
         return len(s)
 
     def flush(self) -> None:
@@ -121,6 +130,7 @@ class _Tee(io.TextIOBase):
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task names
+_TASK_LINE = re.compile(r"(Executing task '[^']+'|Task '[^']+' finished with status \w+)")
 _ERROR_LINE = re.compile(r"^\s*((?:[\w.]+\.)?(\w+(?:Error|Exception|Failed|NotFound|Denied))): (.+)$")
 
 
@@ -166,12 +176,13 @@ def _child_env():
 
 
 def local_run(pipeline_args: dict, pipeline_root: str, package_path: str | None = None,
-              echo: bool = True) -> dict:
+              echo: bool = True, progress=None) -> dict:
     """Run the heatmap-gate pipeline with ``kfp.local.SubprocessRunner(use_venv=False)``.
 
     ``package_path``: a compiled pipeline (``pipelines/heatmap_gate.yaml``) to run instead of the
     Python definition — what a cluster would run. Tasks inherit this process's environment
     (``AWS_*`` for S3); the Kubernetes Secret/ConfigMap and GPU settings are ignored locally.
+    ``progress``: called with each "Executing task ..." / "Task ... finished with status ..." line.
 
     Returns the gate's outputs: ``passed``, ``mean_invalid_activation_ratio``, ``error_rate``,
     ``n_images``; the local paths ``summary`` (Markdown) and ``report`` (HTML); ``run_dir`` (the
@@ -193,7 +204,7 @@ def local_run(pipeline_args: dict, pipeline_root: str, package_path: str | None 
     os.makedirs(pipeline_root, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.fspath(pipeline_root),
                raise_on_error=True)
-    tee = _Tee(sys.stdout, echo)
+    tee = _Tee(sys.stdout, echo, progress)
     try:
         with _child_env(), contextlib.redirect_stdout(tee), warnings.catch_warnings():
             # expected locally: the image is not used and cluster-only settings are no-ops
