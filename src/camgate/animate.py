@@ -179,8 +179,10 @@ def write_gif(frames: Sequence[np.ndarray], path, fps: float = 8) -> None:
     pal = np.asarray(sample.quantize(256, method=Image.Quantize.MEDIANCUT).getpalette()[:768],
                      np.int32).reshape(-1, 3)
     levels = np.arange(32) * 8 + 4  # centre of each 5-bit bin
-    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 1, 3)
-    lut = ((cube - pal[None]) ** 2).sum(-1).argmin(1).astype(np.uint8).reshape(32, 32, 32)
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3).astype(np.float32)
+    pal_f = pal.astype(np.float32)
+    dist = (pal_f ** 2).sum(1)[None] - 2 * cube @ pal_f.T  # |c - p|^2 less |c|^2, the same for all p
+    lut = dist.argmin(1).astype(np.uint8).reshape(32, 32, 32)
     flat_pal = pal.astype(np.uint8).ravel().tolist()
     imgs = []
     for f in frames:
