@@ -17,6 +17,15 @@ from camgate.errors import ConfigError
 from camgate.faithfulness import (PERCENTILES, check_percentiles, impute, neighbours, removal_masks,
                                   removal_order, road, ybroad)
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids losing time to thread sync on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
