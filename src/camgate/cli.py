@@ -46,6 +46,42 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_layers(args) -> int:
+    from . import runner
+    from .data import MaskSpec
+
+    s = runner.run_layers(args.model, args.data, args.out, layers=args.layers, method=args.method,
+                          target=args.target, static_mask=args.static_mask,
+                          mask_spec=_mask_spec(args) or MaskSpec(), batch_size=args.batch_size,
+                          device=args.device, workers=args.workers, topk=args.topk, progress=not args.quiet)
+    print(json.dumps(s.to_dict()))
+    return 0
+
+
+def cmd_road(args) -> int:
+    from . import runner
+    from .errors import ConfigError
+
+    try:
+        percentiles = [float(p) for p in args.percentiles.split(",") if p.strip()] if args.percentiles else None
+    except ValueError:
+        raise ConfigError(f"--percentiles must be comma-separated numbers, got {args.percentiles!r}") from None
+    s = runner.run_road(args.model, args.data, args.out, method=args.method, layers=args.layers,
+                        percentiles=percentiles, sample=args.sample, seed=args.seed, target=args.target,
+                        batch_size=args.batch_size, device=args.device, workers=args.workers,
+                        progress=not args.quiet)
+    out = s.to_dict()
+    if args.plot:
+        from .plots import ybroad_png
+
+        from . import results
+
+        ybroad_png(results.read_table(args.out), args.plot, args.layers_file)
+        out["plot"] = args.plot
+    print(json.dumps(out))
+    return 0
+
+
 def cmd_analyze(args) -> int:
     from . import runner
 
@@ -109,6 +145,39 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", help="folder (local or s3://) for the committed rows (default: OUT.parts)")
     _add_mask_args(r)
     r.set_defaults(fn=cmd_run)
+
+    lay = sub.add_parser("layers", help="every layer's map in one pass per batch -> layers Parquet")
+    lay.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
+    lay.add_argument("--data", required=True, help="manifest or prefix with images/ (+ masks/)")
+    lay.add_argument("--out", required=True, help="layers Parquet: one row per (image, layer)")
+    lay.add_argument("--layers", default="all", help="all | comma-separated module names (name#k: k-th call)")
+    lay.add_argument("--method", default="gradcam", help="a native method (gradcam, gradcam++, layercam, ...)")
+    lay.add_argument("--target", default="predicted", help="predicted | label | <class index>")
+    lay.add_argument("--batch-size", type=int, default=8)
+    lay.add_argument("--device", default="auto")
+    lay.add_argument("--workers", type=int, default=4)
+    lay.add_argument("--quiet", action="store_true")
+    _add_mask_args(lay)
+    lay.set_defaults(fn=cmd_layers)
+
+    rd = sub.add_parser("road", help="ROAD faithfulness of the heatmaps (per layer: ybROAD) -> ROAD Parquet")
+    rd.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
+    rd.add_argument("--data", required=True, help="manifest or prefix with images/")
+    rd.add_argument("--out", required=True, help="ROAD Parquet: one row per (image, layer)")
+    rd.add_argument("--method", default="gradcam")
+    rd.add_argument("--layers", default="final", help="final (the card's target layer) | all | names")
+    rd.add_argument("--percentiles", help="%% of pixels removed, comma-separated (default 10,20,...,90)")
+    rd.add_argument("--sample", type=int, default=0, help="score a seeded random sample of N images (0 = all)")
+    rd.add_argument("--seed", type=int, default=0)
+    rd.add_argument("--target", default="predicted", help="predicted | label | <class index>")
+    rd.add_argument("--batch-size", type=int, default=8)
+    rd.add_argument("--device", default="auto")
+    rd.add_argument("--workers", type=int, default=4)
+    rd.add_argument("--plot", help="write the ybROAD curve (and, with --layers-file, the per-layer invalid "
+                                   "activation) as a PNG here")
+    rd.add_argument("--layers-file", help="a `camgate layers` Parquet of the same images, for the plot")
+    rd.add_argument("--quiet", action="store_true")
+    rd.set_defaults(fn=cmd_road)
 
     a = sub.add_parser("analyze", help="heatmaps Parquet + masks -> results Parquet")
     a.add_argument("heatmaps")

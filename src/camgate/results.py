@@ -34,6 +34,16 @@ FIELDS = [
     ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam", pa.binary()),
     ("image_width", pa.int32()), ("image_height", pa.int32()),
 ]
+
+
+def road_fields(percentiles) -> list:
+    """`camgate road`: one row per (image, layer); curves are target-class probabilities after removing
+    p % of the pixels, most (MoRF) or least (LeRF) relevant first."""
+    curves = [(f"road_{kind}_p{int(p):02d}", pa.float64()) for kind in ("morf", "lerf") for p in percentiles]
+    return [("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("layer", pa.string()),
+            ("layer_index", pa.int32()), ("status", pa.string()), ("error", pa.string()),
+            ("error_kind", pa.string()), ("target_class", pa.int32()), ("clean_probability", pa.float64()),
+            *curves, ("road", pa.float64()), ("road_random", pa.float64())]
 COLUMNS = [name for name, _ in FIELDS]
 # `camgate layers`: one row per (image, layer) of the all-layer maps (same map encoding as above)
 LAYER_FIELDS = [
