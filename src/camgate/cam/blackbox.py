@@ -49,6 +49,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 FILLS = ("blur", "zero", "mean")
+WEIGHTINGS = ("excess", "prob", "best", "regression")
 
 
 # --- shared helpers -----------------------------------------------------------------------------
@@ -164,8 +165,8 @@ def total_variation(m: Tensor) -> Tensor:
 
 def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid: int = 7,
           pop: int = 16, f: float = 0.5, cr: float = 0.3, lam_area: float = 0.3, lam_tv: float = 0.1,
-          fill: str = "blur", sigma: float | None = None, strategy: str = "de", max_batch: int = 256,
-          stats: dict | None = None) -> Tensor:
+          fill: str = "blur", sigma: float | None = None, strategy: str = "de", weighting: str = "regression",
+          max_batch: int = 256, stats: dict | None = None) -> Tensor:
     """DE-CAM maps (B, grid, grid), float32, non-negative, on x's device.
 
     ``strategy='random'`` evaluates ``budget`` random candidates of the same space with the same
@@ -174,6 +175,8 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
     _check(budget, grid)
     if strategy not in ("de", "random"):
         raise ConfigError(f"strategy must be 'de' or 'random', got {strategy!r}")
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if pop < 4:
         raise ConfigError(f"pop must be >= 4 (current-to-best/1 needs 2 partners), got {pop}")
     timer = _Timer()
@@ -202,9 +205,9 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
         p = _masked_probs(backend, timer, x, base, grids, tgt, max_batch)
         return p - lam_area * m.mean(-1) - lam_tv * total_variation(grids), p
 
-    fit, _ = fitness(popu)
+    fit, prob = fitness(popu)
     ref = fit.median(1, keepdim=True).values  # what a random mask achieves: the weights' zero
-    seen, seen_fit = [popu.clone()], [fit.clone()]  # popu/fit change in place below
+    seen, seen_fit, seen_p = [popu.clone()], [fit.clone()], [prob]  # popu/fit change in place below
     if gens:
         u, jr = torch.stack(u).to(dev), torch.stack(jr).to(dev)
         o1, o2 = torch.stack(o1).to(dev), torch.stack(o2).to(dev)
@@ -222,20 +225,42 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
             cross = u[:, k, :n] < cr
             cross[rows, ar[:n], jr[:, k, :n]] = True  # at least one gene from the mutant
             trial = torch.where(cross, v, xi)
-            tf, _ = fitness(trial)
+            tf, tp = fitness(trial)
             keep = tf >= fit[:, :n]  # >=: lets the population drift across plateaus
             popu[:, :n] = torch.where(keep[..., None], trial, xi)
             fit[:, :n] = torch.where(keep, tf, fit[:, :n])
             seen.append(trial)
             seen_fit.append(tf)
-    masks, fits = torch.cat(seen, 1), torch.cat(seen_fit, 1)  # every evaluated candidate
-    w = (fits - ref).clamp(min=0)
-    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))  # nothing beat chance: plain mean
-    maps = (w[..., None] * masks).sum(1) / w.sum(1, keepdim=True)
+            seen_p.append(tp)
+    masks, fits, probs = torch.cat(seen, 1), torch.cat(seen_fit, 1), torch.cat(seen_p, 1)  # all evaluated
+    if weighting == "regression":
+        maps = _ridge(masks, probs).clamp(min=0)
+    else:
+        if weighting == "excess":  # how much better than a random mask
+            w = (fits - ref).clamp(min=0)
+        elif weighting == "prob":  # RISE's weights on the evolved samples
+            w = probs
+        else:  # 'best': the single best candidate
+            w = (fits == fits.max(1, keepdim=True).values).float()
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))  # nothing beat chance: plain mean
+        maps = (w[..., None] * masks).sum(1) / w.sum(1, keepdim=True)
     timer.report(stats, B, B * budget)
     if stats is not None:  # the single best candidate per image, for inspection and comparison
         stats["best"] = popu[torch.arange(B, device=dev), fit.argmax(1)].view(B, grid, grid)
     return maps.view(B, grid, grid).float()
+
+
+def _ridge(m: Tensor, p: Tensor, alpha: float = 1e-2) -> Tensor:
+    """Per image, the ridge-regression slopes of p (B, N) on the mask cells m (B, N, D).
+
+    One image at a time: batched matrix products group rows differently for different batch sizes,
+    which would make a map depend (in the last bits) on its neighbours in the batch."""
+    out = []
+    eye = alpha * m.shape[1] * torch.eye(m.shape[2], device=m.device)
+    for mi, pi in zip(m, p):
+        mc, pc = mi - mi.mean(0), pi - pi.mean()
+        out.append(torch.linalg.solve(mc.T @ mc + eye, mc.T @ pc))
+    return torch.stack(out)
 
 
 def random_search(backend, x: Tensor, targets=None, budget: int = 1024, **kw) -> Tensor:
