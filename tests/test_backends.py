@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from camgate.backends import (Backend, BackendError, CallableBackend, OnnxBackend, TorchBackend,
+from camgate.backends import (Backend, CallableBackend, OnnxBackend, TorchBackend,
                               load_backend)
 from camgate.errors import ConfigError
 

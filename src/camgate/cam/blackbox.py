@@ -22,15 +22,18 @@ DE-CAM (after Karatsiolis & Kamilaris, VISAPP 2023; the design here is our own):
     without adding the sharp, out-of-distribution edges a constant fill draws along mask borders;
   * fitness: p_target(masked) - lam_area * mean(m) - lam_tv * TV(m), i.e. the smallest, smoothest
     region that keeps the class (a preservation objective);
-  * DE/current-to-best/1/bin, population 16, F=0.5, CR=0.3, greedy one-to-one selection, bounds by
-    reflection; initial population uniform in [0, 1]^49; the last generation is cut short so that
-    initial population + generations * population = budget exactly;
-  * map: the average of EVERY evaluated mask weighted by how much its fitness exceeds the median
-    fitness of the random initial population (the evolution concentrates samples where evidence is,
-    so this is an importance-weighted, RISE-like estimate that uses all ``budget`` evaluations rather
-    than the single best mask); returned at grid resolution (B, g, g): the average commutes with the
-    bilinear upsampling, so ``engine.upsample(map, (H, W))`` is exactly the average of the masks the
-    model saw.
+  * DE/rand/1/bin, population 16, F=0.8, CR=0.3 (current-to-best/1 as ``variant=``), greedy
+    one-to-one selection, bounds by reflection; initial population uniform in [0, 1]^49; the last
+    generation is cut short so that initial population + generations * population = budget exactly;
+  * map: the ridge-regression slope of the target probability on the 49 mask cells, fitted per
+    image over EVERY evaluated candidate (all ``budget`` of them, not only the single best), clipped
+    at 0: how much keeping each cell raises the class probability. Regression, unlike a weighted
+    average of masks, does not mistake where the evolution happened to sample for evidence (the
+    evolved population is dense where the best mask is, evidence or not). Alternatives kept as
+    ``weighting=``: 'excess' (masks weighted by fitness above the random population's median),
+    'prob' (RISE's weights), 'best' (the best mask); all measured worse, see docs/decam.md.
+    Returned at grid resolution (B, g, g): the slopes are per cell, and ``engine.upsample`` to
+    (H, W) uses the same bilinear interpolation the masks were shown with.
 
 RISE (Petsiuk et al., BMVC 2018): N = budget random binary s x s grids (p=0.5), upsampled bilinearly
 to (s+1) cells and cropped at a random shift; saliency = sum_i p_target(masked_i) * M_i / (N * p),
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,7 @@ from ..errors import ConfigError
 
 FILLS = ("blur", "zero", "mean")
 WEIGHTINGS = ("excess", "prob", "best", "regression")
+VARIANTS = ("current-to-best/1", "rand/1")
 
 
 # --- shared helpers -----------------------------------------------------------------------------
@@ -137,11 +140,12 @@ def _masked_probs(backend, timer: _Timer, x: Tensor, base: Tensor, masks: Tensor
     flat = masks.reshape(B * N, 1, g, g)
     owner = torch.arange(B, device=x.device).repeat_interleave(N)
     out = torch.empty(B * N, device=x.device)
+    diff = x - base  # once, not per chunk
     for i in range(0, B * N, max_batch):
         j = min(i + max_batch, B * N)
         m = F.interpolate(flat[i:j], size=size, mode="bilinear", align_corners=False)
         b = owner[i:j]
-        xs = base[b] + (x[b] - base[b]) * m
+        xs = torch.addcmul(base[b], diff[b], m)  # base + (x - base) * m, one pass over memory
         p = timer.probs(backend, xs).to(x.device)
         out[i:j] = p.gather(1, tgt[b][:, None])[:, 0]
     return out.view(B, N)
@@ -164,7 +168,8 @@ def total_variation(m: Tensor) -> Tensor:
 
 
 def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid: int = 7,
-          pop: int = 16, f: float = 0.5, cr: float = 0.3, lam_area: float = 0.3, lam_tv: float = 0.1,
+          pop: int = 16, f: float = 0.8, cr: float = 0.3, variant: str = "rand/1",
+          lam_area: float = 0.3, lam_tv: float = 0.1,
           fill: str = "blur", sigma: float | None = None, strategy: str = "de", weighting: str = "regression",
           max_batch: int = 256, stats: dict | None = None) -> Tensor:
     """DE-CAM maps (B, grid, grid), float32, non-negative, on x's device.
@@ -177,6 +182,8 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
         raise ConfigError(f"strategy must be 'de' or 'random', got {strategy!r}")
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if pop < 4:
         raise ConfigError(f"pop must be >= 4 (current-to-best/1 needs 2 partners), got {pop}")
     timer = _Timer()
@@ -189,14 +196,16 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
     rest = budget - p0
     gens = math.ceil(rest / pop)
     # all randomness per image, drawn up front from its own generator in a fixed order
-    init, u, jr, o1, o2 = [], [], [], [], []
+    init, u, jr, partners = [], [], [], []
+    not_self = torch.eye(pop, dtype=torch.bool)
     for s in seeds:
         g = torch.Generator().manual_seed(s)
         init.append(torch.rand(p0, D, generator=g))
         u.append(torch.rand(gens, pop, D, generator=g))
         jr.append(torch.randint(0, D, (gens, pop), generator=g))
-        o1.append(torch.randint(1, pop, (gens, pop), generator=g))
-        o2.append(torch.randint(1, pop - 1, (gens, pop), generator=g))
+        # three distinct partners per member, none the member itself: a random order of the others
+        r = torch.rand(gens, pop, pop, generator=g).masked_fill(not_self, 2.0)
+        partners.append(r.argsort(-1)[..., :3])
     dev = x.device
     popu = torch.stack(init).to(dev)  # (B, P0, D)
 
@@ -210,16 +219,18 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
     seen, seen_fit, seen_p = [popu.clone()], [fit.clone()], [prob]  # popu/fit change in place below
     if gens:
         u, jr = torch.stack(u).to(dev), torch.stack(jr).to(dev)
-        o1, o2 = torch.stack(o1).to(dev), torch.stack(o2).to(dev)
+        partners = torch.stack(partners).to(dev)  # (B, G, P, 3)
         ar = torch.arange(pop, device=dev)
         rows = torch.arange(B, device=dev)[:, None]
         for k in range(gens):
             n = min(pop, rest - k * pop)  # the last generation may be cut short to fit the budget
             best = popu[rows[:, 0], fit.argmax(1)][:, None]  # (B, 1, D)
-            r1 = (ar + o1[:, k]) % pop  # r1 != i
-            r2 = (ar + o2[:, k] + (o2[:, k] >= o1[:, k]).long()) % pop  # r2 != i, r1
+            r0, r1, r2 = (popu[rows, partners[:, k, :n, j]] for j in range(3))
             xi = popu[:, :n]
-            v = xi + f * (best - xi) + f * (popu[rows, r1[:, :n]] - popu[rows, r2[:, :n]])
+            if variant == "rand/1":  # explores longer: no pull towards the best
+                v = r0 + f * (r1 - r2)
+            else:  # current-to-best/1: converges fast, keeps each member's own position in the mix
+                v = xi + f * (best - xi) + f * (r1 - r2)
             v = torch.where(v < 0, -v, v)  # reflection keeps the step's length, clipping piles up on 0/1
             v = torch.where(v > 1, 2 - v, v).clamp(0, 1)
             cross = u[:, k, :n] < cr
@@ -294,6 +305,7 @@ def rise(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid:
     dy, dx = torch.stack(dy).to(dev).flatten(), torch.stack(dx).to(dev).flatten()
     owner = torch.arange(B, device=dev).repeat_interleave(budget)
     sal = torch.zeros(B, H, W, device=dev)
+    diff = x - base
     ys, xs_ = torch.arange(H, device=dev), torch.arange(W, device=dev)
     for i in range(0, B * budget, max_batch):
         j = min(i + max_batch, B * budget)
@@ -303,7 +315,7 @@ def rise(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid:
         m = up[torch.arange(n, device=dev)[:, None, None], (dy[i:j, None] + ys)[:, :, None],
                (dx[i:j, None] + xs_)[:, None, :]]  # random shift: crop H x W at (dy, dx)
         b = owner[i:j]
-        pr = timer.probs(backend, base[b] + (x[b] - base[b]) * m[:, None]).to(dev)
+        pr = timer.probs(backend, torch.addcmul(base[b], diff[b], m[:, None])).to(dev)
         pt = pr.gather(1, tgt[b][:, None])[:, 0]
         sal.index_add_(0, b, pt[:, None, None] * m)
     timer.report(stats, B, B * budget)
