@@ -132,23 +132,30 @@ class _Timer:
                          images=images, evaluations=evaluations)
 
 
+def _blocks(B: int, N: int, max_batch: int):
+    """(i0, i1, j0, j1): images i0:i1 x candidates j0:j1, image-major, at most ~max_batch each;
+    whole images per block when they fit, so the fill and the image broadcast instead of gathering."""
+    k, step = max(1, max_batch // N), min(N, max_batch)
+    for i0 in range(0, B, k):
+        for j0 in range(0, N, step):
+            yield i0, min(i0 + k, B), j0, min(j0 + step, N)
+
+
 def _masked_probs(backend, timer: _Timer, x: Tensor, base: Tensor, masks: Tensor, tgt: Tensor,
                   max_batch: int) -> Tensor:
     """masks (B, N, g, g) in [0, 1] -> (B, N) target probabilities of x*m + base*(1-m)."""
     B, N, g, _ = masks.shape
-    size = tuple(x.shape[-2:])
-    flat = masks.reshape(B * N, 1, g, g)
-    owner = torch.arange(B, device=x.device).repeat_interleave(N)
-    out = torch.empty(B * N, device=x.device)
-    diff = x - base  # once, not per chunk
-    for i in range(0, B * N, max_batch):
-        j = min(i + max_batch, B * N)
-        m = F.interpolate(flat[i:j], size=size, mode="bilinear", align_corners=False)
-        b = owner[i:j]
-        xs = torch.addcmul(base[b], diff[b], m)  # base + (x - base) * m, one pass over memory
-        p = timer.probs(backend, xs).to(x.device)
-        out[i:j] = p.gather(1, tgt[b][:, None])[:, 0]
-    return out.view(B, N)
+    H, W = x.shape[-2:]
+    out = torch.empty(B, N, device=x.device)
+    diff = x - base  # once, not per block
+    for i0, i1, j0, j1 in _blocks(B, N, max_batch):
+        ni, nj = i1 - i0, j1 - j0
+        m = F.interpolate(masks[i0:i1, j0:j1].reshape(ni * nj, 1, g, g), size=(H, W), mode="bilinear",
+                          align_corners=False).view(ni, nj, 1, H, W)
+        xs = torch.addcmul(base[i0:i1, None], diff[i0:i1, None], m)  # base + (x - base) * m
+        p = timer.probs(backend, xs.view(ni * nj, -1, H, W)).to(x.device).view(ni, nj, -1)
+        out[i0:i1, j0:j1] = p.gather(2, tgt[i0:i1, None, None].expand(ni, nj, 1))[..., 0]
+    return out
 
 
 def _check(budget: int, grid: int):
@@ -301,23 +308,23 @@ def rise(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid:
         dy.append(torch.randint(0, ch, (budget,), generator=g))
         dx.append(torch.randint(0, cw, (budget,), generator=g))
     dev = x.device
-    bits = torch.stack(bits).to(dev).reshape(B * budget, 1, grid, grid).float()
-    dy, dx = torch.stack(dy).to(dev).flatten(), torch.stack(dx).to(dev).flatten()
-    owner = torch.arange(B, device=dev).repeat_interleave(budget)
+    bits = torch.stack(bits).to(dev).float()  # (B, N, s, s)
+    dy, dx = torch.stack(dy).to(dev), torch.stack(dx).to(dev)
     sal = torch.zeros(B, H, W, device=dev)
     diff = x - base
     ys, xs_ = torch.arange(H, device=dev), torch.arange(W, device=dev)
-    for i in range(0, B * budget, max_batch):
-        j = min(i + max_batch, B * budget)
-        up = F.interpolate(bits[i:j], size=((grid + 1) * ch, (grid + 1) * cw), mode="bilinear",
-                           align_corners=False)[:, 0]
-        n = j - i
-        m = up[torch.arange(n, device=dev)[:, None, None], (dy[i:j, None] + ys)[:, :, None],
-               (dx[i:j, None] + xs_)[:, None, :]]  # random shift: crop H x W at (dy, dx)
-        b = owner[i:j]
-        pr = timer.probs(backend, torch.addcmul(base[b], diff[b], m[:, None])).to(dev)
-        pt = pr.gather(1, tgt[b][:, None])[:, 0]
-        sal.index_add_(0, b, pt[:, None, None] * m)
+    for i0, i1, j0, j1 in _blocks(B, budget, max_batch):
+        ni, nj = i1 - i0, j1 - j0
+        n = ni * nj
+        up = F.interpolate(bits[i0:i1, j0:j1].reshape(n, 1, grid, grid),
+                           size=((grid + 1) * ch, (grid + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
+        oy, ox = dy[i0:i1, j0:j1].reshape(n, 1), dx[i0:i1, j0:j1].reshape(n, 1)
+        m = up[torch.arange(n, device=dev)[:, None, None], (oy + ys)[:, :, None],
+               (ox + xs_)[:, None, :]].view(ni, nj, 1, H, W)  # random shift: crop H x W at (dy, dx)
+        xs = torch.addcmul(base[i0:i1, None], diff[i0:i1, None], m).view(n, -1, H, W)
+        pt = timer.probs(backend, xs).to(dev).view(ni, nj, -1).gather(2, tgt[i0:i1, None, None].expand(ni, nj, 1))
+        owner = torch.arange(i0, i1, device=dev).repeat_interleave(nj)
+        sal.index_add_(0, owner, (pt[..., None] * m[:, :, 0]).view(n, H, W))  # sequential: chunking-independent
     timer.report(stats, B, B * budget)
     return (sal / (budget * p)).float()
 
