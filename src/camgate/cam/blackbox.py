@@ -192,7 +192,7 @@ def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if pop < 4:
-        raise ConfigError(f"pop must be >= 4 (current-to-best/1 needs 2 partners), got {pop}")
+        raise ConfigError(f"pop must be >= 4 (a member needs 3 distinct partners), got {pop}")
     timer = _Timer()
     B, D = x.shape[0], grid * grid
     x = x.float()
