@@ -1,7 +1,7 @@
 """DE-CAM vs RISE vs random search at equal forward-pass budgets: deletion and insertion AUC.
 
     PYTHONPATH=src python benchmarks/blackbox_eval.py            # 100 test images, budgets 256/1024
-    PYTHONPATH=src python benchmarks/blackbox_eval.py --quick    # smoke run, about a minute
+    PYTHONPATH=src python benchmarks/blackbox_eval.py --quick    # smoke run, 20 images, ~1.5 min
 
 A small CNN is trained in seconds on a synthetic task whose evidence is localised: 32x32 smooth noise
 with one 8x8 striped patch (class = stripe orientation) and one 8x8 random-noise distractor patch. The CNN is then a
