@@ -21,7 +21,8 @@ from camgate.steps import GateFailed  # noqa: E402
 from test_run import make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "gate", "promote"]
+COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "gate", "promote", "layer_maps",
+                   "animate_layers", "road_faithfulness"]
 
 
 def tiny_card(folder: Path, name="card.yaml", **extra) -> Path:
@@ -230,10 +231,12 @@ def test_compiled_pipeline_has_gpu_secret_env_and_no_credentials(tmp_path, monke
     # two documents: the pipeline spec, then the platform (Kubernetes) spec
     spec, platform = yaml.safe_load_all((ROOT / "pipelines" / "heatmap_gate.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
-    acc = executors["exec-compute-heatmaps"]["container"]["resources"]["accelerator"]
-    assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1"
+    gpu = ("exec-compute-heatmaps", "exec-road-faithfulness")  # the tasks that run the model on images
+    for name in gpu:
+        acc = executors[name]["container"]["resources"]["accelerator"]
+        assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1"
     assert not any("accelerator" in e["container"].get("resources", {}) for k, e in executors.items()
-                   if k != "exec-compute-heatmaps")
+                   if k not in gpu)
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(k8s) == set(executors)  # every task, promote inside the condition included
     for name, cfg in k8s.items():
@@ -292,3 +295,28 @@ def test_heatmaps_task_killed_and_restarted_resumes_from_its_checkpoint_on_s3(s3
 
     assert results.read_table(heat.path).column("row").to_pylist() == list(range(24))
     assert parts() == []  # merged and removed
+
+
+def test_layer_maps_animate_and_road_components(chain, tmp_path):
+    from camgate import results
+    from camgate.kfp import animate_layers, layer_maps, road_faithfulness
+
+    lay = dsl.Dataset(uri=str(tmp_path / "layers"))
+    layer_maps.python_func(model=chain["model"], data=chain["manifest"], layers_out=lay, batch_size=4, device="cpu")
+    t = results.read_table(lay.path)
+    assert t.num_rows == 6 * 4 and lay.metadata["rows"] == 24
+    page, files = dsl.HTML(uri=str(tmp_path / "anim.html")), dsl.Dataset(uri=str(tmp_path / "anim"))
+    animate_layers.python_func(model=chain["model"], image=str(chain["root"] / "images" / "000.png"),
+                               mask=str(chain["root"] / "masks" / "000.png"), animation=page, files=files,
+                               device="cpu", fps=4.0)
+    html = Path(page.path).read_text()
+    assert html.startswith("<!DOCTYPE html>") and "data:image/gif;base64," in html and "features.2" in html
+    assert (Path(files.path) / "layers.mp4").stat().st_size > 0
+    road, m = dsl.Dataset(uri=str(tmp_path / "road")), dsl.Metrics(uri=str(tmp_path / "m"))
+    road_faithfulness.python_func(model=chain["model"], data=chain["manifest"], road=road, metrics=m, sample=3,
+                                  device="cpu")
+    assert results.read_table(road.path).num_rows == 3 and m.metadata["road_images"] == 3.0
+    assert "faithfulness_margin" in m.metadata
+    off, m0 = dsl.Dataset(uri=str(tmp_path / "off")), dsl.Metrics(uri=str(tmp_path / "m0"))
+    road_faithfulness.python_func(model=chain["model"], data=chain["manifest"], road=off, metrics=m0)  # sample 0
+    assert results.read_table(off.path).num_rows == 0 and m0.metadata == {"road_images": 0.0}

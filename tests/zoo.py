@@ -112,3 +112,13 @@ def vit_patch14(num_classes: int = 3) -> nn.Module:
                             mlp_dim=64, num_classes=num_classes)
     torch.nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision zero-initialises the head
     return vit
+
+
+def dead_net(num_classes: int = 3) -> nn.Module:
+    """A head of zeros: every score is 0, so every gradient and every Grad-CAM map is all zero."""
+    torch.manual_seed(0)
+    net = TinyCNN(num_classes)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    return net

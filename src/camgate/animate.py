@@ -215,7 +215,7 @@ def contact_sheet(frames: Sequence[np.ndarray], cols: int = 8, labels: Sequence[
     return buf.getvalue()
 
 
-def _inputs(image, spec, mask):
+def model_view_of(image, spec, mask):
     """-> (x (1, 3, H, W), view uint8 (H, W, 3), mask of the view or None)."""
     if torch.is_tensor(image):  # an already normalised (3, H, W) / (1, 3, H, W) model input
         x = image.detach().float().reshape(1, *image.shape[-3:])
@@ -243,12 +243,10 @@ def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all"
     ``image``: PIL image / uint8 (H, W, 3) array, or a normalised (3, H, W) input tensor.
     ``mask``: bool (H, W) invalid pixels of ``image``, outlined on every frame.
     """
-    from .cam.layers import layer_maps, normalise, plan_layers
+    from .cam.layers import layer_maps, plan_layers
     from .modelspec import InputSpec
 
-    modes = {"both": ["global", "layer"], "global": ["global"], "layer": ["layer"]}.get(norm)
-    if modes is None:
-        raise ConfigError(f"norm must be global, layer or both, got {norm!r}")
+    norm_modes(norm)  # a bad option fails before any compute
     net = getattr(model, "model", model)
     if hasattr(model, "card"):
         spec, device = model.card.input, torch.device(model.device)
@@ -257,16 +255,42 @@ def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all"
             (image.height, image.width) if isinstance(image, Image.Image) else np.asarray(image).shape[:2])
         spec = InputSpec(size=size)
         device = next(net.parameters(), torch.empty(0)).device
-    x, view, vmask = _inputs(image, spec, mask)
+    x, view, vmask = model_view_of(image, spec, mask)
     x = x.to(device)
     plan = plan_layers(net, x, layers)
     if not plan.layers:
         raise ConfigError("the model has no layer with a spatial map to animate")
     res = layer_maps(net, x, plan, method, targets=torch.tensor([target]))
-    normed = {m: [t[0].cpu() for t in normalise(res.maps, m)] for m in modes}
-    labels = plan.names()
-    frames = list(render_frames(view, normed, labels, vmask, width, cmap=cmap))
+    info = {"method": method, "target": int(res.targets[0]), "predicted": int(res.logits[0].argmax()),
+            "layers": [{"index": r.index, "name": r.name, "call": r.call, "label": r.label,
+                        "size": list(m.shape[-2:])} for r, m in zip(plan.layers, res.maps)],
+            "unreached": [r.label for r in res.unreached],
+            "skipped": [{"name": n, "reason": why} for n, why in plan.skipped]}
+    return write_animation(view, [m[0] for m in res.maps], plan.names(), out_dir, mask=vmask, norm=norm,
+                           fps=fps, width=width, cmap=cmap, info=info)
 
+
+def norm_modes(norm: str) -> list[str]:
+    """``--norm`` -> the panels of a frame (``both``: global | layer side by side)."""
+    modes = {"both": ["global", "layer"], "global": ["global"], "layer": ["layer"]}.get(norm)
+    if modes is None:
+        raise ConfigError(f"norm must be global, layer or both, got {norm!r}")
+    return modes
+
+
+def write_animation(view: np.ndarray, maps: Sequence, labels: Sequence[str], out_dir, *, mask=None,
+                    norm: str = "both", fps: float = 8, width: int = 256, cmap: str = "jet",
+                    info: dict | None = None) -> dict:
+    """One image's raw per-layer maps ((h_l, w_l) each) -> ``layers.mp4``, ``layers.gif``,
+    ``contact_sheet.png`` and ``layers.json`` under ``out_dir``; returns their paths.
+
+    ``view``: the model's view of the image, uint8 (H, W, 3); ``mask``: bool (H, W) invalid pixels of it."""
+    from .cam.layers import normalise
+
+    modes = norm_modes(norm)
+    raw = [torch.as_tensor(np.asarray(m, np.float32))[None] for m in maps]
+    normed = {m: [t[0] for t in normalise(raw, m)] for m in modes}
+    frames = list(render_frames(view, normed, labels, mask, width, cmap=cmap))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"mp4": out / "layers.mp4", "gif": out / "layers.gif", "contact_sheet": out / "contact_sheet.png",
@@ -274,12 +298,30 @@ def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all"
     write_mp4(frames, paths["mp4"], fps)
     write_gif(frames, paths["gif"], fps)
     paths["contact_sheet"].write_bytes(contact_sheet(frames, cols=8 // len(modes)))
-    paths["json"].write_text(json.dumps({
-        "method": method, "norm": norm, "target": int(res.targets[0]),
-        "predicted": int(res.logits[0].argmax()),
-        "layers": [{"index": r.index, "name": r.name, "call": r.call, "label": r.label,
-                    "size": list(m.shape[-2:])} for r, m in zip(plan.layers, res.maps)],
-        "unreached": [r.label for r in res.unreached],
-        "skipped": [{"name": n, "reason": why} for n, why in plan.skipped],
-    }, indent=1))
+    paths["json"].write_text(json.dumps({"norm": norm, **(info or {})}, indent=1))
     return paths
+
+
+def animation_html(out_dir, title: str) -> str:
+    """A self-contained page for KFP's HTML viewer: the GIF (the contact sheet when the GIF would
+    make the page too large: the viewer fetches it whole, 10 MB at most) and the per-layer invalid
+    activation ratio from ``layers.parquet``."""
+    import base64
+    import html
+
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    gif = out / "layers.gif"
+    pic, kind = (gif, "gif") if gif.stat().st_size < 6_000_000 else (out / "contact_sheet.png", "png")
+    img = base64.b64encode(pic.read_bytes()).decode("ascii")
+    t = pq.read_table(out / "layers.parquet", columns=["layer", "invalid_activation_ratio"]).to_pydict()
+    cells = "".join(f"<tr><td>{i}</td><td>{html.escape(str(n))}</td><td>"
+                    f"{'n/a' if v is None else f'{v:.3f}'}</td></tr>"
+                    for i, (n, v) in enumerate(zip(t["layer"], t["invalid_activation_ratio"])))
+    name = html.escape(str(title))
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>camgate layers: {name}</title>"
+            f"</head><body><h1>Maps through the layers</h1><p>{name}</p>"
+            f"<img alt='maps of every layer' src='data:image/{kind};base64,{img}'>"
+            f"<h2>Invalid activation per layer</h2><table><tr><th>#</th><th>layer</th>"
+            f"<th>invalid activation ratio</th></tr>{cells}</table></body></html>\n")

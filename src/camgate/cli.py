@@ -58,6 +58,39 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def cmd_animate(args) -> int:
+    """One image's maps at every layer: computed once into DIR/layers.parquet, rendered from there."""
+    import posixpath
+
+    from . import results, runner, storage
+    from .animate import model_view_of, norm_modes, write_animation
+    from .data import DataError, Item, MaskSpec, decode_image, decode_mask
+    from .modelspec import load_model
+
+    norm_modes(args.norm)
+    spec_mask = _mask_spec(args) or MaskSpec()
+    lm = load_model(args.model, device=args.device)
+    stem = posixpath.splitext(posixpath.basename(args.image))[0]
+    item = Item(index=0, image_id=stem, image=args.image, mask=args.mask, label=None, meta={})
+    table = storage.join(args.out, "layers.parquet")
+    runner.run_layers(lm, args.image, table, items=[item], layers=args.layers, method=args.method,
+                      target=args.target, mask_spec=spec_mask, progress=False)
+    rows = results.read_table(table).to_pylist()
+    if rows[0]["status"] == "error":
+        raise DataError(rows[0]["error"])
+    img = decode_image(storage.read_bytes(args.image), args.image)
+    mask = decode_mask(storage.read_bytes(args.mask), args.mask, spec_mask, img.size) if args.mask else None
+    _, view, vmask = model_view_of(img, lm.input, mask)
+    md = results.run_metadata(table)
+    info = {"method": md["method"], "target": rows[0]["target_class"], "predicted": rows[0]["predicted_class"],
+            "layers": [r["layer"] for r in rows], "skipped": md["skipped_layers"],
+            "invalid_activation_ratio": [r["invalid_activation_ratio"] for r in rows]}
+    paths = write_animation(view, [results.cam_array(r) for r in rows], [r["layer"] for r in rows], args.out,
+                            mask=vmask, norm=args.norm, fps=args.fps, info=info)
+    print(json.dumps({"layers": len(rows), "parquet": table, **{k: str(v) for k, v in paths.items()}}))
+    return 0
+
+
 def cmd_road(args) -> int:
     from . import runner
     from .errors import ConfigError
@@ -76,7 +109,8 @@ def cmd_road(args) -> int:
 
         from . import results
 
-        ybroad_png(results.read_table(args.out), args.plot, args.layers_file)
+        layers = results.read_table(args.layers_file) if args.layers_file else None
+        ybroad_png(results.read_table(args.out), args.plot, layers)
         out["plot"] = args.plot
     print(json.dumps(out))
     return 0
@@ -159,6 +193,22 @@ def parser() -> argparse.ArgumentParser:
     lay.add_argument("--quiet", action="store_true")
     _add_mask_args(lay)
     lay.set_defaults(fn=cmd_layers)
+
+    an = sub.add_parser("animate", help="one image's maps through every layer: MP4, GIF, contact sheet, Parquet")
+    an.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
+    an.add_argument("--image", required=True, help="image URI (local or s3://)")
+    an.add_argument("--mask", help="its invalid-pixel mask, outlined on every frame")
+    an.add_argument("--out", required=True, help="local folder for layers.mp4, layers.gif, contact_sheet.png, "
+                                                 "layers.json and layers.parquet")
+    an.add_argument("--layers", default="all", help="all | comma-separated module names")
+    an.add_argument("--method", default="gradcam")
+    an.add_argument("--target", default="predicted", help="predicted | <class index>")
+    an.add_argument("--norm", default="both", help="global (one range over all layers) | layer | both")
+    an.add_argument("--fps", type=float, default=8)
+    an.add_argument("--device", default="auto")
+    an.add_argument("--mask-marks-valid", action="store_true", help="the mask marks the VALID region")
+    an.add_argument("--invalid-ids", help="label-map mask: comma-separated invalid label ids")
+    an.set_defaults(fn=cmd_animate)
 
     rd = sub.add_parser("road", help="ROAD faithfulness of the heatmaps (per layer: ybROAD) -> ROAD Parquet")
     rd.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")

@@ -126,6 +126,65 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
     return out
 
 
+# --------------------------------------------------------------------------- layers, animation, ROAD
+
+
+def layers_step(model_path: str, data: str, out_path: str, layers: str = "all", method: str = "gradcam",
+                static_mask: str = "", batch_size: int = 8, device: str = "auto") -> dict:
+    """Resolved card + data -> layers Parquet (every selected layer's map per image, with metrics
+    when masks are known)."""
+    from .modelspec import ModelCard, load_model
+    from .runner import run_layers
+
+    lm = load_model(ModelCard.load(model_path), device=device)
+    s = run_layers(lm, data, out_path, layers=layers, method=method, static_mask=static_mask or None,
+                   batch_size=int(batch_size), progress=False)
+    return {**s.to_dict(), "device": str(lm.device), "method": method}
+
+
+def animate_step(model_path: str, image: str, out_dir: str, mask: str = "", layers: str = "all",
+                 method: str = "gradcam", norm: str = "both", fps: float = 8, device: str = "auto") -> str:
+    """One image through every layer -> animation files under ``out_dir``; returns a self-contained
+    HTML page with the GIF (or, when that is too large for KFP's viewer, the contact sheet) and the
+    per-layer invalid activation curve."""
+    from .animate import animation_html
+    from .cli import main
+
+    args = ["animate", "--model", model_path, "--image", image, "--out", out_dir, "--layers", layers,
+            "--method", method, "--norm", norm, "--fps", str(fps), "--device", device]
+    if mask:
+        args += ["--mask", mask]
+    code = main(args)
+    if code:
+        raise RuntimeError(f"camgate animate failed with exit code {code} (see the log above)")
+    return animation_html(out_dir, image)
+
+
+def road_step(model_path: str, data: str, out_path: str, method: str = "gradcam", layers: str = "final",
+              sample: int = 0, seed: int = 0, device: str = "auto") -> dict:
+    """ROAD faithfulness of the maps on a seeded sample -> ROAD Parquet; returns flat metrics.
+
+    ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded)."""
+    from . import results
+    from .faithfulness import PERCENTILES
+    from .gate import road_stats
+    from .modelspec import ModelCard, load_model
+    from .runner import run_road
+
+    if int(sample) <= 0:
+        schema = results.schema(None, {"stage": "road", "sample": 0}, results.road_fields(PERCENTILES))
+        with results.ResultsWriter(out_path, schema):
+            pass
+        return {"road_images": 0}
+    lm = load_model(ModelCard.load(model_path), device=device)
+    run_road(lm, data, out_path, method=method, layers=layers, sample=int(sample), seed=int(seed), progress=False)
+    stats = {k: v for k, v in road_stats(out_path).items() if isinstance(v, (int, float))}
+    md = results.run_metadata(out_path)
+    if "ybroad" in md:
+        stats.update(ybroad_max=md["ybroad"]["ybroad_max"], ybroad_mean=md["ybroad"]["ybroad_mean"])
+    return stats
+
+
 # --------------------------------------------------------------------------- gate
 
 

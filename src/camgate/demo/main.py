@@ -23,6 +23,10 @@ from . import synth
 from .train import train
 
 BUCKET = "camgate-demo"
+ROAD_SAMPLE = 32  # images whose heatmaps get a ROAD faithfulness score in the pipeline
+LAYER_SAMPLE = 24  # images whose maps are computed at every layer
+LAYERS_SHOWN = ("layer1.1.conv2", "layer2.0.conv1", "layer2.1.conv2", "layer3.0.conv1", "layer3.1.conv2",
+                "layer4.0.conv1", "layer4.1.conv2")  # the animation: one frame per stage, early to late
 # Half of the image is invalid (walls, ceiling), so a flat heatmap scores ~0.5. The policy asks for
 # heatmaps that rest on the walkway, where the objects are, and for no more attention on invalid
 # pixels than their share of the image. No per-class limits: for class "empty" there is no object
@@ -96,33 +100,72 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
         out_prefix = storage.join(base, "runs", variant)
         log(f"{variant}: heatmap-gate pipeline (compiled YAML, kfp.local)")
         r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri,
-                       "output_prefix": out_prefix, "fail_on_violation": False},
+                       "output_prefix": out_prefix, "fail_on_violation": False, "road_sample": ROAD_SAMPLE},
                       pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
                       progress=lambda line, v=variant: log(f"{v}: {line}"))
         report = work / "reports" / f"{variant}.html"
         report.parent.mkdir(exist_ok=True)
         report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))
+        overall = json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))["overall"]
+        log(f"{variant}: maps of every layer for {LAYER_SAMPLE} test images")
+        curve = _layer_curve(card, data_uri, work / "reports" / f"{variant}-layers", log)
         rows.append({"model": f"underpass-{variant}", "variant": variant,
                      "test_accuracy": metrics["test_accuracy"],
                      "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
+                     "road": overall.get("road_mean"), "road_random": overall.get("road_random_mean"),
                      "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
-                     "n_images": r["n_images"], "report": str(report),
+                     "n_images": r["n_images"], "report": str(report), "layer_curve": curve,
                      "results": storage.join(out_prefix, "results.parquet")})
     return rows
 
 
+def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, float]]:
+    """Per-layer mean invalid activation ratio over the first test images (one pass per batch), and
+    the animation of the first pedestrian image: where in the network attention lands on the wall."""
+    from .. import results
+    from ..cli import main as cli
+    from ..data import load_items
+    from ..runner import run_layers
+
+    out.mkdir(parents=True, exist_ok=True)
+    items = load_items(data_uri)
+    run_layers(str(card), data_uri, str(out / "layers.parquet"), items=items[:LAYER_SAMPLE], progress=False)
+    df = results.read(str(out / "layers.parquet"))
+    mean = df[df["status"] == "ok"].groupby(["layer_index", "layer"])["invalid_activation_ratio"].mean()
+    walker = next(it for it in items if it.label == "pedestrian")
+    cli(["animate", "--model", str(card), "--image", walker.image, "--mask", walker.mask, "--out", str(out),
+         "--layers", ",".join(LAYERS_SHOWN), "--fps", "2"])
+    return [(name, round(float(v), 4)) for (_, name), v in mean.items()]
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'model':20s} {'test acc':>8s} {'mean invalid ratio':>19s} {'gate':>5s}  report"
+    head = (f"{'model':20s} {'test acc':>8s} {'mean invalid ratio':>19s} {'ROAD':>6s} {'random':>6s} {'gate':>5s}"
+            f"  report")
     lines = [head, "-" * len(head)]
     for r in rows:
+        road = "   n/a" if r.get("road") is None else f"{r['road']:6.3f}"
+        rnd = "   n/a" if r.get("road_random") is None else f"{r['road_random']:6.3f}"
         lines.append(f"{r['model']:20s} {r['test_accuracy']:8.3f} {r['mean_invalid_activation_ratio']:19.3f} "
-                     f"{'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
+                     f"{road} {rnd} {'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
     return "\n".join(lines)
+
+
+def takeover(rows: list[dict]) -> str:
+    """Where the shortcut model's attention moves onto invalid pixels, compared with the clean model."""
+    by = {r["variant"]: dict(r["layer_curve"]) for r in rows}
+    if set(by) != {"clean", "shortcut"}:
+        return ""
+    gaps = [(name, by["shortcut"][name] - by["clean"].get(name, float("nan"))) for name in by["shortcut"]]
+    first = next((name for name, g in gaps if g > 0.1), None)
+    name, gap = max(gaps, key=lambda kv: kv[1] if kv[1] == kv[1] else -1)
+    return (f"per layer (mean invalid activation ratio, shortcut - clean): the gap first exceeds 0.1 at "
+            f"{first}, and is largest at {name} (+{gap:.2f}); curves and animations in .cache/demo/reports/")
 
 
 def main(args) -> int:
     rows = run_demo(args.workdir, seed=args.seed, echo=False)
     print(table(rows))
+    print(takeover(rows))
     rules = POLICY["rules"]
     print(f"\npolicy: mean invalid activation ratio <= {rules['mean_invalid_activation_ratio']['max']}, "
           f"no more attention on invalid pixels than their area share, at most "

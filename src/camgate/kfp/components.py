@@ -19,7 +19,7 @@ REGISTRY = os.environ.get("CAMGATE_IMAGE_REGISTRY", "").strip().rstrip("/") or D
 IMAGE = f"{REGISTRY}/camgate:{__version__}"
 
 __all__ = ["IMAGE", "REGISTRY", "DEFAULT_REGISTRY", "COMPONENTS", "load_model", "compute_heatmaps",
-           "analyze_invalid_activation", "gate", "promote"]
+           "analyze_invalid_activation", "gate", "promote", "layer_maps", "animate_layers", "road_faithfulness"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -92,7 +92,7 @@ def analyze_invalid_activation(heatmaps: Input[Dataset], results: Output[Dataset
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary: Output[Markdown],
          report: Output[HTML], fail_on_violation: bool = False, export_prefix: str = "",
-         ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
+         road: Input[Dataset] = None) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                          n_images=int):
     """Apply a policy to the results: pass/fail, metrics and a report.
 
@@ -101,6 +101,7 @@ def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary
         policy: Policy YAML URI (s3:// or path).
         fail_on_violation: Fail the task (and the run) when the gate fails; otherwise report only.
         export_prefix: Also write decision.json, summary.md and report.html under this prefix (even on a hard fail).
+        road: ROAD results from road_faithfulness, for the policy's faithfulness rule (the decision says whether the heatmaps are trusted).
 
     Returns:
         metrics: Every scalar of the decision (counts, rates, means).
@@ -116,11 +117,86 @@ def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary
     from camgate.steps import gate_outputs, gate_step
 
     decision, _, _, scalars = gate_step(results.path, policy, fail_on_violation, export_prefix,
-                                        summary.path, report.path)
+                                        summary.path, report.path, road.path if road is not None else "")
     for name, value in scalars.items():
         metrics.log_metric(name, value)
     out = gate_outputs(decision)
     return namedtuple("Outputs", list(out))(**out)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def layer_maps(model: Input[Model], data: str, layers_out: Output[Dataset], layers: str = "all",
+               method: str = "gradcam", static_mask: str = "", batch_size: int = 8, device: str = "auto"):
+    """Every layer's CAM for every image in one forward and one backward pass per batch (CAManim).
+
+    Args:
+        model: Resolved model card from load_model.
+        data: Manifest (csv/jsonl/parquet) or prefix holding images/ (and masks/).
+        layers: all | comma-separated module names (name#k for the k-th call of a module).
+        method: A native CAM method (gradcam, gradcam++, layercam, ...).
+        static_mask: One mask for every image (fixed camera); '' = per-image masks.
+        batch_size: Images per forward/backward pass.
+        device: auto | cpu | cuda[:N].
+
+    Returns:
+        layers_out: Layers Parquet: one row per (image, layer) with the raw map and, with masks, the invalid activation ratio; skipped modules and their reasons in its metadata.
+    """
+    from camgate.steps import layers_step
+
+    layers_out.metadata.update(layers_step(model.path, data, layers_out.path, layers, method, static_mask,
+                                           batch_size, device))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def animate_layers(model: Input[Model], image: str, animation: Output[HTML], files: Output[Dataset],
+                   mask: str = "", layers: str = "all", method: str = "gradcam", norm: str = "both",
+                   fps: float = 8.0, device: str = "auto"):
+    """Animate one image's CAMs through every layer: where in the network the decision forms.
+
+    Args:
+        model: Resolved model card from load_model.
+        image: Image URI (s3:// or path).
+        mask: Its invalid-pixel mask, outlined on every frame; '' = none.
+        layers: all | comma-separated module names.
+        method: A native CAM method.
+        norm: global (one range over all layers) | layer | both (side by side).
+        fps: Frames per second of the MP4 and GIF.
+        device: auto | cpu | cuda[:N].
+
+    Returns:
+        animation: HTML page with the animation (or its contact sheet) and the per-layer invalid activation ratio.
+        files: Folder with layers.mp4 (H.264), layers.gif, contact_sheet.png, layers.json and layers.parquet.
+    """
+    from camgate.steps import animate_step
+
+    page = animate_step(model.path, image, files.path, mask, layers, method, norm, fps, device)
+    with open(animation.path, "w", encoding="utf-8") as f:
+        f.write(page)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], metrics: Output[Metrics],
+                      method: str = "gradcam", layers: str = "final", sample: int = 0, seed: int = 0,
+                      device: str = "auto"):
+    """ROAD faithfulness of the heatmaps on a seeded sample: do they point at what the model uses?
+
+    Args:
+        model: Resolved model card from load_model.
+        data: Manifest (csv/jsonl/parquet) or prefix holding images/.
+        method: CAM method whose maps are scored.
+        layers: final (the card's target layer) | all (ybROAD) | comma-separated module names.
+        sample: Images scored (a seeded random sample); 0 = none: an empty ROAD file, no model loaded.
+        seed: Seed of the sample and of the imputation noise.
+        device: auto | cpu | cuda[:N].
+
+    Returns:
+        road: ROAD Parquet: per (image, layer) MoRF/LeRF curves, road and road_random; ybROAD summary in its metadata.
+        metrics: Mean ROAD, mean ROAD of the random map, their margin (and ybROAD max/mean over layers).
+    """
+    from camgate.steps import road_step
+
+    for name, value in road_step(model.path, data, road.path, method, layers, sample, seed, device).items():
+        metrics.log_metric(name, float(value))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -137,4 +213,5 @@ def promote(model: Input[Model], passed: bool):
 
 
 COMPONENTS = {c.name.replace("-", "_"): c for c in
-              (load_model, compute_heatmaps, analyze_invalid_activation, gate, promote)}
+              (load_model, compute_heatmaps, analyze_invalid_activation, gate, promote, layer_maps, animate_layers,
+               road_faithfulness)}

@@ -16,7 +16,8 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Input, Markdown, Model
 
-from .components import analyze_invalid_activation, compute_heatmaps, gate, load_model, promote
+from .components import (analyze_invalid_activation, compute_heatmaps, gate, load_model, promote,
+                         road_faithfulness)
 
 __all__ = ["heatmap_gate", "promote_if_passed", "local_run", "PipelineFailed"]
 
@@ -48,7 +49,7 @@ def promote_if_passed(model: Input[Model], passed: bool, s3_secret: str = "camga
                           "judged by a policy; promotes the model only when the gate passes.")
 def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
                  method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
-                 mask_marks_valid: bool = False, fail_on_violation: bool = False,
+                 mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
                  s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
                  ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                                  n_images=int, summary=Markdown, report=HTML):
@@ -65,6 +66,7 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
         target: Class to explain: predicted | label | <class index>.
         mask_marks_valid: Masks mark the valid region instead of the invalid one.
         fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
+        road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
         s3_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
         s3_config: Kubernetes ConfigMap with AWS_ENDPOINT_URL and AWS_REGION.
     """
@@ -81,10 +83,16 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
                                           mask_marks_valid=mask_marks_valid,
                                           export_uri=f"{output_prefix}/results.parquet")
     analyzed.set_cpu_request("2").set_memory_request("4Gi")
+    # Always a task, so the gate always has its input (kfp.local cannot pass an output out of a dsl.If);
+    # with road_sample=0 it writes an empty file without loading the model. On the GPU: ROAD is
+    # 36 forwards per image.
+    faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, sample=road_sample)
+    faith.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    faith.set_cpu_request("2").set_memory_request("8Gi")
     verdict = gate(results=analyzed.outputs["results"], policy=policy, fail_on_violation=fail_on_violation,
-                   export_prefix=output_prefix)
+                   export_prefix=output_prefix, road=faith.outputs["road"])
     verdict.set_cpu_request("1").set_memory_request("2Gi")
-    for task in (loaded, heat, analyzed, verdict):
+    for task in (loaded, heat, analyzed, faith, verdict):
         _s3_env(task, s3_secret, s3_config)
     promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"], s3_secret=s3_secret,
                       s3_config=s3_config)
