@@ -116,6 +116,10 @@ def plan_layers(model: nn.Module, example: Tensor, select: str | list[str] = "al
     ``select``: ``"all"``, or names (a list, or one comma-separated string). A plain module name takes
     every call of that module, ``name#k`` one call. An unknown name raises :class:`ConfigError` listing
     the selectable names; a skipped one raises it with the reason it was skipped.
+
+    The dry forward keeps every module's output of ``example`` alive until it ends (so no storage is
+    reused under a recorded identity): give it one image. ``plan.unmodified`` is what it saw of
+    in-place modifications, for :func:`layer_maps`; a hand-made plan without it copies every output.
     """
     root = model
     calls: dict[nn.Module, int] = {}
