@@ -117,3 +117,9 @@ def test_animate_writes_all_outputs(tmp_path):
     assert probe(paths["mp4"])[0]["size"] == (256, 256 + BANNER)
     with pytest.raises(ConfigError, match="norm"):
         animate(lm, image, tmp_path / "x", norm="sideways")
+
+
+def test_contact_sheet_scales_tiles_down():
+    frames = colours(3, 20, 40)
+    sheet = Image.open(io.BytesIO(contact_sheet(frames, cols=3, tile_width=20, pad=2)))
+    assert sheet.size == (3 * 22 + 2, 10 + 2 + 2)

@@ -286,3 +286,37 @@ def test_global_and_layer_normalisation():
     g, l_ = normalise(maps, "global"), normalise(maps, "layer")
     assert max(float((a - b).abs().max()) for a, b in zip(g, l_)) > 0.5
     assert len({round(float(m.amax()), 3) for m in g}) > 5  # global peaks vary from layer to layer
+
+
+class Sneaky(nn.Module):
+    """Modifies conv1's output in place after use, but only when gradients are on: the dry forward
+    (no grad) cannot see it."""
+
+    def __init__(self, sneaky: bool):
+        super().__init__()
+        self.sneaky = sneaky
+        self.stem, self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 6, 3)
+
+    def forward(self, x):
+        h = self.conv1(self.stem(x))
+        out = self.conv2(h + 0)  # the add saves nothing for backward: h may change afterwards
+        if self.sneaky and torch.is_grad_enabled():
+            h.mul_(3.0)
+        return out.mean((2, 3))
+
+
+def test_outputs_handed_on_uncopied_only_when_nothing_modifies_them():
+    plan = plan_layers(build("resnet18"), batch(1))
+    # BatchNorm before an in-place ReLU, bn2 before `out += identity`: copied; the rest shared
+    assert not {("bn1", 0), ("layer1.0.bn2", 0)} & plan.unmodified
+    assert {("relu", 0), ("layer1.0.relu", 1), ("layer1.0.conv1", 0), ("layer2.0.downsample.1", 0)} <= plan.unmodified
+    torch.manual_seed(0)
+    sneaky, honest = Sneaky(True).eval(), Sneaky(False).eval()
+    honest.load_state_dict(sneaky.state_dict())
+    x = batch(2, 16)
+    for select in ("all", "conv1"):  # conv1 on the graph already / conv1 the first, a leaf
+        plan = plan_layers(sneaky, x[:1], select)
+        assert ("conv1", 0) in plan.unmodified
+        mine = layer_maps(sneaky, x, plan).maps
+        theirs = layer_maps(honest, x, plan).maps
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mine, theirs)), select

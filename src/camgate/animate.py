@@ -195,11 +195,16 @@ def write_gif(frames: Sequence[np.ndarray], path, fps: float = 8) -> None:
 
 
 def contact_sheet(frames: Sequence[np.ndarray], cols: int = 8, labels: Sequence[str] | None = None,
-                  pad: int = 4) -> bytes:
-    """All frames in a grid (row-major), optional label under each, as PNG bytes."""
+                  pad: int = 4, tile_width: int | None = None) -> bytes:
+    """All frames in a grid (row-major), optional label under each, as PNG bytes; ``tile_width``
+    scales the frames down (bilinear) for sheets of many layers."""
     if not frames:
         raise ConfigError("no frames for a contact sheet")
     h, w = frames[0].shape[:2]
+    if tile_width and tile_width < w:
+        size = (tile_width, max(1, round(h * tile_width / w)))
+        frames = [np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames]
+        h, w = size[1], size[0]
     cols = max(1, min(cols, len(frames)))
     rows = -(-len(frames) // cols)
     lh = 16 if labels else 0
@@ -297,7 +302,11 @@ def write_animation(view: np.ndarray, maps: Sequence, labels: Sequence[str], out
              "json": out / "layers.json"}
     write_mp4(frames, paths["mp4"], fps)
     write_gif(frames, paths["gif"], fps)
-    paths["contact_sheet"].write_bytes(contact_sheet(frames, cols=8 // len(modes)))
+    # many layers: half-size tiles (the banner text then too small: labels under the tiles)
+    small = len(frames) > 32
+    paths["contact_sheet"].write_bytes(contact_sheet(
+        frames, cols=(16 if small else 8) // len(modes), labels=labels if small else None,
+        tile_width=frames[0].shape[1] // 2 if small else None))
     paths["json"].write_text(json.dumps({"norm": norm, **(info or {})}, indent=1))
     return paths
 
