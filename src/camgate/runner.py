@@ -92,6 +92,41 @@ def item_target(item: Item, target: str | int, card) -> int:
     return int(target)
 
 
+def triage(batch: list[Sample], target, card, need_mask: bool) -> tuple[list[int], list[int], dict]:
+    """A batch -> (positions to compute, their target classes, {position: (error, error_kind)} for the
+    rest): items that failed to load, lack a needed mask, or whose target class cannot be had."""
+    todo, targets, failed = [], [], {}
+    for i, s in enumerate(batch):
+        err, kind = s.error, s.error_kind or "input"
+        if err is None and need_mask and s.mask is None:
+            err = (f"image {s.item.image} (id {s.item.image_id}): no mask "
+                   f"(give a mask column, a masks/ folder or a static mask)")
+        if err is None:
+            try:
+                targets.append(item_target(s.item, target, card))
+                todo.append(i)
+                continue
+            except ValueError as e:
+                err = f"image {s.item.image} (id {s.item.image_id}): {e}"
+        failed[i] = (err, kind)
+    return todo, targets, failed
+
+
+def guarded(compute, todo: list[int], targets: list[int], fail) -> None:
+    """``compute(todo, targets)`` for the whole batch; if the model raises, item by item, so only the
+    item that breaks it fails (``fail(position, exception)``) and the rest of the batch is kept."""
+    if not todo:
+        return
+    try:
+        compute(todo, targets)
+    except Exception:  # noqa: BLE001 - find the item that breaks the batch
+        for i, t in zip(todo, targets):
+            try:
+                compute([i], [t])
+            except Exception as e:  # noqa: BLE001
+                fail(i, e)
+
+
 class Runner:
     """Holds the loaded model and engine; ``process`` turns one batch of samples into rows."""
 
@@ -119,32 +154,16 @@ class Runner:
 
     def process(self, batch: list[Sample]) -> list[dict]:
         rows = [self.base_row(s) for s in batch]
-        todo: list[int] = []
-        targets: list[int] = []
-        for i, s in enumerate(batch):
-            err, kind = s.error, s.error_kind or "input"
-            if err is None and self.analyze and s.mask is None:
-                err = (f"image {s.item.image} (id {s.item.image_id}): no mask "
-                       f"(give a mask column, a masks/ folder or a static mask)")
-            if err is None:
-                try:
-                    targets.append(self._target_of(s.item))
-                except ValueError as e:
-                    err = f"image {s.item.image} (id {s.item.image_id}): {e}"
-            if err is None:
-                todo.append(i)
-            else:
-                rows[i].update(error=err, error_kind=kind)
-        if todo:
-            try:
-                self._compute([batch[i] for i in todo], [rows[i] for i in todo], targets)
-            except Exception:  # noqa: BLE001 - find the item that breaks the batch, keep the rest
-                for i, t in zip(todo, targets):
-                    try:
-                        self._compute([batch[i]], [rows[i]], [t])
-                    except Exception as e:  # noqa: BLE001
-                        rows[i].update(status="error", error_kind="model", error=f"image {batch[i].item.image} "
-                                       f"(id {batch[i].item.image_id}): {type(e).__name__}: {e}")
+        todo, targets, failed = triage(batch, self.target, self.lm.card, self.analyze)
+        for i, (err, kind) in failed.items():
+            rows[i].update(error=err, error_kind=kind)
+
+        def fail(i: int, e: Exception) -> None:
+            rows[i].update(status="error", error_kind="model", error=f"image {batch[i].item.image} "
+                           f"(id {batch[i].item.image_id}): {type(e).__name__}: {e}")
+
+        guarded(lambda idx, ts: self._compute([batch[i] for i in idx], [rows[i] for i in idx], ts),
+                todo, targets, fail)
         return rows
 
     def _compute(self, samples: list[Sample], rows: list[dict], targets: list[int]) -> None:
@@ -433,14 +452,15 @@ def _layer_rows(lm: LoadedModel, plan, method: str, target, batch: list[Sample],
             row["image_width"], row["image_height"] = s.size
         return row
 
-    def compute(samples: list[Sample], targets: list[int]) -> list[dict]:
+    def compute(idx: list[int], targets: list[int]) -> None:
+        samples = [batch[i] for i in idx]
         dev = lm.device
-        out = layer_maps(lm.model, torch.stack([s.x for s in samples]).to(dev), plan, method,
-                         torch.tensor(targets, device=dev))
-        pred, tgt = out.logits.argmax(1).tolist(), out.targets.tolist()
-        finite = torch.isfinite(out.logits).all(1).tolist()
+        lmaps = layer_maps(lm.model, torch.stack([s.x for s in samples]).to(dev), plan, method,
+                           torch.tensor(targets, device=dev))
+        pred, tgt = lmaps.logits.argmax(1).tolist(), lmaps.targets.tolist()
+        finite = torch.isfinite(lmaps.logits).all(1).tolist()
         rows = []
-        for ref, m in zip(plan.layers, out.maps):
+        for ref, m in zip(plan.layers, lmaps.maps):
             m = m.float()
             host, ok = m.cpu(), torch.isfinite(m).flatten(1).all(1).tolist()
             good, cams, masks = [], [], []
@@ -458,32 +478,19 @@ def _layer_rows(lm: LoadedModel, plan, method: str, target, batch: list[Sample],
                     cams.append(m[i])
                     masks.append(s.mask.to(dev))
             apply_metrics(good, cams, masks, topk)
-        return rows
+        out.extend(rows)
 
-    rows, todo, targets = [], [], []
-    for s in batch:
-        err, kind = s.error, s.error_kind or "input"
-        if err is None and with_masks and s.mask is None:
-            err = f"image {s.item.image} (id {s.item.image_id}): no mask"
-        if err is None:
-            try:
-                targets.append(item_target(s.item, target, lm.card))
-                todo.append(s)
-                continue
-            except ValueError as e:
-                err = f"image {s.item.image} (id {s.item.image_id}): {e}"
-        rows += [{**base(s, ref), "error": err, "error_kind": kind} for ref in plan.layers]
-    if todo:
-        try:
-            rows += compute(todo, targets)
-        except Exception:  # noqa: BLE001 - find the item that breaks the batch, keep the rest
-            for s, t in zip(todo, targets):
-                try:
-                    rows += compute([s], [t])
-                except Exception as e:  # noqa: BLE001
-                    rows += [{**base(s, ref), "error_kind": "model", "error": f"image {s.item.image} "
-                              f"(id {s.item.image_id}): {type(e).__name__}: {e}"} for ref in plan.layers]
-    return sorted(rows, key=lambda r: (r["row"], r["layer_index"]))
+    def fail(i: int, e: Exception) -> None:
+        s = batch[i]
+        out.extend({**base(s, ref), "error_kind": "model", "error": f"image {s.item.image} "
+                    f"(id {s.item.image_id}): {type(e).__name__}: {e}"} for ref in plan.layers)
+
+    out: list[dict] = []
+    todo, targets, failed = triage(batch, target, lm.card, with_masks)
+    for i, (err, kind) in failed.items():
+        out.extend({**base(batch[i], ref), "error": err, "error_kind": kind} for ref in plan.layers)
+    guarded(compute, todo, targets, fail)
+    return sorted(out, key=lambda r: (r["row"], r["layer_index"]))
 
 
 def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam", layers: str = "final",
@@ -559,17 +566,11 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
         return {"row": s.item.index, "image_id": s.item.image_id, "image": s.item.image, "layer": names[j],
                 "layer_index": j, "status": "error"}
 
-    rows, good, targets = [], [], []
-    for s in batch:
-        err, kind = s.error, s.error_kind or "input"
-        if err is None:
-            try:
-                targets.append(item_target(s.item, target, lm.card))
-                good.append(s)
-                continue
-            except ValueError as e:
-                err = f"image {s.item.image} (id {s.item.image_id}): {e}"
-        rows += [{**base(s, j), "error": err, "error_kind": kind} for j in range(len(names))]
+    rows = []
+    todo, targets, failed = triage(batch, target, lm.card, need_mask=False)
+    for i, (err, kind) in failed.items():
+        rows += [{**base(batch[i], j), "error": err, "error_kind": kind} for j in range(len(names))]
+    good = [batch[i] for i in todo]
     if good:
         dev = lm.device
         x = torch.stack([s.x for s in good]).to(dev)
