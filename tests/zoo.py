@@ -112,3 +112,18 @@ def vit_patch14(num_classes: int = 3) -> nn.Module:
                             mlp_dim=64, num_classes=num_classes)
     torch.nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision zero-initialises the head
     return vit
+
+
+_TINY_PROBS: list[nn.Module] = []  # built on first call, like a vendor SDK loading its model once
+
+
+def tiny_probs(x):
+    """A vendor-style scoring function (``kind: callable``, ``output: probs``): a float32 (B, 3, H, W)
+    batch in, class probabilities out as a numpy array; the model behind it is tiny_cnn."""
+    import numpy as np
+
+    if not _TINY_PROBS:
+        with torch.random.fork_rng(devices=[]):  # tiny_cnn seeds the global generator
+            _TINY_PROBS.append(tiny_cnn().eval())
+    with torch.no_grad():
+        return _TINY_PROBS[0](torch.as_tensor(np.asarray(x))).softmax(1).numpy()
