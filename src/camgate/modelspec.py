@@ -194,9 +194,12 @@ class ModelCard:
         return storage.resolve(self.uri, self.weights, allow_escape=True) if self.uri else self.weights
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "arch": self.arch, "num_classes": self.num_classes,
-                "classes": self.classes, "weights": self.weights, "input": self.input.to_dict(),
-                "target_layer": self.target_layer, "reshape": self.reshape, "output": self.output}
+        d = {"name": self.name, "arch": self.arch, "num_classes": self.num_classes,
+             "classes": self.classes, "weights": self.weights, "input": self.input.to_dict(),
+             "target_layer": self.target_layer, "reshape": self.reshape}
+        if self.black_box:  # torch cards stay as before, readable by earlier camgate versions
+            d.update(kind=self.kind, output=self.output)
+        return d
 
 
 # --- architectures -------------------------------------------------------------------------
@@ -335,10 +338,13 @@ class LoadedModel:
         return resolve_layers(self.model, self.target_layers)
 
     def metadata(self) -> dict:
-        return {"name": self.card.name, "kind": self.card.kind, "output": self.card.output, "arch": self.card.arch,
-                "num_classes": self.card.num_classes, "classes": self.card.classes, "input": self.card.input.to_dict(),
-                "target_layer": self.target_layers, "reshape": self.card.reshape,
-                "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
+        md = {"name": self.card.name, "arch": self.card.arch, "num_classes": self.card.num_classes,
+              "classes": self.card.classes, "input": self.card.input.to_dict(),
+              "target_layer": self.target_layers, "reshape": self.card.reshape,
+              "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
+        if self.card.black_box:  # absent = torch: torch runs keep their fingerprint (resume across versions)
+            md.update(kind=self.card.kind, output=self.card.output)
+        return md
 
 
 def pick_device(device: str = "auto") -> torch.device:
