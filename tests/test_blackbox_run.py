@@ -106,8 +106,7 @@ def test_heatmaps_only_then_analyze_equals_fused(bb, tmp_path):
 
 def test_maps_depend_on_seed_and_row_only(bb, tmp_path):
     """Same seed: identical maps, whatever the batch size (each image is seeded from its row)."""
-    first = tmp_path / "b6.parquet"
-    run(bb["onnx"], bb["manifest"], str(first), method="decam", analyze=False, batch_size=6, progress=False)
+    run(bb["onnx"], bb["manifest"], str(tmp_path / "b6.parquet"), method="decam", analyze=False, batch_size=6, progress=False)
     run(bb["onnx"], bb["manifest"], str(tmp_path / "b6again.parquet"), method="decam", analyze=False,
         batch_size=6, progress=False)
     run(bb["onnx"], bb["manifest"], str(tmp_path / "b2.parquet"), method="decam", analyze=False, batch_size=2,
@@ -190,7 +189,7 @@ def test_card_kinds_are_validated():
 def test_method_names():
     from camgate.cam import CamEngine, MethodError, canonical, methods
 
-    assert canonical("DE-CAM".replace("-", "")) == "decam" and canonical("RISE") == "rise"
+    assert canonical("DECAM") == "decam" and canonical("RISE") == "rise"
     assert {"decam", "rise", "gradcam"} <= set(methods())
     with pytest.raises(MethodError, match="black-box"):
         CamEngine(tiny_cnn(), [], "decam")
