@@ -122,3 +122,18 @@ def dead_net(num_classes: int = 3) -> nn.Module:
         net.head.weight.zero_()
         net.head.bias.zero_()
     return net
+
+
+_TINY_PROBS: list[nn.Module] = []  # built on first call, like a vendor SDK loading its model once
+
+
+def tiny_probs(x):
+    """A vendor-style scoring function (``kind: callable``, ``output: probs``): a float32 (B, 3, H, W)
+    batch in, class probabilities out as a numpy array; the model behind it is tiny_cnn."""
+    import numpy as np
+
+    if not _TINY_PROBS:
+        with torch.random.fork_rng(devices=[]):  # tiny_cnn seeds the global generator
+            _TINY_PROBS.append(tiny_cnn().eval())
+    with torch.no_grad():
+        return _TINY_PROBS[0](torch.as_tensor(np.asarray(x))).softmax(1).numpy()

@@ -10,6 +10,12 @@ A model card is YAML/JSON (local path or s3://)::
     input: {size: [224, 224], mean: [...], std: [...], resize: stretch}
     target_layer: layer4                # or a list; default per architecture
     reshape: vit                        # token -> map reshape for ViT/Swin layers
+
+Black boxes (heatmaps from outputs only: methods ``decam``, ``rise``)::
+
+    kind: onnx                          # weights: the .onnx file; no arch, no target_layer
+    kind: callable                      # arch: package.module:function, the scoring function itself
+    output: probs                       # what the model returns: logits (default) or probs
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from PIL import Image
 from torch import nn
 
 from . import storage
+from .backends import KINDS, OUTPUTS, Backend, BackendError, load_backend
 from .errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,7 +112,7 @@ class InputSpec:
 @dataclass
 class ModelCard:
     name: str
-    arch: str
+    arch: str | None  # None only for kind 'onnx'
     num_classes: int
     weights: str | None = None
     classes: list[str] | None = None
@@ -115,19 +122,44 @@ class ModelCard:
     allow_pickle: bool = False
     uri: str | None = None  # where the card was read from (relative paths resolve against it)
     sha256: str = ""
+    kind: str = "torch"  # 'torch' | 'onnx' | 'callable' (the last two: black boxes)
+    output: str = "logits"  # what a black box returns: 'logits' | 'probs'
+
+    @property
+    def black_box(self) -> bool:
+        return self.kind != "torch"
 
     @classmethod
     def from_dict(cls, d: dict, uri: str | None = None, sha256: str = "") -> "ModelCard":
         if not isinstance(d, dict):
             raise ModelCardError("model card must be a mapping")
-        missing = [k for k in ("name", "arch", "num_classes") if k not in d]
+        kind = d.get("kind") or "torch"
+        if kind not in KINDS:
+            raise ModelCardError(f"model card kind must be one of {list(KINDS)}, got {kind!r}")
+        required = ("name", "num_classes") + (("weights",) if kind == "onnx" else ("arch",))
+        missing = [k for k in required if d.get(k) is None]
         if missing:
-            raise ModelCardError(f"model card {uri or ''} misses required keys {missing}".replace("  ", " "))
-        known = {"name", "arch", "num_classes", "weights", "classes", "input", "target_layer",
-                 "reshape", "allow_pickle"}
+            raise ModelCardError(f"model card {uri or ''} misses required keys {missing}".replace("  ", " ")
+                                 + (f" (kind {kind})" if kind != "torch" else ""))
+        known = {"name", "kind", "arch", "num_classes", "weights", "classes", "input", "target_layer",
+                 "reshape", "allow_pickle", "output"}
         unknown = set(d) - known
         if unknown:
             raise ModelCardError(f"model card has unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        output = d.get("output") or "logits"
+        if output not in OUTPUTS:
+            raise ModelCardError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+        if kind == "torch" and output != "logits":
+            # gradient CAMs and predicted_score take the module's output as logits
+            raise ModelCardError("output: probs applies to black-box kinds (onnx, callable); "
+                                 "a torch model must return logits")
+        if kind != "torch":
+            # settings a black box cannot honour are refused rather than silently ignored
+            moot = [k for k in ("target_layer", "reshape", "allow_pickle") if d.get(k)]
+            moot += ["weights"] if kind == "callable" and d.get("weights") else []
+            if moot:
+                raise ModelCardError(f"model card kind {kind!r} does not take {moot}: a black box is "
+                                     f"reached only through its outputs (methods decam, rise)")
         tl = d.get("target_layer")
         classes = d.get("classes")
         n = int(d["num_classes"])
@@ -136,12 +168,12 @@ class ModelCard:
         if d.get("reshape") not in (None, "vit", "swin"):
             raise ModelCardError(f"reshape must be 'vit' or 'swin', got {d.get('reshape')!r}")
         return cls(
-            name=str(d["name"]), arch=str(d["arch"]), num_classes=n,
+            name=str(d["name"]), arch=None if d.get("arch") is None else str(d["arch"]), num_classes=n,
             weights=d.get("weights"), classes=[str(c) for c in classes] if classes else None,
             input=InputSpec.from_card(d.get("input")),
             target_layer=[tl] if isinstance(tl, str) else (list(tl) if tl else None),
             reshape=d.get("reshape"), allow_pickle=bool(d.get("allow_pickle", False)),
-            uri=uri, sha256=sha256,
+            uri=uri, sha256=sha256, kind=kind, output=output,
         )
 
     @classmethod
@@ -162,9 +194,12 @@ class ModelCard:
         return storage.resolve(self.uri, self.weights, allow_escape=True) if self.uri else self.weights
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "arch": self.arch, "num_classes": self.num_classes,
-                "classes": self.classes, "weights": self.weights, "input": self.input.to_dict(),
-                "target_layer": self.target_layer, "reshape": self.reshape}
+        d = {"name": self.name, "arch": self.arch, "num_classes": self.num_classes,
+             "classes": self.classes, "weights": self.weights, "input": self.input.to_dict(),
+             "target_layer": self.target_layer, "reshape": self.reshape}
+        if self.black_box:  # torch cards stay as before, readable by earlier camgate versions
+            d.update(kind=self.kind, output=self.output)
+        return d
 
 
 # --- architectures -------------------------------------------------------------------------
@@ -285,24 +320,31 @@ def _looks_safetensors(data: bytes) -> bool:
 @dataclass
 class LoadedModel:
     card: ModelCard
-    model: nn.Module
+    model: nn.Module | None  # None for black-box kinds: only ``backend`` reaches them
     target_layers: list[str]
     weights_sha256: str
     device: torch.device
     reshape_transform: Callable | None = None
+    backend: Backend | None = None  # set for black-box kinds; torch cards build one when a method needs it
 
     @property
     def input(self) -> InputSpec:
         return self.card.input
 
     def layers(self) -> list[nn.Module]:
+        if self.model is None:
+            raise ModelCardError(f"model card kind {self.card.kind!r} is a black box: it has no layers "
+                                 f"(heatmaps from outputs only: methods decam, rise)")
         return resolve_layers(self.model, self.target_layers)
 
     def metadata(self) -> dict:
-        return {"name": self.card.name, "arch": self.card.arch, "num_classes": self.card.num_classes,
-                "classes": self.card.classes, "input": self.card.input.to_dict(),
-                "target_layer": self.target_layers, "reshape": self.card.reshape,
-                "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
+        md = {"name": self.card.name, "arch": self.card.arch, "num_classes": self.card.num_classes,
+              "classes": self.card.classes, "input": self.card.input.to_dict(),
+              "target_layer": self.target_layers, "reshape": self.card.reshape,
+              "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
+        if self.card.black_box:  # absent = torch: torch runs keep their fingerprint (resume across versions)
+            md.update(kind=self.card.kind, output=self.card.output)
+        return md
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -413,6 +455,8 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     """Build, load weights, freeze, resolve the target layers and check them with one dry forward."""
     if isinstance(card, str):
         card = ModelCard.load(card)
+    if card.black_box:
+        return _load_black_box(card, device, target_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a card without weights still gives the same model on every load
         model = build_arch(card.arch, card.num_classes)
@@ -444,6 +488,28 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ModelCardError(f"model output has shape {shape}, expected (N, {card.num_classes})")
     return LoadedModel(card, model, list(layers), sha, dev, reshape)
+
+
+def _load_black_box(card: ModelCard, device: str, target_layer) -> LoadedModel:
+    """ONNX file or scoring function -> a validated backend (one dry call on a zero image)."""
+    if target_layer:
+        raise ModelCardError(f"model card kind {card.kind!r} has no layers: a target layer does not apply "
+                             f"(black boxes take the methods decam and rise)")
+    pick_device(device)  # the same device errors as torch cards
+    data, sha, name = None, "", card.arch
+    if card.kind == "onnx":
+        name = card.weights_uri()
+        try:
+            data = storage.read_bytes(name)
+        except storage.StorageError as e:
+            raise ModelCardError(f"cannot read ONNX model: {e}") from e
+        sha = hashlib.sha256(data).hexdigest()
+    try:
+        backend = load_backend(card.kind, num_classes=card.num_classes, input_size=card.input.size, weights=data,
+                               arch=card.arch, output=card.output, device=device)
+    except BackendError as e:  # the backend names bytes '<bytes>'; say which file the card points to
+        raise ModelCardError(f"model card {card.name}: {str(e).replace('<bytes>', str(name))}") from e
+    return LoadedModel(card, None, [], sha, backend.device, backend=backend)
 
 
 def card_json(lm: LoadedModel) -> str:

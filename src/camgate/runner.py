@@ -128,15 +128,52 @@ def guarded(compute, todo: list[int], targets: list[int], fail) -> None:
 
 
 class Runner:
-    """Holds the loaded model and engine; ``process`` turns one batch of samples into rows."""
+    """Holds the loaded model and engine; ``process`` turns one batch of samples into rows.
+
+    Black-box methods (``decam``, ``rise``) reach the model only through its outputs: the card's
+    backend for ``kind: onnx|callable``, the module wrapped as a backend for torch cards. They take
+    ``budget`` masked forward passes per image, and seed each image from ``seed`` and its manifest
+    ``row``, so a map depends neither on the batch it ran in nor on which rows ran before it.
+    """
+
+    class _BlackBox:
+        """What ``run`` needs of an engine (``method``, ``close``) for a black-box method."""
+
+        def __init__(self, backend, method: str, budget: int, seed: int):
+            self.backend, self.method, self.budget, self.seed = backend, method, int(budget), int(seed)
+
+        def __call__(self, x: torch.Tensor, targets: torch.Tensor, rows: list[int]):
+            from .cam import blackbox
+
+            seeds = [self.seed * 1_000_003 + r for r in rows]
+            return blackbox.explain(self.backend, x, self.method, targets, budget=self.budget, seeds=seeds)
+
+        def close(self):
+            pass
 
     def __init__(self, lm: LoadedModel, method: str = "gradcam", target: str | int = "predicted",
-                 analyze: bool = True, topk: float = TOPK_DEFAULT, meta_types: dict | None = None):
+                 analyze: bool = True, topk: float = TOPK_DEFAULT, meta_types: dict | None = None,
+                 budget: int = 1024, seed: int = 0):
+        from .backends import TorchBackend
+        from .cam import BLACKBOX
+
         self.lm, self.analyze, self.topk = lm, analyze, topk
         self.meta_types = meta_types or {}
-        self.engine = CamEngine(lm.model, lm.layers(), method, lm.reshape_transform)
+        name = canonical(method)
+        self.black_box = name in BLACKBOX
+        if self.black_box:
+            if int(budget) < 1:
+                raise ConfigError(f"budget must be >= 1 forward pass per image, got {budget}")
+            backend = lm.backend if lm.backend is not None else \
+                TorchBackend(lm.model, lm.device, lm.card.num_classes)
+            self.engine = Runner._BlackBox(backend, name, budget, seed)
+        elif lm.model is None:
+            raise MethodError(f"{name!r} needs the model's gradients or layers, but model card {lm.card.name!r} is "
+                              f"kind {lm.card.kind!r}, a black box: use method decam or rise")
+        else:
+            self.engine = CamEngine(lm.model, lm.layers(), method, lm.reshape_transform)
         self.target = parse_target(target, lm.card.num_classes)
-        self.layer_name = ",".join(lm.target_layers)
+        self.layer_name = None if self.black_box else ",".join(lm.target_layers)
 
     def _target_of(self, item: Item) -> int:
         return item_target(item, self.target, self.lm.card)
@@ -169,7 +206,9 @@ class Runner:
     def _compute(self, samples: list[Sample], rows: list[dict], targets: list[int]) -> None:
         dev = self.lm.device
         x = torch.stack([s.x for s in samples]).to(dev, non_blocking=True)
-        cb = self.engine(x, torch.tensor(targets, device=dev))
+        t = torch.tensor(targets, device=dev)
+        # black-box maps come at grid (DE-CAM) or input (RISE) resolution: stored raw like any other map
+        cb = self.engine(x, t, [s.item.index for s in samples]) if self.black_box else self.engine(x, t)
         cams = cb.cams.float()  # what is stored, and what the metrics are computed from
         probs = torch.softmax(cb.logits.float(), 1)
         pred = probs.argmax(1)

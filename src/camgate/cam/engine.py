@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import adapter
+from .blackbox import METHODS as BLACKBOX
 from .methods import ALIASES, NATIVE
 
 
@@ -26,17 +27,17 @@ class MethodError(ConfigError):
 def canonical(method: str) -> str:
     m = method.lower().replace(" ", "")
     m = ALIASES.get(m, m)
-    if m in NATIVE:
+    if m in NATIVE or m in BLACKBOX:
         return m
     key = m.replace("_", "").replace("-", "")
     if key in adapter.available():
         return key
     raise MethodError(f"unknown CAM method {method!r}; native: {sorted(NATIVE)}; "
-                      f"via pytorch-grad-cam: {adapter.available()}")
+                      f"via pytorch-grad-cam: {adapter.available()}; black-box: {sorted(BLACKBOX)}")
 
 
 def methods() -> list[str]:
-    return sorted(NATIVE) + [m for m in adapter.available() if m not in NATIVE]
+    return sorted(NATIVE) + [m for m in adapter.available() if m not in NATIVE] + sorted(BLACKBOX)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class CamEngine:
                  reshape_transform: Callable | None = None):
         self.model, self.layers, self.reshape = model, list(layers), reshape_transform
         self.method = canonical(method)
+        if self.method in BLACKBOX:  # they need no layers and run through camgate.cam.blackbox.explain
+            raise MethodError(f"{self.method!r} is a black-box method: it is computed from outputs only, "
+                              f"not by this layer engine")
         self.native = self.method in NATIVE
         self._adapter = None if self.native else adapter.AdapterCam(model, self.layers, self.method,
                                                                      reshape_transform)
