@@ -41,7 +41,8 @@ def cmd_run(args) -> int:
                    target_layer=args.target_layer, static_mask=args.static_mask,
                    mask_spec=_mask_spec(args) or MaskSpec(), batch_size=args.batch_size, device=args.device,
                    workers=args.workers, topk=args.topk, analyze=not args.heatmaps_only, policy=args.policy,
-                   progress=not args.quiet, checkpoint_rows=args.checkpoint_rows, checkpoint=args.checkpoint)
+                   progress=not args.quiet, checkpoint_rows=args.checkpoint_rows, checkpoint=args.checkpoint,
+                   budget=args.budget, seed=args.seed)
     print(json.dumps(s.to_dict()))
     return 0
 
@@ -177,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-rows", type=int, default=256,
                    help="commit rows every N rows; re-running after a crash resumes from there")
     r.add_argument("--checkpoint", help="folder (local or s3://) for the committed rows (default: OUT.parts)")
+    r.add_argument("--budget", type=int, default=1024, help="decam/rise: forward passes per image")
+    r.add_argument("--seed", type=int, default=0, help="decam/rise: base seed (each image: seed and its row)")
     _add_mask_args(r)
     r.set_defaults(fn=cmd_run)
 

@@ -175,9 +175,6 @@ class Runner:
         self.target = parse_target(target, lm.card.num_classes)
         self.layer_name = None if self.black_box else ",".join(lm.target_layers)
 
-    def _target_of(self, item: Item) -> int:
-        return item_target(item, self.target, self.lm.card)
-
     def base_row(self, s: Sample) -> dict:
         it = s.item
         row = {"row": it.index, "image_id": it.image_id, "image": it.image, "mask": it.mask,
@@ -260,24 +257,27 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
         static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(), batch_size: int = 16,
         device: str = "auto", workers: int = 4, topk: float = TOPK_DEFAULT, analyze: bool = True,
         policy: str | None = None, progress: bool = True, checkpoint_rows: int = 256,
-        checkpoint: str | None = None) -> RunSummary:
+        checkpoint: str | None = None, budget: int = 1024, seed: int = 0) -> RunSummary:
     """The heatmap test step. Raises (before any compute) only for problems of the whole run.
 
     With ``analyze=False`` only predictions and maps are computed (masks are not read; their URIs and
     the static mask stay in the file for :func:`analyze`). Rows are committed every
     ``checkpoint_rows`` rows under ``checkpoint`` (default ``<out>.parts``); re-running the same
     command after a crash resumes from there and computes again only the rows that are missing or
-    failed on the storage service (see :class:`camgate.results.ResultsWriter`)."""
+    failed on the storage service (see :class:`camgate.results.ResultsWriter`). ``budget`` and ``seed``:
+    forward passes per image and the base seed of the black-box methods (decam, rise)."""
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
-    runner = Runner(lm, method, target, analyze, topk)  # method and target fail before data is read
+    runner = Runner(lm, method, target, analyze, topk, budget=budget, seed=seed)  # fails before data is read
     check_topk(topk)
     items = load_items(data, static_mask)
     runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
     sm = StaticMask(static_mask) if (static_mask and analyze) else None
     md = {"camgate_version": __version__, "stage": "results" if analyze else "heatmaps",
           "model": lm.metadata(), "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256,
-          "method": runner.engine.method, "target": str(runner.target), "target_layer": lm.target_layers,
+          "method": runner.engine.method, "target": str(runner.target),
+          "target_layer": [] if runner.black_box else lm.target_layers,
+          **({"budget": budget, "seed": seed} if runner.black_box else {}),
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk, "policy": policy,
           "policy_sha256": _sha_or_none(policy)}
     schema = res.schema(meta_cols, md)
@@ -452,6 +452,9 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     check_topk(topk)
     method = canonical(method)
+    if lm.model is None:
+        raise MethodError(f"maps of every layer need the model's layers, but model card {lm.card.name!r} is "
+                          f"kind {lm.card.kind!r}, a black box")
     if method not in NATIVE:
         raise MethodError(f"all-layer maps take a native method {sorted(NATIVE)}; {method!r} runs one layer "
                           f"per pass through pytorch-grad-cam")

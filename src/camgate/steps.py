@@ -75,7 +75,7 @@ def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict
 def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "gradcam",
                   target: str = "predicted", batch_size: int = 16, device: str = "auto",
                   card_sha256: str = "", checkpoint: str = "", static_mask: str = "",
-                  checkpoint_rows: int = 256) -> dict:
+                  checkpoint_rows: int = 256, budget: int = 1024) -> dict:
     """Resolved card + data -> heatmaps Parquet (predictions and raw maps; masks are not read).
 
     ``card_sha256`` (the original card's hash, from the model artifact's metadata) is recorded
@@ -92,7 +92,7 @@ def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "grad
     lm = load_model(card, device=device)
     summary = run(lm, data, out_path, method=method, target=target, batch_size=int(batch_size),
                   analyze=False, progress=False, checkpoint=_tidy(checkpoint) or None,
-                  static_mask=static_mask or None, checkpoint_rows=int(checkpoint_rows))
+                  static_mask=static_mask or None, checkpoint_rows=int(checkpoint_rows), budget=int(budget))
     return {**summary.to_dict(), "device": str(lm.device), "method": method}
 
 

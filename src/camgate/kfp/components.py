@@ -41,16 +41,18 @@ def load_model(model_card: str, model: Output[Model], device: str = "cpu"):
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], method: str = "gradcam",
                      target: str = "predicted", batch_size: int = 16, device: str = "auto",
-                     checkpoint: str = "", static_mask: str = "", checkpoint_rows: int = 256):
+                     checkpoint: str = "", static_mask: str = "", checkpoint_rows: int = 256,
+                     budget: int = 1024):
     """Compute a CAM heatmap and the prediction for every image (no masks read; their URIs are kept).
 
     Args:
         model: Resolved model card from load_model.
         data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
-        method: CAM method (gradcam, gradcam++, layercam, ...).
+        method: CAM method (gradcam, gradcam++, layercam, ...), or a black-box method (decam, rise): the only ones for ONNX/callable model cards.
         target: Class to explain: predicted | label | <class index>.
         batch_size: Images per forward/backward pass.
         device: auto | cpu | cuda[:N].
+        budget: decam/rise: forward passes per image.
         checkpoint: Folder (s3:// or path) where rows are committed as they come; a restarted task resumes from it. '' = beside the output artifact (lost with the pod).
         static_mask: One mask for every image (fixed camera), recorded for the analysis; '' = per-image masks.
         checkpoint_rows: Commit rows every this many rows.
@@ -62,7 +64,7 @@ def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], 
 
     heatmaps.metadata.update(heatmaps_step(model.path, data, heatmaps.path, method, target, batch_size,
                                            device, model.metadata.get("card_sha256", ""), checkpoint,
-                                           static_mask, checkpoint_rows))
+                                           static_mask, checkpoint_rows, budget))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
