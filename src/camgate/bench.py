@@ -171,6 +171,7 @@ def time_layer(base: torch.nn.Module, layer: str, method: str, x: torch.Tensor, 
             if r >= warmup:
                 times[k].append(dt)
                 peaks[k] = max(peaks[k], peak - base_mb)  # what the call needed on top of what was resident
+        print(f"{layer}: round {r + 1 - warmup}/{rounds}" if r >= warmup else f"{layer}: warm-up", file=sys.stderr)
     ref.activations_and_grads.release()
     med = {k: statistics.median(v) for k, v in times.items()}
     size = tuple(x.shape[-2:])

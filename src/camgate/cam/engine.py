@@ -4,6 +4,11 @@ The model's parameters are frozen and each target activation is turned into a fr
 forward hook. So nothing before the first target layer records a graph (that part costs what
 inference costs), the backward pass covers only score -> target layers, no parameter gradient is
 ever computed, and nothing of the graph outlives the call.
+
+The hook hands that leaf itself on to the network, so the engine costs what a minimal hand-written
+Grad-CAM costs. A network that writes into it in place further on (DenseNet's ReLU after `features`)
+is caught, by autograd's refusal or by the activation's version counter, and that engine redoes the
+batch and hands on a copy from then on.
 """
 from __future__ import annotations
 
