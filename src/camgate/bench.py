@@ -282,7 +282,8 @@ def main(args: argparse.Namespace) -> int:
                   f"  +{r['peak_mem_mb'][k]:.0f} MB")
         for k, q in r["ratios"].items():
             pr = q["per_round"]
-            print(f"  {k:34s} {q['of_medians']:6.3f}x  (per round {pr['min']:.3f} .. {pr['median']:.3f} .. {pr['max']:.3f})")
+            print(f"  {k:34s} {q['of_medians']:6.3f}x  "
+                  f"(per round {pr['min']:.3f} .. {pr['median']:.3f} .. {pr['max']:.3f})")
         for k, d in r["max_abs_delta"].items():
             print(f"  max |delta| {k} = {d:.2e}")
     result = {"machine": machine, "timing": t}
