@@ -94,3 +94,35 @@ def test_token_models_get_their_reshape_from_the_card(tmp_path, arch, shape):
     torch.nn.init.normal_(lm.model.head.weight if arch == "swin_t" else lm.model.heads.head.weight, std=0.02)
     out = CamEngine(lm.model, lm.layers(), "gradcam", lm.reshape_transform)(torch.randn(1, 3, 224, 224))
     assert out.cams.shape == (1, *shape) and out.cams.max() > 0
+
+
+def _net(inplace: tuple[bool, bool]) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same weights whatever the ReLUs do
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=inplace[0]), nn.Conv2d(8, 8, 3),
+                         nn.ReLU(inplace=inplace[1]), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("method, layers, inplace", [
+    ("gradcam", [0], (True, False)),      # autograd refuses the in-place write into the leaf
+    ("eigencam", [0], (True, False)),     # no grad mode: seen only by the activation's version
+    ("gradcam", [0, 2], (False, True)),   # second layer's output is on the graph: version again
+])
+def test_inplace_op_after_target_falls_back_to_a_copy(method, layers, inplace):
+    x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    plain, inpl = _net((False, False)), _net(inplace)
+    ref_engine = CamEngine(plain, [plain[i] for i in layers], method)
+    engine = CamEngine(inpl, [inpl[i] for i in layers], method)
+    ref = ref_engine(x)
+    for _ in range(2):  # the batch that detects it, and one after with the copy from the start
+        out = engine(x)
+        assert torch.equal(out.cams, ref.cams) and torch.equal(out.logits, ref.logits)
+    assert out.cams.amax((1, 2)).gt(0).all()
+    assert engine._clone and not ref_engine._clone
+
+
+def test_no_copy_when_nothing_writes_in_place(model):
+    engine = CamEngine(model, [model.layer3], "gradcam")
+    engine(torch.randn(1, 3, 64, 64))
+    assert not engine._clone

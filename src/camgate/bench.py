@@ -1,14 +1,23 @@
-"""``camgate bench``: no_grad inference, camgate and pytorch-grad-cam measured side by side.
+"""``camgate bench``: no_grad inference, camgate, a minimal Grad-CAM and pytorch-grad-cam, side by side.
 
-Timing: the same batches go through the three variants in turn, round after round, and each
-variant's median is reported, so machine noise hits all of them alike. Memory: the full ``run``
-step (files -> results Parquet) over N and 10·N images in fresh processes; their peak RSS ratio
-shows whether memory grows with the number of images. The last line is one JSON object with every
-figure, for comparing runs.
+Timing is kept fair three ways. Each variant gets its own copy of the model, so none pays for
+another's hooks (pytorch-grad-cam registers its hooks at construction, and they stay). The order of
+the variants rotates every round, so no variant always runs right after the same one (caches,
+allocator, CPU frequency). And every round times all variants on the same batch, so machine noise
+hits them alike: min/median/max per variant and, per round, the ratios between variants, whose spread
+shows how much the noise moved them. The "floor" is the least a Grad-CAM can do with hooks: a forward
+hook detaches the target activation into a fresh leaf that requires grad and hands it on,
+``autograd.grad(score, leaf)``, weights = mean gradient, ReLU(weighted sum). Each target depth is
+timed separately: at ``layer4`` the backward covers pooling + fc only, at ``layer3`` a whole stage.
+
+Memory: the full ``run`` step (files -> results Parquet) over N and 10·N images in fresh processes;
+their peak RSS ratio, and the slope in MB per 1,000 images, show whether memory grows with the
+number of images. The last line is one JSON object with every figure, for comparing runs.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -17,21 +26,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
 
+VARIANTS = ("inference", "camgate", "floor", "pytorch_grad_cam")
+# numerator, denominator: ratios of medians and their spread over rounds
+RATIOS = (("camgate", "inference"), ("floor", "inference"), ("camgate", "floor"),
+          ("pytorch_grad_cam", "camgate"), ("pytorch_grad_cam", "inference"))
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="resnet50", help="torchvision architecture (random weights)")
-    p.add_argument("--method", default="gradcam")
+    p.add_argument("--method", default="gradcam", help="gradcam (with the floor), gradcam++, layercam, "
+                   "xgradcam or hirescam (without)")
+    p.add_argument("--layers", default="layer4,layer3", help="target layers, each timed on its own")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds (each runs every variant once)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--device", default="auto")
     p.add_argument("--mem-images", default="200,2000", help="image counts for the memory check ('' = skip)")
     p.add_argument("--mem-arch", default=None, help="architecture for the memory check (default: --arch)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
     p.add_argument("--mem-child", nargs=3, metavar=("CARD", "MANIFEST", "OUT"), help=argparse.SUPPRESS)
 
 
@@ -68,74 +86,121 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn, dev) -> float:
-    _sync(dev)
-    t = time.perf_counter()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t
+def floor_gradcam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The minimal hand-written Grad-CAM (raw maps, (B, h, w)) for the predicted class."""
+    kept = []
+
+    def hook(_module, _inputs, out):
+        leaf = out.detach().requires_grad_(True)
+        kept.append(leaf)
+        return leaf
+
+    h = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+            (grad,) = torch.autograd.grad(score, kept)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        return (grad.mean((2, 3))[:, :, None, None] * kept[0]).sum(1).clamp(min=0)
 
 
-def time_variants(arch: str, method: str, batch: int, size: int, rounds: int, dev: torch.device) -> dict:
-    import torchvision
+def _spread(xs: list[float], scale: float = 1.0, nd: int = 3) -> dict:
+    return {"min": round(min(xs) * scale, nd), "median": round(statistics.median(xs) * scale, nd),
+            "max": round(max(xs) * scale, nd)}
+
+
+def time_layer(base: torch.nn.Module, layer: str, method: str, x: torch.Tensor, rounds: int, warmup: int,
+               dev: torch.device) -> dict:
+    """All variants at one target layer, each on its own copy of ``base``, rotating order."""
     import pytorch_grad_cam as pgc
 
     from .cam import CamEngine, normalized
-    from .modelspec import default_target_layers, resolve_layers
+    from .modelspec import resolve_layers
 
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None, num_classes=1000).eval().to(dev)
-    layers = resolve_layers(model, default_target_layers(model, f"torchvision/{arch}"))
-    x = torch.randn(batch, 3, size, size, device=dev)
+    def copy_of(trainable: bool):
+        m = copy.deepcopy(base).requires_grad_(trainable)
+        return m, resolve_layers(m, [layer])
+
     ref_cls = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
                "xgradcam": pgc.XGradCAM, "hirescam": pgc.HiResCAM}[method]
-    # pytorch-grad-cam as users run it: trainable parameters, full backward
-    ref = ref_cls(model=model, target_layers=layers)
-    frozen = CamEngine(model, layers, method)
-    out = {}
+    m_inf, _ = copy_of(False)
+    m_cg, l_cg = copy_of(False)  # camgate freezes the parameters (the runner's model is frozen too)
+    m_fl, l_fl = copy_of(False)
+    m_ref, l_ref = copy_of(True)  # pytorch-grad-cam as users run it: trainable parameters, full backward
+    engine, ref = CamEngine(m_cg, l_cg, method), ref_cls(model=m_ref, target_layers=l_ref)
+    out: dict = {}
 
     def infer():
         with torch.no_grad():
-            model(x)
+            m_inf(x)
 
-    def ours():
-        model.requires_grad_(False)
-        out["camgate"] = frozen(x).cams
-        model.requires_grad_(True)
+    def camgate():
+        out["camgate"] = engine(x).cams
+
+    def floor():
+        out["floor"] = floor_gradcam(m_fl, l_fl[0], x)
 
     def theirs():
         out["pytorch_grad_cam"] = ref(x, targets=None)
 
-    variants = {"inference": infer, "camgate": ours, "pytorch_grad_cam": theirs}
-    for fn in variants.values():  # warm-up: allocator, kernels, caches
-        fn()
-    times = {k: [] for k in variants}
-    peaks = {k: 0.0 for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
+    variants = {"inference": infer, "camgate": camgate, "floor": floor, "pytorch_grad_cam": theirs}
+    if method != "gradcam":
+        del variants["floor"]  # the floor is Grad-CAM only
+    names = list(variants)
+    times = {k: [] for k in names}
+    peaks = {k: 0.0 for k in names}
+    for r in range(warmup + rounds):
+        k0 = r % len(names)
+        for k in names[k0:] + names[:k0]:  # rotate: each variant leads in turn
             out.pop(k, None)  # free the previous round's maps before measuring this one
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev) / 2**20
+                base_mb = torch.cuda.memory_allocated(dev) / 2**20
             else:
                 _peak_rss_reset()
-                base = _status_mb("VmRSS") or 0.0
-            times[k].append(_timed(fn, dev))
+                base_mb = _status_mb("VmRSS") or 0.0
+            _sync(dev)
+            t = time.perf_counter()
+            variants[k]()
+            _sync(dev)
+            dt = time.perf_counter() - t
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
-            peaks[k] = max(peaks[k], peak - base)  # what the call itself needed on top of what was resident
+            if r >= warmup:
+                times[k].append(dt)
+                peaks[k] = max(peaks[k], peak - base_mb)  # what the call needed on top of what was resident
+        print(f"{layer}: round {r + 1 - warmup}/{rounds}" if r >= warmup else f"{layer}: warm-up", file=sys.stderr)
+    ref.activations_and_grads.release()
     med = {k: statistics.median(v) for k, v in times.items()}
-    delta = float(np.abs(normalized(out["camgate"], (size, size)).cpu().numpy() - out["pytorch_grad_cam"]).max())
-    return {
-        "arch": arch, "method": method, "batch_size": batch, "size": size, "rounds": rounds,
-        "ms_per_batch": {k: round(v * 1e3, 1) for k, v in med.items()},
-        "images_per_s": {k: round(batch / v, 1) for k, v in med.items()},
-        "camgate_over_inference": round(med["camgate"] / med["inference"], 3),
-        "pytorch_grad_cam_over_camgate": round(med["pytorch_grad_cam"] / med["camgate"], 3),
-        "pytorch_grad_cam_over_inference": round(med["pytorch_grad_cam"] / med["inference"], 3),
-        "max_abs_delta_vs_pytorch_grad_cam": delta,
-        "peak_mem_mb": {k: round(v, 1) for k, v in peaks.items()},
-        "peak_mem_kind": "cuda_max_allocated_over_baseline" if dev.type == "cuda" else "peak_rss_over_baseline",
-    }
+    size = tuple(x.shape[-2:])
+    delta = {"camgate_vs_pytorch_grad_cam_normalised": float(np.abs(
+        normalized(out["camgate"], size).cpu().numpy() - out["pytorch_grad_cam"]).max())}
+    if "floor" in out:
+        delta["camgate_vs_floor_raw"] = float((out["camgate"] - out["floor"]).abs().max())
+    ratios = {}
+    for a, b in RATIOS:
+        if a in times and b in times:
+            ratios[f"{a}_over_{b}"] = {"of_medians": round(med[a] / med[b], 3),
+                                       "per_round": _spread([p / q for p, q in zip(times[a], times[b])])}
+    return {"layer": layer, "ms_per_batch": {k: _spread(v, 1e3, 1) for k, v in times.items()},
+            "images_per_s": {k: round(x.shape[0] / v, 1) for k, v in med.items()},
+            "ratios": ratios, "max_abs_delta": delta,
+            "peak_mem_mb": {k: round(v, 1) for k, v in peaks.items()},
+            "peak_mem_kind": "cuda_max_allocated_over_baseline" if dev.type == "cuda" else "peak_rss_over_baseline"}
+
+
+def time_variants(arch: str, method: str, batch: int, size: int, rounds: int, dev: torch.device,
+                  layers: Sequence[str] = ("layer4", "layer3"), warmup: int = 1) -> dict:
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.get_model(arch, weights=None, num_classes=1000).eval().to(dev)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    return {"arch": arch, "method": method, "batch_size": batch, "size": size, "rounds": rounds,
+            "warmup": warmup, "order": "rotating", "model": "own copy per variant",
+            "layers": {name: time_layer(base, name, method, x, rounds, warmup, dev) for name in layers}}
 
 
 def _write_set(folder: str, n_distinct: int, size: int) -> tuple[str, list[str]]:
@@ -179,9 +244,9 @@ def memory_growth(arch: str, counts: list[int], batch: int, size: int, device: s
             child = json.loads(proc.stdout.strip().splitlines()[-1])
             out[str(n)] = {"peak_rss_mb": child["peak_rss_mb"], "rows": child["rows"],
                            "seconds": round(time.perf_counter() - t, 1)}
-    lo, hi = str(counts[0]), str(counts[-1])
-    return {"arch": arch, "runs": out,
-            "peak_rss_ratio": round(out[hi]["peak_rss_mb"] / out[lo]["peak_rss_mb"], 3)}
+    lo, hi = out[str(counts[0])]["peak_rss_mb"], out[str(counts[-1])]["peak_rss_mb"]
+    return {"arch": arch, "runs": out, "peak_rss_ratio": round(hi / lo, 3),
+            "mb_per_1000_images": round((hi - lo) / (counts[-1] - counts[0]) * 1000, 2)}
 
 
 def _mem_child(card: str, manifest: str, out: str) -> int:
@@ -203,24 +268,32 @@ def main(args: argparse.Namespace) -> int:
     dev = pick_device(args.device)
     machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev),
-               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+               "load_avg_1min_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     print(f"machine: {json.dumps(machine)}", file=sys.stderr)
-    t = time_variants(args.arch, args.method, args.batch_size, args.size, args.rounds, dev)
-    ms = t["ms_per_batch"]
-    print(f"{args.arch} {args.method} batch {args.batch_size} @ {args.size}px, median of {args.rounds} rounds")
-    for k in ("inference", "camgate", "pytorch_grad_cam"):
-        print(f"  {k:18s} {ms[k]:9.1f} ms/batch  {t['images_per_s'][k]:7.1f} img/s  peak +{t['peak_mem_mb'][k]:7.1f} MB")
-    print(f"  camgate / inference          = {t['camgate_over_inference']:.3f}x")
-    print(f"  pytorch-grad-cam / camgate   = {t['pytorch_grad_cam_over_camgate']:.3f}x")
-    print(f"  pytorch-grad-cam / inference = {t['pytorch_grad_cam_over_inference']:.3f}x")
-    print(f"  max |delta| vs pytorch-grad-cam (normalised maps) = {t['max_abs_delta_vs_pytorch_grad_cam']:.2e}")
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()]
+    t = time_variants(args.arch, args.method, args.batch_size, args.size, args.rounds, dev, layers, args.warmup)
+    print(f"{args.arch} {args.method} batch {args.batch_size} @ {args.size}px, {args.rounds} rounds "
+          f"(+{args.warmup} warm-up), own model copy per variant, rotating order")
+    for name, r in t["layers"].items():
+        print(f"target {name}:   ms/batch  min / median / max          img/s   peak")
+        for k, ms in r["ms_per_batch"].items():
+            print(f"  {k:18s} {ms['min']:8.1f} {ms['median']:8.1f} {ms['max']:8.1f}  {r['images_per_s'][k]:12.1f}"
+                  f"  +{r['peak_mem_mb'][k]:.0f} MB")
+        for k, q in r["ratios"].items():
+            pr = q["per_round"]
+            print(f"  {k:34s} {q['of_medians']:6.3f}x  "
+                  f"(per round {pr['min']:.3f} .. {pr['median']:.3f} .. {pr['max']:.3f})")
+        for k, d in r["max_abs_delta"].items():
+            print(f"  max |delta| {k} = {d:.2e}")
     result = {"machine": machine, "timing": t}
     counts = [int(c) for c in args.mem_images.split(",") if c.strip()]
     if len(counts) >= 2:
         m = memory_growth(args.mem_arch or args.arch, counts, args.batch_size, args.size, str(dev))
         for n, r in m["runs"].items():
             print(f"  run over {n:>5s} images: peak RSS {r['peak_rss_mb']:8.1f} MB ({r['seconds']} s)")
-        print(f"  peak RSS {counts[-1]} / {counts[0]} images = {m['peak_rss_ratio']:.3f}x")
+        print(f"  peak RSS {counts[-1]} / {counts[0]} images = {m['peak_rss_ratio']:.3f}x, "
+              f"{m['mb_per_1000_images']:+.2f} MB per 1,000 images")
         result["memory"] = m
     print(json.dumps(result))
     return 0

@@ -4,6 +4,11 @@ The model's parameters are frozen and each target activation is turned into a fr
 forward hook. So nothing before the first target layer records a graph (that part costs what
 inference costs), the backward pass covers only score -> target layers, no parameter gradient is
 ever computed, and nothing of the graph outlives the call.
+
+The hook hands that leaf itself on to the network, so the engine costs what a minimal hand-written
+Grad-CAM costs. A network that writes into it in place further on (DenseNet's ReLU after `features`)
+is caught, by autograd's refusal or by the activation's version counter, and that engine redoes the
+batch and hands on a copy from then on.
 """
 from __future__ import annotations
 
@@ -75,6 +80,12 @@ def _aggregate(maps: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([upsample(minmax(m), tuple(size)) for m in maps]).mean(0)
 
 
+def _is_leaf_inplace_error(e: RuntimeError) -> bool:
+    # autograd's refusal to write into a leaf (or a view of one) that requires grad
+    msg = str(e)
+    return "leaf Variable that requires grad" in msg and "in-place operation" in msg
+
+
 class CamEngine:
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], method: str = "gradcam",
                  reshape_transform: Callable | None = None):
@@ -84,6 +95,7 @@ class CamEngine:
             raise MethodError(f"{self.method!r} is a black-box method: it is computed from outputs only, "
                               f"not by this layer engine")
         self.native = self.method in NATIVE
+        self._clone = False  # hand the network a copy of the target activation (set on first need)
         self._adapter = None if self.native else adapter.AdapterCam(model, self.layers, self.method,
                                                                      reshape_transform)
 
@@ -94,6 +106,44 @@ class CamEngine:
         target = target.to(pred.device)
         return torch.where(target < 0, pred, target)  # -1 = explain the prediction
 
+    def _forward(self, x, target, needs_grad):
+        """One forward (+ backward); None when a downstream op modified a kept activation in place."""
+        captured: list[torch.Tensor] = []
+        versions: list[int] = []
+
+        def hook(_module, _inputs, out):
+            if not torch.is_tensor(out):
+                raise MethodError(f"target layer {type(_module).__name__} returns {type(out).__name__}, not a tensor")
+            act = out.detach()
+            if needs_grad:
+                # A leaf cut here keeps the upstream part graph-free; a layer downstream of another
+                # target layer is already on the graph and stays connected so both get their gradients.
+                act = out if out.requires_grad else act.requires_grad_(True)
+            captured.append(act)
+            versions.append(act._version)
+            # The network goes on with act itself, as a minimal Grad-CAM does: a copy would cost time
+            # and memory on every batch. Only an engine that met a downstream in-place op hands on a copy.
+            return act.clone() if self._clone else act
+
+        handles = [layer.register_forward_hook(hook) for layer in self.layers]
+        try:
+            with torch.set_grad_enabled(needs_grad):
+                logits = self.model(x)
+                if len(captured) != len(self.layers):
+                    raise MethodError(f"expected each target layer to run once per forward, got "
+                                      f"{len(captured)} activations for {len(self.layers)} layers")
+                if any(a._version != v for a, v in zip(captured, versions)):
+                    return None  # written in place where autograd does not object (no_grad, non-leaf)
+                targets = self._targets(logits.detach(), target)
+                grads: Sequence[torch.Tensor | None] = [None] * len(captured)
+                if needs_grad:
+                    score = logits.gather(1, targets[:, None]).sum()
+                    grads = torch.autograd.grad(score, captured, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, targets, captured, grads
+
     def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None) -> CamBatch:
         """x: (B, 3, H, W) on the model's device; target: (B,) class index or -1 for predicted."""
         if not self.native:
@@ -103,35 +153,20 @@ class CamEngine:
             _, cams = self._adapter(x, targets)
             return CamBatch(logits, targets, cams)
         fn, needs_grad = NATIVE[self.method]
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, out):
-            if not torch.is_tensor(out):
-                raise MethodError(f"target layer {type(_module).__name__} returns {type(out).__name__}, not a tensor")
-            if not needs_grad:
-                captured.append(out.detach())
-                return out.clone()  # in-place ops downstream (DenseNet's ReLU) must not touch what we keep
-            # A leaf cut here keeps the upstream part graph-free; a layer downstream of another target
-            # layer is already on the graph and stays connected so both get their gradients.
-            act = out if out.requires_grad else out.detach().requires_grad_(True)
-            captured.append(act)
-            return act.clone()  # the network goes on with a copy: in-place ops downstream cannot touch act
-
-        handles = [layer.register_forward_hook(hook) for layer in self.layers]
         try:
-            with torch.set_grad_enabled(needs_grad):
-                logits = self.model(x)
-                if len(captured) != len(self.layers):
-                    raise MethodError(f"expected each target layer to run once per forward, got "
-                                      f"{len(captured)} activations for {len(self.layers)} layers")
-                targets = self._targets(logits.detach(), target)
-                grads: Sequence[torch.Tensor | None] = [None] * len(captured)
-                if needs_grad:
-                    score = logits.gather(1, targets[:, None]).sum()
-                    grads = torch.autograd.grad(score, captured, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+            res = self._forward(x, target, needs_grad)
+        except RuntimeError as e:  # autograd refused an in-place write into the leaf handed on
+            if self._clone or not _is_leaf_inplace_error(e):
+                raise
+            res = None
+        if res is None and not self._clone:
+            # A downstream op writes in place into the target activation (DenseNet's ReLU after
+            # `features`, VGG's after a conv): this engine hands on copies from now on; redo the batch.
+            self._clone = True
+            res = self._forward(x, target, needs_grad)
+        if res is None:
+            raise MethodError("the target activation was modified in place although the network got a copy")
+        logits, targets, captured, grads = res
         maps = []
         with torch.no_grad():
             for a, g in zip(captured, grads):
