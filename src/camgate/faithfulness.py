@@ -84,12 +84,13 @@ def neighbours(x: torch.Tensor) -> torch.Tensor:
         e, d = 1 / 6, 1 / 12
         k = torch.tensor([[d, e, d], [e, 0.0, e], [d, e, d]], dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
         return F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), k, padding=1).view(x.shape)
-    p = F.pad(x, (1, 1, 1, 1))
-    a = p[..., :-2, :] + p[..., 2:, :]
-    a.add_(p[..., 1:-1, :], alpha=2)
-    o = a[..., :-2] + a[..., 2:]
-    o.add_(a[..., 1:-1], alpha=2).sub_(x, alpha=4)
-    return o.mul_(1 / 12)
+    a = x * 2  # [1, 2, 1] down the columns, in place on shifted views (no padded copy)
+    a[..., 1:, :] += x[..., :-1, :]
+    a[..., :-1, :] += x[..., 1:, :]
+    o = a * 2  # then along the rows
+    o[..., 1:] += a[..., :-1]
+    o[..., :-1] += a[..., 1:]
+    return o.sub_(x, alpha=4).mul_(1 / 12)
 
 
 def _seed_list(seed: int | torch.Tensor, n: int) -> list[int]:
@@ -178,11 +179,20 @@ def _apply_var(coef: list, x: torch.Tensor) -> torch.Tensor:
 
 def _restrict(x: torch.Tensor) -> torch.Tensor:  # sum over 2×2 blocks (odd sizes padded with zeros)
     h, w = x.shape[-2:]
-    return F.avg_pool2d(F.pad(x, (0, w % 2, 0, h % 2)), 2).mul_(4)  # pooling kernels beat a strided sum
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, w % 2, 0, h % 2))
+    y = x[..., 0::2, :] + x[..., 1::2, :]  # two strided adds beat a 6-d sum and avg_pool2d on CPU
+    return y[..., 0::2] + y[..., 1::2]
 
 
-def _prolong(x: torch.Tensor, size) -> torch.Tensor:  # piecewise constant, the transpose of _restrict
-    return F.interpolate(x, scale_factor=2, mode="nearest")[..., :size[0], :size[1]]
+def _prolong(x: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
+    """Piecewise constant onto the unknowns (the transpose of ``_restrict`` there), in one pass."""
+    h, w = unknown.shape[-2:]
+    hc, wc = x.shape[-2:]
+    if h % 2 or w % 2:
+        unknown = F.pad(unknown, (0, w % 2, 0, h % 2))
+    out = unknown.view(*unknown.shape[:-2], hc, 2, wc, 2) * x[..., :, None, :, None]
+    return out.view(*out.shape[:-4], 2 * hc, 2 * wc)[..., :h, :w]
 
 
 class _Multigrid:
@@ -207,7 +217,7 @@ class _Multigrid:
             for a in range(3):
                 for b in range(3):
                     probe = ((iy % 3 == a) & (ix % 3 == b)).to(diag0.dtype).expand(diag0.shape[0], 1, hc, wc)
-                    y = _restrict(fine_apply(fine_unknown * _prolong(probe, size)))
+                    y = _restrict(fine_apply(_prolong(probe, fine_unknown)))
                     dy, dx = (a - iy + 1) % 3 - 1, (b - ix + 1) % 3 - 1  # where that probe cell lies
                     for k, (ky, kx) in enumerate(_OFFSETS):
                         coef[k] += y * ((dy == ky) & (dx == kx))
@@ -223,9 +233,9 @@ class _Multigrid:
         op, dinv = self.ops[level], self.dinv[level]
         x = dinv * r
         if level + 1 < len(self.ops):
-            res = r - op(x)
-            xc = self(_restrict(self.unknown[level] * res), level + 1)
-            x = x + self.unknown[level] * _prolong(xc, self.sizes[level])
+            # r - A x is already zero off the unknowns (A's rows there are zero)
+            xc = self(_restrict(r - op(x)), level + 1)
+            x = x + _prolong(xc, self.unknown[level])
         else:
             for _ in range(3):
                 x = x + dinv * (r - op(x))
@@ -262,13 +272,13 @@ def impute(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.01, see
         ap = apply(p)
         pap = (p * ap).sum((2, 3), keepdim=True)
         alpha = torch.where(active, rz / pap.clamp(min=tiny), torch.zeros_like(rz))
-        x += alpha * p
-        r -= alpha * ap
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1)
         active = active & (r.abs().amax((2, 3), keepdim=True) > tol)
         z = precond(r)
         rz_new = (r * z).sum((2, 3), keepdim=True)
         beta = torch.where(active, rz_new / rz.clamp(min=tiny), torch.zeros_like(rz))
-        p = z + beta * p
+        p = p.mul_(beta).add_(z)
         rz = rz_new
         it += 1
     if bool(active.any()):
