@@ -269,6 +269,8 @@ def test_bad_percentiles_and_too_small_images():
     with pytest.raises(ConfigError, match="2x2 is too small"):
         road(predict, torch.rand(1, 3, 2, 2), maps, torch.tensor([0]))
     assert check_percentiles((10, 90), (3, 3)) == [1, 8]
+    with pytest.raises(ConfigError, match="at least one known pixel"):
+        impute(torch.rand(2, 3, 8, 8), torch.ones(2, 8, 8, dtype=torch.bool))
     with pytest.raises(ConfigError, match="chunk"):
         road(predict, x, maps, torch.tensor([0]), chunk=0)
 

@@ -75,8 +75,9 @@ class ImputationWarning(RuntimeWarning):
     """Conjugate gradient reached its iteration cap before every system met the tolerance."""
 
 
-def neighbours(x: torch.Tensor) -> torch.Tensor:
+def neighbours(x: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j w_j x(i + d_j) over the 8 neighbours inside the image (zero padding), (..., H, W).
+    ``out``/``tmp``: optional buffers shaped like x (CPU path), reused across CG iterations.
 
     The stencil is (1/12)·([1,2,1] ⊗ [1,2,1] - 4δ). On CUDA one ``F.conv2d``; elsewhere the separable
     form as shifted adds, because a one-channel ``F.conv2d`` is about 5× slower than that on CPU."""
@@ -84,10 +85,10 @@ def neighbours(x: torch.Tensor) -> torch.Tensor:
         e, d = 1 / 6, 1 / 12
         k = torch.tensor([[d, e, d], [e, 0.0, e], [d, e, d]], dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
         return F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), k, padding=1).view(x.shape)
-    a = x * 2  # [1, 2, 1] down the columns, in place on shifted views (no padded copy)
+    a = torch.mul(x, 2, out=tmp)  # [1, 2, 1] down the columns, in place on shifted views (no padded copy)
     a[..., 1:, :] += x[..., :-1, :]
     a[..., :-1, :] += x[..., 1:, :]
-    o = a * 2  # then along the rows
+    o = torch.mul(a, 2, out=out)  # then along the rows
     o[..., 1:] += a[..., :-1]
     o[..., :-1] += a[..., 1:]
     return o.sub_(x, alpha=4).mul_(1 / 12)
@@ -140,9 +141,9 @@ def removal_order(maps: torch.Tensor, size: tuple[int, int], seed: int | torch.T
     random order). Non-finite values rank as the map's minimum."""
     b = maps.shape[0]
     up = upsample(maps.float(), tuple(size)).flatten(1)
-    up = torch.where(torch.isfinite(up), up, torch.full_like(up, math.inf))
-    lo = up.min(1, keepdim=True).values
-    up = torch.where(torch.isfinite(up), up, lo)
+    finite = torch.isfinite(up)
+    lo = torch.where(finite, up, torch.full_like(up, math.inf)).min(1, keepdim=True).values
+    up = torch.where(finite, up, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)))
     up = up - lo
     span = up.max(1, keepdim=True).values
     up = up / torch.where(span > 0, span, torch.ones_like(span))
@@ -232,14 +233,15 @@ class _Multigrid:
     def __call__(self, r: torch.Tensor, level: int = 0) -> torch.Tensor:
         op, dinv = self.ops[level], self.dinv[level]
         x = dinv * r
+        # in place where possible: on CPU a fresh full-size tensor costs several in-place passes
         if level + 1 < len(self.ops):
             # r - A x is already zero off the unknowns (A's rows there are zero)
-            xc = self(_restrict(r - op(x)), level + 1)
-            x = x + _prolong(xc, self.unknown[level])
+            xc = self(_restrict(op(x).neg_().add_(r)), level + 1)
+            x.add_(_prolong(xc, self.unknown[level]))
         else:
             for _ in range(3):
-                x = x + dinv * (r - op(x))
-        return x + dinv * (r - op(x))
+                x.add_(op(x).neg_().add_(r).mul_(dinv))
+        return x.add_(op(x).neg_().add_(r).mul_(dinv))
 
 
 def impute(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.01, seed: int | torch.Tensor = 0,
@@ -249,34 +251,50 @@ def impute(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.01, see
     Solves every (image, channel) system at once by multigrid-preconditioned CG (see the module doc),
     then adds N(0, noise²) to the imputed pixels (seeded per row: ``seed + i`` or ``seed[i]``)."""
     n, c, h, w = images.shape
+    if not bool((~removed).flatten(1).any(1).all()):
+        raise ConfigError("linear imputation needs at least one known pixel per image (100 % removal is singular)")
     dt = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     img = images.to(dt)
     rm = removed.to(device=img.device, dtype=dt)[:, None]  # (N, 1, H, W), 1 = unknown
     s = neighbours(torch.ones(1, 1, h, w, dtype=dt, device=img.device))
 
-    def apply(x):  # A x on the unknowns; x is zero on known pixels
-        return rm * (s * x - neighbours(x))
+    bufs: dict = {}
 
-    precond = _Multigrid(apply, rm * s, rm)
+    def buf(key, like):
+        b = bufs.get(key)
+        if b is None or b.shape != like.shape:
+            b = bufs[key] = torch.empty_like(like)
+        return b
+
+    def apply(x, key="cg"):  # A x on the unknowns (x is zero on known pixels), into a reused buffer
+        return neighbours(x, buf(key, x), buf("tmp", x)).neg_().addcmul_(s, x).mul_(rm)
+
+    def dot(u, v):
+        return torch.linalg.vecdot(u.flatten(2), v.flatten(2))[..., None, None]
+
+    def resmax(u):
+        return torch.linalg.vector_norm(u.flatten(2), math.inf, dim=-1)[..., None, None]
+
+    precond = _Multigrid(lambda x: apply(x, "mg"), rm * s, rm)
     known = img * (1 - rm)
     r = rm * neighbours(known)
     x = torch.zeros_like(img)
     z = precond(r)
     p = z.clone()
-    rz = (r * z).sum((2, 3), keepdim=True)
+    rz = dot(r, z)
     cap = max_iter if max_iter is not None else 100
-    active = r.abs().amax((2, 3), keepdim=True) > tol
+    active = resmax(r) > tol
     tiny = torch.finfo(dt).tiny
     it = 0
     while bool(active.any()) and it < cap:
         ap = apply(p)
-        pap = (p * ap).sum((2, 3), keepdim=True)
+        pap = dot(p, ap)
         alpha = torch.where(active, rz / pap.clamp(min=tiny), torch.zeros_like(rz))
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
-        active = active & (r.abs().amax((2, 3), keepdim=True) > tol)
+        active = active & (resmax(r) > tol)
         z = precond(r)
-        rz_new = (r * z).sum((2, 3), keepdim=True)
+        rz_new = dot(r, z)
         beta = torch.where(active, rz_new / rz.clamp(min=tiny), torch.zeros_like(rz))
         p = p.mul_(beta).add_(z)
         rz = rz_new
@@ -287,7 +305,6 @@ def impute(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.01, see
     out = known + rm * x
     if noise:
         out = out + noise * rm * _randn(_seed_list(seed, n), (c, h, w), img.device, dt)
-    impute.iterations = it  # last solve's iteration count, for benchmarks
     return out.to(images.dtype)
 
 
@@ -327,7 +344,9 @@ def road(predict: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor
 
     ``predict`` maps a (n, 3, H, W) batch in [0, 1] pixel space to class probabilities (n, K) (the
     caller wraps normalisation and softmax). ``maps`` (B, h, w) raw CAMs, ``targets`` (B,) class
-    indices. ``chunk`` imputed images per solve and per ``predict`` call."""
+    indices. ``chunk`` imputed images per solve and per ``predict`` call. ``noise``: std of the
+    imputation noise in pixel units (0 for a deterministic imputation); ``random_baseline=False``
+    skips the random-map curves (half the work; their fields stay NaN); ``tol``: see :func:`impute`."""
     b, _, h, w = images01.shape
     if maps.shape[0] != b or targets.shape[0] != b:
         raise ConfigError(f"ROAD: {b} images, {maps.shape[0]} maps, {targets.shape[0]} targets")
