@@ -186,14 +186,9 @@ def _restrict(x: torch.Tensor) -> torch.Tensor:  # sum over 2×2 blocks (odd siz
     return y[..., 0::2] + y[..., 1::2]
 
 
-def _prolong(x: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
-    """Piecewise constant onto the unknowns (the transpose of ``_restrict`` there), in one pass."""
-    h, w = unknown.shape[-2:]
-    hc, wc = x.shape[-2:]
-    if h % 2 or w % 2:
-        unknown = F.pad(unknown, (0, w % 2, 0, h % 2))
-    out = unknown.view(*unknown.shape[:-2], hc, 2, wc, 2) * x[..., :, None, :, None]
-    return out.view(*out.shape[:-4], 2 * hc, 2 * wc)[..., :h, :w]
+def _prolong(x: torch.Tensor, size) -> torch.Tensor:
+    """Piecewise constant (the transpose of ``_restrict``); callers mask it to the unknowns."""
+    return F.interpolate(x, scale_factor=2, mode="nearest")[..., :size[0], :size[1]]
 
 
 class _Multigrid:
@@ -218,7 +213,7 @@ class _Multigrid:
             for a in range(3):
                 for b in range(3):
                     probe = ((iy % 3 == a) & (ix % 3 == b)).to(diag0.dtype).expand(diag0.shape[0], 1, hc, wc)
-                    y = _restrict(fine_apply(_prolong(probe, fine_unknown)))
+                    y = _restrict(fine_apply(fine_unknown * _prolong(probe, size)))
                     dy, dx = (a - iy + 1) % 3 - 1, (b - ix + 1) % 3 - 1  # where that probe cell lies
                     for k, (ky, kx) in enumerate(_OFFSETS):
                         coef[k] += y * ((dy == ky) & (dx == kx))
@@ -230,14 +225,14 @@ class _Multigrid:
         self.dinv = [torch.where(d > 0, self.OMEGA / d.clamp(min=torch.finfo(d.dtype).tiny), torch.zeros_like(d))
                      for d in self.diags]
 
-    def __call__(self, r: torch.Tensor, level: int = 0) -> torch.Tensor:
+    def __call__(self, r: torch.Tensor, level: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         op, dinv = self.ops[level], self.dinv[level]
-        x = dinv * r
+        x = torch.mul(dinv, r, out=out)
         # in place where possible: on CPU a fresh full-size tensor costs several in-place passes
         if level + 1 < len(self.ops):
             # r - A x is already zero off the unknowns (A's rows there are zero)
             xc = self(_restrict(op(x).neg_().add_(r)), level + 1)
-            x.add_(_prolong(xc, self.unknown[level]))
+            x.addcmul_(_prolong(xc, self.sizes[level]), self.unknown[level])
         else:
             for _ in range(3):
                 x.add_(op(x).neg_().add_(r).mul_(dinv))
@@ -269,11 +264,12 @@ def impute(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.01, see
     def apply(x, key="cg"):  # A x on the unknowns (x is zero on known pixels), into a reused buffer
         return neighbours(x, buf(key, x), buf("tmp", x)).neg_().addcmul_(s, x).mul_(rm)
 
-    def dot(u, v):
-        return torch.linalg.vecdot(u.flatten(2), v.flatten(2))[..., None, None]
+    def dot(u, v):  # per system; bmm needs no full-size temporary
+        return torch.bmm(u.reshape(n * c, 1, h * w), v.reshape(n * c, h * w, 1)).view(n, c, 1, 1)
 
     def resmax(u):
-        return torch.linalg.vector_norm(u.flatten(2), math.inf, dim=-1)[..., None, None]
+        lo, hi = torch.aminmax(u.flatten(2), dim=-1)
+        return torch.maximum(hi, -lo)[..., None, None]
 
     precond = _Multigrid(lambda x: apply(x, "mg"), rm * s, rm)
     known = img * (1 - rm)
@@ -293,7 +289,7 @@ def impute(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.01, see
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
         active = active & (resmax(r) > tol)
-        z = precond(r)
+        z = precond(r, out=z)  # the previous z is no longer needed
         rz_new = dot(r, z)
         beta = torch.where(active, rz_new / rz.clamp(min=tiny), torch.zeros_like(rz))
         p = p.mul_(beta).add_(z)
