@@ -47,7 +47,9 @@ current iterate is used. 100 % removal (no known pixel) makes ``A`` singular: pe
 :class:`~camgate.errors.ConfigError` (it names the image size and the percentiles).
 
 Memory: ``road`` builds, imputes and scores ``chunk`` masks at a time (default 64, image-major), so
-the solver holds about 6 float tensors of ``chunk × 3 × H × W`` (224×224: ≈ 60 MB) whatever B is.
+the peak does not grow with B: the solver (CG vectors, reused stencil buffers, the coarse levels)
+peaks at about 16 float tensors of ``chunk × 3 × H × W`` — measured +570 MB for chunk 64 at
+224×224 on CPU; pass a smaller ``chunk`` to trade speed for memory.
 
 Seeding: each image draws from its own ``torch.Generator`` on the CPU (moved to the device
 afterwards, so CPU and GPU see the same numbers), seeded from ``seed + i`` or from a per-image seed
