@@ -375,7 +375,7 @@ def road(predict: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor
             rnd = _randn([_derive(s, _STREAM_RANDOM_MAP) for s in ok_seeds], (h, w), dev, torch.float32, uniform=True)
             kinds.append(("morf_random", "lerf_random",
                           removal_order(rnd, (h, w), torch.tensor([_derive(s, _STREAM_RANDOM_TIES) for s in ok_seeds]))))
-        # jobs: (row in ok, curve name, percentile index, rank tensor row, MoRF?), image-major
+        # jobs: (position in ok, curve name, percentile index, ranks, MoRF?, map kind), image-major
         jobs = [(a, name, q, ranks, morf_first, kk)
                 for a in range(len(ok))
                 for kk, (mname, lname, ranks) in enumerate(kinds)
@@ -391,8 +391,10 @@ def road(predict: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor
                                    for a, _, q, _, mf, kk in part])
             filled = impute(images01[rows], removed, noise=noise, seed=jseeds, tol=tol)
             prob = predict(filled).float().gather(1, targets[rows, None])[:, 0]
-            for (a, name, q, *_), v in zip(part, prob):
-                res[name][ok[a], q] = v
+            for name in res:  # one indexed write per curve, no per-element device sync
+                idx = [i for i, job in enumerate(part) if job[1] == name]
+                if idx:
+                    res[name][rows[idx], torch.tensor([part[i][2] for i in idx], device=dev)] = prob[idx]
     return _result(clean, res, reason, percentiles)
 
 
