@@ -373,8 +373,8 @@ def road(predict: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor
         kinds = [("morf", "lerf", removal_order(maps[okt], (h, w), torch.tensor(ok_seeds)))]
         if random_baseline:
             rnd = _randn([_derive(s, _STREAM_RANDOM_MAP) for s in ok_seeds], (h, w), dev, torch.float32, uniform=True)
-            kinds.append(("morf_random", "lerf_random",
-                          removal_order(rnd, (h, w), torch.tensor([_derive(s, _STREAM_RANDOM_TIES) for s in ok_seeds]))))
+            tie_seeds = torch.tensor([_derive(s, _STREAM_RANDOM_TIES) for s in ok_seeds])
+            kinds.append(("morf_random", "lerf_random", removal_order(rnd, (h, w), tie_seeds)))
         # jobs: (position in ok, curve name, percentile index, ranks, MoRF?, map kind), image-major
         jobs = [(a, name, q, ranks, morf_first, kk)
                 for a in range(len(ok))
