@@ -41,9 +41,9 @@ O(H+W) iterations (about 160 at 64×64, 500 at 224×224), so the preconditioner 
 multigrid V-cycle (2×2 aggregation, Galerkin coarse stencils; see :class:`_Multigrid`), which brings
 that to about 20 and 40. A system has converged when the largest entry of its residual (pixel
 units) is ≤ ``tol`` (1e-6; in float32 that leaves a largest error of about 4e-5 against the exact
-solution at 64×64, far below the 0.01 noise); converged systems stop updating one by one; if some are still above
-``tol`` after ``max_iter`` iterations (default 100), :class:`ImputationWarning` is issued and the
-current iterate is used. 100 % removal (no known pixel) makes ``A`` singular: percentiles must lie in
+solution at 64×64, far below the 0.01 noise); converged systems stop updating one by one; if some
+are still above ``tol`` after ``max_iter`` iterations (default 100), :class:`ImputationWarning` is
+issued and the current iterate is used. 100 % removal (no known pixel) makes ``A`` singular: percentiles must lie in
 (0, 100) and every percentile must remove at least one pixel and keep at least one, otherwise
 :class:`~camgate.errors.ConfigError` (it names the image size and the percentiles).
 
