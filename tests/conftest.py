@@ -27,3 +27,15 @@ def s3_bucket(s3_server):
     from camgate.storage import ensure_bucket
 
     return ensure_bucket(f"t-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests made of many small ops: on a 2-core machine shared with other work,
+    two threads contend and run such tests many times slower. The previous count comes back after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

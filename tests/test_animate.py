@@ -13,12 +13,7 @@ from camgate.animate import (BANNER, EncodeError, animate, contact_sheet, render
 from camgate.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
 
 
 def probe(path):

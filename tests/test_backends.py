@@ -13,16 +13,8 @@ from camgate.backends import (Backend, CallableBackend, OnnxBackend, TorchBacken
                               load_backend)
 from camgate.errors import ConfigError
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy TorchScript exporter
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small ops on a shared 2-core machine: one thread avoids contention, restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # legacy TorchScript exporter
+              pytest.mark.usefixtures("one_thread")]  # many small ops: one torch thread
 
 
 def _export(model: nn.Module, path, size=(64, 64), batch: int | None = None) -> str:
@@ -129,7 +121,7 @@ def test_load_callable_from_module_path(monkeypatch):
     b = load_backend("callable", arch="vendor_model_for_tests:score", num_classes=3, input_size=(8, 8),
                      output="probs")
     assert b.kind == "callable" and b.calls == 0
-    with pytest.raises(ConfigError, match="cannot import scoring function"):
+    with pytest.raises(ConfigError, match="cannot import kind .callable. arch"):
         load_backend("callable", arch="vendor_model_for_tests:nope", num_classes=3, input_size=(8, 8))
     with pytest.raises(ConfigError, match="outputs 3 scores, but num_classes is 4"):
         load_backend("callable", arch="vendor_model_for_tests:score", num_classes=4, input_size=(8, 8),

@@ -8,15 +8,10 @@ from camgate.cam.blackbox import METHODS, decam, explain, random_search, rise
 from camgate.cam.engine import CamBatch, minmax, upsample
 from camgate.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
+
+
 S = 32  # image side; the evidence is the top-right quadrant rows [0, 16), columns [16, 32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared machine: one thread avoids contention
-    yield
-    torch.set_num_threads(n)
 
 
 def quadrant_model(x):

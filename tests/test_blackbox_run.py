@@ -19,16 +19,8 @@ from camgate.runner import Runner, analyze, run
 from test_run import make_set
 from zoo import tiny_cnn
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy TorchScript exporter
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # many tiny forward passes on a shared 2-core machine: one thread avoids contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # legacy TorchScript exporter
+              pytest.mark.usefixtures("one_thread")]  # many small ops: one torch thread
 
 
 def export(model, path: Path, size=(32, 32)) -> Path:

@@ -17,13 +17,8 @@ from camgate.errors import ConfigError
 from camgate.faithfulness import (PERCENTILES, ImputationWarning, check_percentiles, impute, neighbours, removal_masks,
                                   removal_order, road, ybroad)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids losing time to thread sync on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
 
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

@@ -24,6 +24,9 @@ from camgate.cam import normalized
 from camgate.cam.layers import LayerPlan, LayerRef, layer_maps, normalise, plan_layers
 from camgate.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
+
+
 TOL = 1e-4
 SIZE = 64
 REFERENCE = {
@@ -31,16 +34,6 @@ REFERENCE = {
     "hirescam": pgc.HiResCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM,
     "eigengradcam": pgc.EigenGradCAM, "gradcamelementwise": pgc.GradCAMElementWise,
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: with 2 threads fighting other jobs these small convolutions run
-    # ~15x slower than on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -229,15 +229,16 @@ class OnnxBackend(_Base):
         return torch.from_numpy(np.ascontiguousarray(y[:n]))
 
 
-def _import_callable(arch: str) -> Callable:
-    if not arch or ":" not in arch:
-        raise BackendError(f"kind 'callable' needs arch 'package.module:function', got {arch!r}")
-    mod, fn = arch.split(":", 1)
+def import_object(spec: str, what: str, error: type[Exception] = None) -> Callable:
+    """``package.module:name`` -> that object; ``error`` (a ConfigError type) naming ``what`` otherwise."""
+    error = error or BackendError
+    if not spec or ":" not in spec:
+        raise error(f"{what} must be 'package.module:name', got {spec!r}")
+    mod, name = spec.split(":", 1)
     try:
-        obj = getattr(importlib.import_module(mod), fn)
+        return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
-        raise BackendError(f"cannot import scoring function {arch!r}: {e}") from e
-    return obj
+        raise error(f"cannot import {what} {spec!r}: {e}") from e
 
 
 def load_backend(kind: str, *, num_classes: int, input_size: Sequence[int], weights: bytes | str | None = None,
@@ -277,7 +278,7 @@ def load_backend(kind: str, *, num_classes: int, input_size: Sequence[int], weig
             providers = ["CPUExecutionProvider"]
         b: _Base = OnnxBackend(weights, num_classes, output, providers, input_size, batch_size)
     elif kind == "callable":
-        b = CallableBackend(_import_callable(arch or ""), num_classes, output,
+        b = CallableBackend(import_object(arch or "", "kind 'callable' arch (a scoring function)"), num_classes, output,
                             "cpu" if dev == "auto" else device, batch_size)
     else:
         if model is None:

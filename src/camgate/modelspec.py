@@ -20,7 +20,6 @@ Black boxes (heatmaps from outputs only: methods ``decam``, ``rise``)::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -34,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from . import storage
-from .backends import KINDS, OUTPUTS, Backend, BackendError, load_backend
+from .backends import KINDS, OUTPUTS, Backend, BackendError, import_object, load_backend
 from .errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,13 +212,7 @@ def build_arch(arch: str, num_classes: int) -> nn.Module:
         if name not in tvm.list_models():
             raise ModelCardError(f"unknown torchvision architecture {name!r}")
         return tvm.get_model(name, weights=None, num_classes=num_classes)
-    if ":" not in arch:
-        raise ModelCardError(f"arch must be 'torchvision/<name>' or 'package.module:factory', got {arch!r}")
-    mod_name, fn_name = arch.split(":", 1)
-    try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ModelCardError(f"cannot import factory {arch!r}: {e}") from e
+    factory = import_object(arch, "arch (torchvision/<name> or a factory)", ModelCardError)
     try:
         return factory(num_classes=num_classes)
     except TypeError:  # factories without a num_classes argument
