@@ -1,12 +1,8 @@
 """The numbers a user sees are the numbers the library computes: the split (pipeline) path equals the
 fused (CLI) path, masks pair by row and image, configuration errors fail before data is read, exit
 codes tell a failed gate from a bug, and per-row artifacts are keyed by row."""
-import io
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +14,7 @@ from camgate import results
 from camgate.cli import main
 from camgate.data import DataError
 from camgate.runner import analyze, run
-from test_run import CAMGATE, make_set, png
+from test_run import make_set, png
 
 HERE = os.path.dirname(__file__)
 METRICS = ["invalid_activation_ratio", "invalid_area_ratio", "topk_invalid_share"]
