@@ -2,7 +2,6 @@
 fused (CLI) path, masks pair by row and image, configuration errors fail before data is read, exit
 codes tell a failed gate from a bug, and per-row artifacts are keyed by row."""
 import math
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,6 @@ from camgate.data import DataError
 from camgate.runner import analyze, run
 from test_run import make_set, png
 
-HERE = os.path.dirname(__file__)
 METRICS = ["invalid_activation_ratio", "invalid_area_ratio", "topk_invalid_share"]
 
 
