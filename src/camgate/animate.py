@@ -334,3 +334,37 @@ def animation_html(out_dir, title: str) -> str:
             f"<img alt='maps of every layer' src='data:image/{kind};base64,{img}'>"
             f"<h2>Invalid activation per layer</h2><table><tr><th>#</th><th>layer</th>"
             f"<th>invalid activation ratio</th></tr>{cells}</table></body></html>\n")
+
+
+def animate_image(model, image: str, out_dir, *, mask: str | None = None, layers: str = "all",
+                  method: str = "gradcam", target="predicted", norm: str = "both", fps: float = 8,
+                  mask_spec=None, device: str = "auto") -> dict:
+    """``camgate animate``: one image (URI) through every layer. The maps are computed once into
+    ``out_dir/layers.parquet`` (as ``camgate layers`` would) and the frames are rendered from those
+    stored maps; returns the paths of the Parquet, the MP4, the GIF, the contact sheet and the JSON."""
+    import posixpath
+
+    from . import results, runner, storage
+    from .data import DataError, Item, MaskSpec, decode_image, decode_mask
+    from .modelspec import load_model
+
+    norm_modes(norm)
+    mask_spec = mask_spec or MaskSpec()
+    lm = model if hasattr(model, "card") else load_model(model, device=device)
+    stem = posixpath.splitext(posixpath.basename(image))[0]
+    table = storage.join(str(out_dir), "layers.parquet")
+    runner.run_layers(lm, image, table, items=[Item(0, stem, image, mask, None, {})], layers=layers,
+                      method=method, target=target, mask_spec=mask_spec, progress=False)
+    rows = results.read_table(table).to_pylist()
+    if rows[0]["status"] == "error":
+        raise DataError(rows[0]["error"])
+    img = decode_image(storage.read_bytes(image), image)
+    full = decode_mask(storage.read_bytes(mask), mask, mask_spec, img.size) if mask else None
+    _, view, vmask = model_view_of(img, lm.input, full)
+    md = results.run_metadata(table)
+    info = {"method": md["method"], "target": rows[0]["target_class"], "predicted": rows[0]["predicted_class"],
+            "layers": [r["layer"] for r in rows], "skipped": md["skipped_layers"],
+            "invalid_activation_ratio": [r["invalid_activation_ratio"] for r in rows]}
+    paths = write_animation(view, [results.cam_array(r) for r in rows], [r["layer"] for r in rows], out_dir,
+                            mask=vmask, norm=norm, fps=fps, info=info)
+    return {"parquet": table, **paths}

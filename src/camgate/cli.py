@@ -60,35 +60,12 @@ def cmd_layers(args) -> int:
 
 
 def cmd_animate(args) -> int:
-    """One image's maps at every layer: computed once into DIR/layers.parquet, rendered from there."""
-    import posixpath
+    from .animate import animate_image
 
-    from . import results, runner, storage
-    from .animate import model_view_of, norm_modes, write_animation
-    from .data import DataError, Item, MaskSpec, decode_image, decode_mask
-    from .modelspec import load_model
-
-    norm_modes(args.norm)
-    spec_mask = _mask_spec(args) or MaskSpec()
-    lm = load_model(args.model, device=args.device)
-    stem = posixpath.splitext(posixpath.basename(args.image))[0]
-    item = Item(index=0, image_id=stem, image=args.image, mask=args.mask, label=None, meta={})
-    table = storage.join(args.out, "layers.parquet")
-    runner.run_layers(lm, args.image, table, items=[item], layers=args.layers, method=args.method,
-                      target=args.target, mask_spec=spec_mask, progress=False)
-    rows = results.read_table(table).to_pylist()
-    if rows[0]["status"] == "error":
-        raise DataError(rows[0]["error"])
-    img = decode_image(storage.read_bytes(args.image), args.image)
-    mask = decode_mask(storage.read_bytes(args.mask), args.mask, spec_mask, img.size) if args.mask else None
-    _, view, vmask = model_view_of(img, lm.input, mask)
-    md = results.run_metadata(table)
-    info = {"method": md["method"], "target": rows[0]["target_class"], "predicted": rows[0]["predicted_class"],
-            "layers": [r["layer"] for r in rows], "skipped": md["skipped_layers"],
-            "invalid_activation_ratio": [r["invalid_activation_ratio"] for r in rows]}
-    paths = write_animation(view, [results.cam_array(r) for r in rows], [r["layer"] for r in rows], args.out,
-                            mask=vmask, norm=args.norm, fps=args.fps, info=info)
-    print(json.dumps({"layers": len(rows), "parquet": table, **{k: str(v) for k, v in paths.items()}}))
+    paths = animate_image(args.model, args.image, args.out, mask=args.mask, layers=args.layers,
+                          method=args.method, target=args.target, norm=args.norm, fps=args.fps,
+                          mask_spec=_mask_spec(args), device=args.device)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 
 

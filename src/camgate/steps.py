@@ -147,16 +147,10 @@ def animate_step(model_path: str, image: str, out_dir: str, mask: str = "", laye
     """One image through every layer -> animation files under ``out_dir``; returns a self-contained
     HTML page with the GIF (or, when that is too large for KFP's viewer, the contact sheet) and the
     per-layer invalid activation curve."""
-    from .animate import animation_html
-    from .cli import main
+    from .animate import animate_image, animation_html
 
-    args = ["animate", "--model", model_path, "--image", image, "--out", out_dir, "--layers", layers,
-            "--method", method, "--norm", norm, "--fps", str(fps), "--device", device]
-    if mask:
-        args += ["--mask", mask]
-    code = main(args)
-    if code:
-        raise RuntimeError(f"camgate animate failed with exit code {code} (see the log above)")
+    animate_image(model_path, image, out_dir, mask=mask or None, layers=layers, method=method, norm=norm,
+                  fps=float(fps), device=device)
     return animation_html(out_dir, image)
 
 

@@ -123,7 +123,7 @@ def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, f
     """Per-layer mean invalid activation ratio over the first test images (one pass per batch), and
     the animation of the first pedestrian image: where in the network attention lands on the wall."""
     from .. import results
-    from ..cli import main as cli
+    from ..animate import animate_image
     from ..data import load_items
     from ..runner import run_layers
 
@@ -133,8 +133,7 @@ def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, f
     df = results.read(str(out / "layers.parquet"))
     mean = df[df["status"] == "ok"].groupby(["layer_index", "layer"])["invalid_activation_ratio"].mean()
     walker = next(it for it in items if it.label == "pedestrian")
-    cli(["animate", "--model", str(card), "--image", walker.image, "--mask", walker.mask, "--out", str(out),
-         "--layers", ",".join(LAYERS_SHOWN), "--fps", "2"])
+    animate_image(str(card), walker.image, out / "animation", mask=walker.mask, layers=",".join(LAYERS_SHOWN), fps=2)
     return [(name, round(float(v), 4)) for (_, name), v in mean.items()]
 
 
