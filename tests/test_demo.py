@@ -29,6 +29,12 @@ def test_demo_clean_passes_shortcut_fails():
     assert clean["passed"] and clean["promoted"]
     assert not shortcut["passed"] and not shortcut["promoted"]
     assert shortcut["mean_invalid_activation_ratio"] > clean["mean_invalid_activation_ratio"] + 0.2
+    # the heatmaps behind the verdicts are faithful: ROAD of Grad-CAM clears the random map by far
+    for r in (clean, shortcut):
+        assert r["road"] > r["road_random"] + 0.1, r
+    # per layer, the shortcut model rests on the wall far more than the clean one somewhere in the net
+    gap = max(dict(shortcut["layer_curve"])[n] - v for n, v in clean["layer_curve"])
+    assert gap > 0.3 and "largest at" in p.stdout
     for r in rows.values():
         assert r["n_images"] >= 100 and Path(r["report"]).stat().st_size > 1000
         assert r["model"] in p.stdout and ("PASS" if r["passed"] else "FAIL") in p.stdout
