@@ -212,7 +212,9 @@ def build_arch(arch: str, num_classes: int) -> nn.Module:
         if name not in tvm.list_models():
             raise ModelCardError(f"unknown torchvision architecture {name!r}")
         return tvm.get_model(name, weights=None, num_classes=num_classes)
-    factory = import_object(arch, "arch (torchvision/<name> or a factory)", ModelCardError)
+    if ":" not in arch:
+        raise ModelCardError(f"arch must be 'torchvision/<name>' or 'package.module:factory', got {arch!r}")
+    factory = import_object(arch, "factory", ModelCardError)
     try:
         return factory(num_classes=num_classes)
     except TypeError:  # factories without a num_classes argument
