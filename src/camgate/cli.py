@@ -25,6 +25,12 @@ def _mask_spec(args):
     return MaskSpec.parse(args.mask_marks_valid, args.invalid_ids)
 
 
+def _add_model_data_out(p, out_help: str):
+    p.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
+    p.add_argument("--data", required=True, help="manifest (csv/jsonl/parquet) or prefix with images/ (+ masks/)")
+    p.add_argument("--out", required=True, help=out_help)
+
+
 def _add_mask_args(p):
     p.add_argument("--static-mask", help="one mask for every image (fixed camera)")
     p.add_argument("--mask-marks-valid", action="store_true", help="masks mark the VALID region")
@@ -140,9 +146,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="compute heatmaps and invalid-pixel metrics -> results Parquet")
-    r.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
-    r.add_argument("--data", required=True, help="manifest (csv/jsonl/parquet) or prefix with images/ + masks/")
-    r.add_argument("--out", required=True, help="results Parquet (local or s3://)")
+    _add_model_data_out(r, "results Parquet (local or s3://)")
     r.add_argument("--method", default="gradcam")
     r.add_argument("--target-layer", action="append", help="dotted module path (repeat for several)")
     r.add_argument("--target", default="predicted", help="predicted | label | <class index>")
@@ -161,9 +165,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     lay = sub.add_parser("layers", help="every layer's map in one pass per batch -> layers Parquet")
-    lay.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
-    lay.add_argument("--data", required=True, help="manifest or prefix with images/ (+ masks/)")
-    lay.add_argument("--out", required=True, help="layers Parquet: one row per (image, layer)")
+    _add_model_data_out(lay, "layers Parquet: one row per (image, layer)")
     lay.add_argument("--layers", default="all", help="all | comma-separated module names (name#k: k-th call)")
     lay.add_argument("--method", default="gradcam", help="a native method (gradcam, gradcam++, layercam, ...)")
     lay.add_argument("--target", default="predicted", help="predicted | label | <class index>")
@@ -191,9 +193,7 @@ def parser() -> argparse.ArgumentParser:
     an.set_defaults(fn=cmd_animate)
 
     rd = sub.add_parser("road", help="ROAD faithfulness of the heatmaps (per layer: ybROAD) -> ROAD Parquet")
-    rd.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
-    rd.add_argument("--data", required=True, help="manifest or prefix with images/")
-    rd.add_argument("--out", required=True, help="ROAD Parquet: one row per (image, layer)")
+    _add_model_data_out(rd, "ROAD Parquet: one row per (image, layer)")
     rd.add_argument("--method", default="gradcam")
     rd.add_argument("--layers", default="final", help="final (the card's target layer) | all | names")
     rd.add_argument("--percentiles", help="%% of pixels removed, comma-separated (default 10,20,...,90)")
