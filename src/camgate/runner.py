@@ -92,6 +92,12 @@ def item_target(item: Item, target: str | int, card) -> int:
     return int(target)
 
 
+def row_seed(seed: int, row: int) -> int:
+    """An image's own seed, from the run's seed and its manifest ``row``: what a seeded method draws for
+    an image then depends neither on the batch it ran in nor on which rows ran before it."""
+    return int(seed) * 1_000_003 + int(row)
+
+
 def triage(batch: list[Sample], target, card, need_mask: bool) -> tuple[list[int], list[int], dict]:
     """A batch -> (positions to compute, their target classes, {position: (error, error_kind)} for the
     rest): items that failed to load, lack a needed mask, or whose target class cannot be had."""
@@ -145,7 +151,7 @@ class Runner:
         def __call__(self, x: torch.Tensor, targets: torch.Tensor, rows: list[int]):
             from .cam import blackbox
 
-            seeds = [self.seed * 1_000_003 + r for r in rows]
+            seeds = [row_seed(self.seed, r) for r in rows]
             return blackbox.explain(self.backend, x, self.method, targets, budget=self.budget, seeds=seeds)
 
         def close(self):
@@ -623,7 +629,7 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
         else:
             lmaps = layer_maps(lm.model, x, plan, method, t)
             maps, explained = lmaps.maps, lmaps.targets
-        seeds = torch.tensor([seed * 1_000_003 + s.item.index for s in good])
+        seeds = torch.tensor([row_seed(seed, s.item.index) for s in good])
         for j, m in enumerate(maps):
             scored = fa.road(predict, x * std + mean, m.float(), explained, percentiles, seed=seeds).rows()
             for s, r, tc in zip(good, scored, explained.tolist()):
