@@ -66,7 +66,8 @@ def chain(tmp_path_factory):
 def gate_artifacts(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     return dict(metrics=dsl.Metrics(uri=str(folder / "metrics")), summary=dsl.Markdown(uri=str(folder / "summary")),
-                report=dsl.HTML(uri=str(folder / "report")))
+                report=dsl.HTML(uri=str(folder / "report")), record=dsl.Artifact(uri=str(folder / "record")),
+                junit=dsl.Artifact(uri=str(folder / "junit")))
 
 
 # --------------------------------------------------------------------------- components
@@ -153,6 +154,11 @@ def test_gate_soft_fail_reports_and_exports(chain, tmp_path):
     assert decision["passed"] is False and decision["policy"] == "strict"
     assert (tmp_path / "exp" / "summary.md").read_text() == Path(arts["summary"].path).read_text()
     assert (tmp_path / "exp" / "report.html").read_text() == Path(arts["report"].path).read_text()
+    # the record and JUnit go out too, and the report names the record by its hash
+    record = (tmp_path / "exp" / "record.json").read_bytes()
+    assert record == Path(arts["record"].path).read_bytes() and json.loads(record)["verdict"]["passed"] is False
+    assert hashlib.sha256(record).hexdigest() in Path(arts["report"].path).read_text()
+    assert b"<failure" in (tmp_path / "exp" / "junit.xml").read_bytes()
 
 
 def test_gate_hard_fail_raises_with_rules_and_still_exports(chain, tmp_path):

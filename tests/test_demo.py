@@ -29,6 +29,11 @@ def test_demo_clean_passes_shortcut_fails():
     assert clean["passed"] and clean["promoted"]
     assert not shortcut["passed"] and not shortcut["promoted"]
     assert shortcut["mean_invalid_activation_ratio"] > clean["mean_invalid_activation_ratio"] + 0.2
+    # champion/challenger: the clean model is production; the shortcut model is a regression against it
+    assert clean["champion"] is None and clean["regression"] is None
+    assert shortcut["champion"] == "underpass-clean" and shortcut["regression"] == "FAIL"
+    assert shortcut["baseline_mean_increase"] > 0.2 and "FAIL" in p.stdout.split("underpass-shortcut")[1]
+    assert "Task 'champion-results' finished with status SUCCESS" in p.stderr
     # the heatmaps behind the verdicts are faithful: ROAD of Grad-CAM clears the random map by far
     for r in (clean, shortcut):
         assert r["road"] > r["road_random"] + 0.1, r

@@ -1,4 +1,4 @@
-"""``camgate`` command line: run, analyze, gate, bench, demo, compile.
+"""``camgate`` command line: run, analyze, gate, report, bench, demo, compile (and more: ``camgate -h``).
 
 Exit codes: 0 success (gate: passed, or failed without --fail-on-violation), 1 gate failed with
 --fail-on-violation, 2 usage or input error (bad model card, data, policy, option, credentials...:
@@ -109,12 +109,35 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def cmd_gate(args) -> int:
-    from .gate import gate
+def _write_artifacts(files: dict, wanted: dict) -> None:
+    from . import storage
 
-    decision = gate(args.results, args.policy, road=args.road)
+    for name, path in wanted.items():
+        if path:
+            storage.write_bytes(path, files[name])
+
+
+def cmd_gate(args) -> int:
+    from .report import artifacts
+
+    decision, files = artifacts(args.results, args.policy, road=args.road, baseline=args.baseline,
+                                images=bool(args.report))
+    _write_artifacts(files, {"report.html": args.report, "record.json": args.record, "junit.xml": args.junit,
+                             "summary.md": args.markdown})
     print(json.dumps(decision.to_dict(), indent=None if args.compact else 2))
     return EXIT_FAIL if (args.fail_on_violation and not decision.passed) else 0
+
+
+def cmd_report(args) -> int:
+    from .report import artifacts
+    from .results import run_metadata
+
+    # the policy the results were run with, else the default rules: a report needs a verdict to explain
+    policy = args.policy or run_metadata(args.results).get("policy") or {"name": "default"}
+    decision, files = artifacts(args.results, policy, road=args.road, baseline=args.baseline)
+    _write_artifacts(files, {"report.html": args.out, "summary.md": args.markdown, "record.json": args.record})
+    print(f"{'PASS' if decision.passed else 'FAIL'}: report written to {args.out}")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -222,9 +245,24 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("results")
     g.add_argument("--policy", required=True)
     g.add_argument("--road", help="ROAD results (camgate road) for the policy's faithfulness rule")
+    g.add_argument("--baseline", help="the champion's results on the same data, for the baseline rules")
+    g.add_argument("--report", help="write the HTML report here")
+    g.add_argument("--markdown", help="write the Markdown summary here")
+    g.add_argument("--record", help="write the test record (record.json) here")
+    g.add_argument("--junit", help="write JUnit XML (one test case per rule and scope) here")
     g.add_argument("--fail-on-violation", action="store_true", help="exit 1 when the gate fails")
     g.add_argument("--compact", action="store_true", help="one-line JSON")
     g.set_defaults(fn=cmd_gate)
+
+    rp = sub.add_parser("report", help="results -> HTML report (and Markdown, record) for a reviewer")
+    rp.add_argument("results")
+    rp.add_argument("--out", required=True, help="the HTML report")
+    rp.add_argument("--policy", help="policy YAML (default: the one the run recorded, else the default rules)")
+    rp.add_argument("--baseline", help="the champion's results on the same data")
+    rp.add_argument("--road", help="ROAD results (camgate road)")
+    rp.add_argument("--markdown", help="also write the Markdown summary here")
+    rp.add_argument("--record", help="also write the test record here")
+    rp.set_defaults(fn=cmd_report)
 
     b = sub.add_parser("bench", help="benchmark: inference vs camgate vs pytorch-grad-cam, side by side")
     from .bench import add_args

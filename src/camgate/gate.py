@@ -11,6 +11,9 @@ A policy is a small YAML file (local path or s3://)::
       no_activation_rate: {max: 0.05}               # share of rows with status=='no_activation'
       error_rate: {max: 0.0}                        # share of rows with status=='error'
       min_images: 20                                # fewer ok images in the whole run -> fail
+      faithfulness: {min_margin: 0.05}              # ROAD - random-map ROAD (gate --road)
+      baseline_mean_increase: {max: 0.02}           # mean ratio - the champion's (gate --baseline)
+      baseline_share_worse: {by: 0.05, max: 0.10}   # share of images whose ratio rose by > 0.05
     per_class: predicted      # false (default) | true = predicted | predicted | label
     slices: [camera]          # metadata columns: rules also apply per value
     min_scope_images: 5       # class/slice scopes with fewer ok images are skipped (default 1)
@@ -27,6 +30,11 @@ relative slack, so ``error_rate: {max: 0.0}`` stays strict however many rows the
 value with images behind it fails: a missing per-image number must never pass silently. Rules over
 rows (error/no-activation rates) are not applied to predicted-class scopes, which hold no error
 rows by construction.
+
+Baseline rules compare with the champion's results on the same data, paired by ``row`` and
+``image`` over the images that are ok in both runs. Without a baseline they are skipped with that
+reason (a first model has no champion); a baseline sharing no image with the results is refused, and
+one computed with another method, layer or mask setting is compared but warned about.
 """
 from __future__ import annotations
 
@@ -59,20 +67,29 @@ RULES: dict[str, tuple[str, str, str, tuple[float, float]]] = {
     "mean_excess_over_area": ("<=", "mean_excess_over_area", "ok", (-1.0, 1.0)),
     # over the images of a ROAD file (`camgate road`): mean(road - road_random), run-wide only
     "faithfulness": (">=", "faithfulness_margin", "road", (-1.0, 1.0)),
+    # against a baseline (champion) results file of the same images (gate --baseline), run-wide only,
+    # over the images that are ok in both runs, paired by row and image
+    "baseline_mean_increase": ("<=", "baseline_mean_increase", "paired", (-1.0, 1.0)),
+    "baseline_share_worse": ("<=", "baseline_share_worse", "paired", (0.0, 1.0)),
 }
+RUN_WIDE = ("min_images", "faithfulness", "baseline_mean_increase", "baseline_share_worse")
 DEFAULT_SHARE_RATIO = 0.5
+DEFAULT_WORSE_BY = 0.05  # baseline_share_worse: a ratio rise above this counts as "worse"
+# Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
+_COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "topk")
 # Checked unless the policy sets them to null: every image must be judged; an all-zero map is
 # no evidence either way, and a few are normal for Grad-CAM (its channel weights can all be
 # negative for a class), but a run of them must not pass on what the other maps say; and an empty
 # run never passes.
 DEFAULT_RULES = {"error_rate": {"max": 0.0}, "no_activation_rate": {"max": 0.05}, "min_images": 1}
+_PARAMS = {"share_images_over": {"ratio": DEFAULT_SHARE_RATIO}, "baseline_share_worse": {"by": DEFAULT_WORSE_BY}}
 _POLICY_KEYS = {"name", "description", "rules", "per_class", "slices", "min_scope_images"}
 _REL_TOL = 1e-9
 _MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
 
 # Columns evaluate() and the reports read; `cam` is deliberately absent (it is the bulk of the file).
 RESULT_COLUMNS = (
-    "row", "image_id", "status", "error", "label", "predicted_class", "predicted_label",
+    "row", "image_id", "image", "status", "error", "label", "predicted_class", "predicted_label",
     "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
 )
 _REQUIRED = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
@@ -84,6 +101,10 @@ class PolicyError(ConfigError):
 
 class ResultsError(ConfigError):
     """The results table lacks a column or holds values outside the results contract."""
+
+
+class BaselineError(ResultsError):
+    """The baseline results cannot be compared with the results (no image in common)."""
 
 
 # --------------------------------------------------------------------------- policy
@@ -199,13 +220,13 @@ def _parse_policy(doc: Mapping, where: str, default_name: str = "policy") -> Pol
         bound = "min_margin" if rname == "faithfulness" else "max"
         if not isinstance(spec, Mapping):
             spec = {bound: spec}
-        allowed = {"max", "ratio"} if rname == "share_images_over" else {bound}
+        allowed = {bound, *_PARAMS.get(rname, {})}
         _only_keys(spec, allowed, key, fail)
         if bound not in spec:
             fail(f"{key}.{bound}", "missing")
         threshold = _number(spec[bound], lo, hi, f"{key}.{bound}", fail)
-        if rname == "share_images_over":
-            params["ratio"] = _number(spec.get("ratio", DEFAULT_SHARE_RATIO), 0.0, 1.0, f"{key}.ratio", fail)
+        for pname, default in _PARAMS.get(rname, {}).items():
+            params[pname] = _number(spec.get(pname, default), 0.0, 1.0, f"{key}.{pname}", fail)
         rules.append(Rule(rname, threshold, op, params))
 
     per_class = doc.get("per_class", False)
@@ -319,6 +340,7 @@ class _Frame:
             "no_activation": n_noact,
             "error": n_err,
             "mean_invalid_activation_ratio": float(np.mean(r)) if n_ok else nan,
+            "p95_invalid_activation_ratio": float(np.percentile(r, 95)) if n_ok else nan,
             "share_images_over": share,
             "share_over_ratio": share_ratio,
             "peak_in_invalid_rate": float(np.mean(p)) if n_ok else nan,
@@ -398,6 +420,9 @@ class Decision:
     # the policy's margin); None when the policy does not ask.
     trusted: bool | None = None
     trust_reason: str | None = None
+    # The champion compared with (gate --baseline): its identity and the paired statistics.
+    baseline: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[RuleResult]:
@@ -416,6 +441,8 @@ class Decision:
             "scopes": [{k: _json_float(v) for k, v in s.items()} for s in self.scopes],
             "trusted": self.trusted,
             "trust_reason": self.trust_reason,
+            "baseline": None if self.baseline is None else {k: _json_float(v) for k, v in self.baseline.items()},
+            "warnings": list(self.warnings),
         }
 
 
@@ -427,7 +454,8 @@ def _json_float(v):
 
 def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
     op, key, basis, _ = RULES[rule.name]
-    n = {"ok": stats["ok"], "rows": stats["rows"]}.get(basis, stats.get("road_images", 0))
+    n = {"ok": stats["ok"], "rows": stats["rows"], "road": stats.get("road_images", 0),
+         "paired": stats.get("baseline_compared", 0)}[basis]
     value = float(stats.get(key, math.nan)) if rule.name != "min_images" else stats["ok"]
     res = dict(rule=rule.name, scope=scope, threshold=rule.threshold, op=op, n=n, params=rule.params)
     if rule.name != "min_images":
@@ -435,6 +463,11 @@ def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
             return RuleResult(value=None, verdict="skip", reason="no rows in scope", **res)
         if basis == "road" and n == 0:
             return RuleResult(value=None, verdict="fail", reason=stats.get("road_reason") or "no ROAD scores", **res)
+        if basis == "paired" and "baseline_compared" not in stats:  # a first model has no champion
+            return RuleResult(value=None, verdict="skip", reason="no baseline (champion) results given", **res)
+        if basis == "paired" and n == 0:
+            return RuleResult(value=None, verdict="fail", reason="no image is ok in both the results and the baseline",
+                              **res)
         if basis == "ok" and stats["ok"] < min_ok:
             why = "no ok images in scope" if stats["ok"] == 0 else f"{stats['ok']} ok images < {min_ok}"
             return RuleResult(value=None, verdict="skip", reason=why, **res)
@@ -468,12 +501,72 @@ def road_stats(road, layer: str | None = None) -> dict:
             "faithfulness_margin": float((r[ok] - rnd[ok]).mean())}
 
 
+_PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",
+                 "predicted_class", "predicted_label", "label")
+
+
+def pair_baseline(results, baseline):
+    """Rows of the results and of the baseline for the same images, paired by ``row`` and ``image``
+    (a pandas DataFrame; the baseline's columns end in ``_baseline``). Refuses a baseline that shares
+    no image with the results: comparing other images says nothing about a regression."""
+    cand = read_results(results, _PAIR_COLUMNS).to_pandas()
+    base = read_results(baseline, _PAIR_COLUMNS).to_pandas()
+    for what, df in (("results", cand), ("baseline", base)):
+        missing = [c for c in ("row", "image", "status", "invalid_activation_ratio") if c not in df.columns]
+        if missing:
+            raise ResultsError(f"{what} lack column(s) {missing} needed to pair with the "
+                               f"{'baseline' if what == 'results' else 'results'}")
+    keep = [c for c in ("row", "image", "status", "invalid_activation_ratio", "predicted_class") if c in base.columns]
+    pairs = cand.merge(base[keep], on=["row", "image"], how="inner", suffixes=("", "_baseline"))
+    if pairs.empty:
+        where = baseline if isinstance(baseline, (str, os.PathLike)) else "the baseline"
+        raise BaselineError(f"{where}: no image in common with the results ({len(base)} baseline rows, "
+                            f"{len(cand)} result rows, paired by row and image): a baseline must be the "
+                            f"champion's results on the same data manifest")
+    return pairs.sort_values("row", kind="stable").reset_index(drop=True)
+
+
+def baseline_stats(results, baseline, worse_by: float = DEFAULT_WORSE_BY) -> dict:
+    """Paired statistics against the baseline, over images that are ok in both runs."""
+    pairs = pair_baseline(results, baseline)
+    both = pairs[(pairs["status"] == "ok") & (pairs["status_baseline"] == "ok")]
+    cand = both["invalid_activation_ratio"].to_numpy(float)
+    base = both["invalid_activation_ratio_baseline"].to_numpy(float)
+    n_rows = read_results(results, ("row",)).num_rows
+    nan = float("nan")
+    return {"baseline_paired": len(pairs), "baseline_unpaired": n_rows - len(pairs),
+            "baseline_compared": len(both),
+            "baseline_mean": float(base.mean()) if len(both) else nan,
+            "baseline_candidate_mean": float(cand.mean()) if len(both) else nan,
+            "baseline_mean_increase": float((cand - base).mean()) if len(both) else nan,
+            "baseline_share_worse": float(np.mean(cand - base > worse_by)) if len(both) else nan,
+            "baseline_worse_by": worse_by}
+
+
+def _baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict, list[str]]:
+    """Who the champion is, and warnings when its ratios were measured differently."""
+    model = base_md.get("model") or {}
+    ident = {"source": str(baseline) if isinstance(baseline, (str, os.PathLike)) else None,
+             "model": model.get("name"), "weights_sha256": base_md.get("weights_sha256"),
+             "method": base_md.get("method"), "target_layer": base_md.get("target_layer")}
+    warnings = []
+    for key in _COMPARABLE:
+        if key in base_md and key in results_md and base_md[key] != results_md[key]:
+            warnings.append(f"baseline computed with {key} {base_md[key]!r}, the results with {results_md[key]!r}: "
+                            f"their invalid activation ratios may not be comparable")
+    if base_md.get("weights_sha256") and base_md.get("weights_sha256") == results_md.get("weights_sha256"):
+        warnings.append("baseline and results come from the same weights (equal sha256): is the baseline the "
+                        "champion?")
+    return ident, warnings
+
+
 def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | str | os.PathLike,
-             road=None) -> Decision:
+             road=None, baseline=None) -> Decision:
     """Apply ``policy`` to a results table (or Parquet path/URI) and decide pass/fail.
 
     ``road``: ROAD results (table or URI) for the ``faithfulness`` rule; the decision is then marked
-    ``trusted`` or not, with the reason."""
+    ``trusted`` or not, with the reason. ``baseline``: the champion's results on the same data, for
+    the baseline rules (the decision then names the champion and the paired statistics)."""
     policy = load_policy(policy)
     table = read_results(results, RESULT_COLUMNS + ("target_layer",) + policy.slices)
     missing = [s for s in policy.slices if s not in table.column_names]
@@ -486,6 +579,18 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     if faith or road is not None:
         layers = table.column("target_layer").drop_null().unique().to_pylist() if "target_layer" in table.column_names else []
         overall.update(road_stats(road, layers[0] if len(layers) == 1 else None))
+    ident, warnings = None, []
+    if baseline is not None:
+        from .results import run_metadata
+
+        worse = policy.rule("baseline_share_worse")
+        overall.update(baseline_stats(table, baseline, worse.params["by"] if worse else DEFAULT_WORSE_BY))
+        base_table = read_results(baseline, ("row",))
+        ident, warnings = _baseline_identity(run_metadata(table), run_metadata(base_table), baseline)
+        ident.update({k: v for k, v in overall.items() if k.startswith("baseline_")})
+        if overall["baseline_unpaired"]:
+            warnings.append(f"{overall['baseline_unpaired']} of {frame.n} result rows have no baseline row for the same "
+                            f"image: the comparison covers the other {overall['baseline_paired']}")
     rules = [_judge(r, overall, "all", 1) for r in policy.rules]
     trusted = reason = None
     if faith:
@@ -495,7 +600,7 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
                   verdict.reason or f"ROAD beats the random map by only {verdict.value:.3f} (< {faith.threshold:g}): "
                                     f"a verdict on heatmaps that do not show what the model uses is not evidence")
 
-    scoped = [r for r in policy.rules if r.name not in ("min_images", "faithfulness")]  # judged on the run
+    scoped = [r for r in policy.rules if r.name not in RUN_WIDE]
     groupings: list[tuple[str, str]] = []
     if policy.per_class:
         groupings.append((policy.per_class, "class"))
@@ -515,13 +620,13 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     counts = {k: overall[k] for k in ("rows", *STATUSES)}
     metrics = {k: v for k, v in overall.items() if k not in counts and k != "road_reason"}
     return Decision(policy.name, all(r.verdict != "fail" for r in rules), counts, metrics, rules, scopes,
-                    trusted, reason)
+                    trusted, reason, ident, warnings)
 
 
 def gate(results_uri: str | os.PathLike | pa.Table, policy_uri: Policy | Mapping | str | os.PathLike,
-         road=None) -> Decision:
+         road=None, baseline=None) -> Decision:
     """Load the policy (first: a bad policy fails fast, before reading results) and evaluate."""
-    return evaluate(results_uri, load_policy(policy_uri), road)
+    return evaluate(results_uri, load_policy(policy_uri), road, baseline)
 
 
 def class_stats(results: pa.Table | str | os.PathLike, by: str = "predicted",

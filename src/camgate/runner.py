@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -286,7 +287,7 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
           **({"budget": budget, "seed": seed} if runner.black_box else {}),
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk, "policy": policy,
           "policy_sha256": _sha_or_none(policy)}
-    schema = res.schema(meta_cols, md)
+    schema = res.schema(meta_cols, {**md, **_provenance(lm, data)})
     summary = RunSummary(out)
 
     def batches(todo: list[Item]):
@@ -323,6 +324,23 @@ def _count(summary: RunSummary, statuses: Iterable[str]) -> None:
     for st in statuses:
         summary.rows += 1
         summary.counts[st] += 1
+
+
+def _provenance(lm: LoadedModel, data: str) -> dict:
+    """What a test record needs beyond the settings: when and where the maps were computed and the
+    manifest's hash. Kept out of the resume fingerprint: a run resumed elsewhere is the same run."""
+    import datetime
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(lm.device),
+           "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+           "cudnn_deterministic": torch.backends.cudnn.deterministic,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    if lm.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(lm.device)
+    is_file = os.path.splitext(str(data).rstrip("/"))[1].lower() in (".csv", ".jsonl", ".parquet")
+    return {"environment": env, "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "data_sha256": _sha_or_none(data) if is_file else None}
 
 
 def _fingerprint(md: dict, items: list[Item]) -> str:

@@ -14,7 +14,7 @@ import re
 from . import report, storage
 from .data import MaskSpec
 
-__all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "gate_step",
+__all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "baseline_step", "gate_step",
            "promote_step", "gate_outputs"]
 
 _MAX_LISTED_RULES = 20
@@ -179,36 +179,70 @@ def road_step(model_path: str, data: str, out_path: str, method: str = "gradcam"
     return stats
 
 
+# --------------------------------------------------------------------------- baseline (champion)
+
+NO_BASELINE = "no-baseline"  # stage of the empty file the baseline task writes when there is no champion
+
+
+def baseline_step(out_path: str, data: str, model_card: str = "", results_uri: str = "", method: str = "gradcam",
+                  target: str = "predicted", batch_size: int = 16, static_mask: str = "",
+                  mask_marks_valid: bool = False, invalid_ids: str = "", device: str = "auto",
+                  checkpoint: str = "") -> dict:
+    """The champion's results on the same data: computed from ``model_card`` with the challenger's
+    settings, or copied from ``results_uri``; with neither, an empty file marked as no baseline (the
+    pipeline's switch: the gate then skips the baseline rules)."""
+    from . import results
+    from .runner import run
+
+    if model_card and results_uri:
+        from .errors import ConfigError
+
+        raise ConfigError("give the champion as a model card or as results, not both")
+    if model_card:
+        spec = mask_spec(mask_marks_valid, invalid_ids)
+        summary = run(model_card, data, out_path, method=method, target=target, batch_size=int(batch_size),
+                      static_mask=static_mask or None, mask_spec=spec, device=device, progress=False,
+                      checkpoint=_tidy(checkpoint) or None)
+        return {**summary.to_dict(), "source": model_card}
+    if results_uri:
+        storage.write_bytes(out_path, storage.read_bytes(results_uri))
+        return {"source": results_uri}
+    with results.ResultsWriter(out_path, results.schema(None, {"stage": NO_BASELINE})):
+        pass
+    return {"source": ""}
+
+
+def _baseline_or_none(path: str) -> str | None:
+    from . import results
+
+    return None if not path or results.run_metadata(path).get("stage") == NO_BASELINE else path
+
+
 # --------------------------------------------------------------------------- gate
 
 
 def gate_step(results_path: str, policy: str, fail_on_violation: bool = False, export_prefix: str = "",
-              summary_path: str | None = None, report_path: str | None = None, road: str = ""):
-    """Results + policy -> ``(decision, markdown, html, metrics)``.
+              summary_path: str | None = None, report_path: str | None = None, road: str = "",
+              baseline: str = "", record_path: str | None = None, junit_path: str | None = None):
+    """Results + policy -> ``(decision, files, metrics)``; ``files`` maps the names in
+    :data:`camgate.report.FILES` to their bytes.
 
-    Writes the Markdown/HTML to the given paths and, with ``export_prefix``, ``decision.json``,
-    ``summary.md`` and ``report.html`` under it — all before a hard gate raises
-    :class:`GateFailed`, because a failed task's output artifacts are never stored: the exported
-    copies are then the only report of why the gate failed.
+    Writes the Markdown/HTML/record/JUnit to the given paths and, with ``export_prefix``, every file
+    under it — all before a hard gate raises :class:`GateFailed`, because a failed task's output
+    artifacts are never stored: the exported copies are then the only report of why the gate failed.
+    ``baseline``: the champion's results on the same data, for the policy's baseline rules.
     """
-    from .gate import gate
-
-    decision = gate(results_path, policy, road=road or None)
-    md = report.markdown(decision, results_path)
-    page = report.html(decision, results_path, images=report.overlays(results_path))
-    scalars = report.metrics(decision)
-    files = {"summary.md": md.encode(), "report.html": page.encode(),
-             "decision.json": (json.dumps(decision.to_dict(), indent=2) + "\n").encode()}
-    if summary_path:
-        storage.write_bytes(summary_path, files["summary.md"])
-    if report_path:
-        storage.write_bytes(report_path, files["report.html"])
+    decision, files = report.artifacts(results_path, policy, road=road or None, baseline=_baseline_or_none(baseline))
+    for path, name in ((summary_path, "summary.md"), (report_path, "report.html"), (record_path, "record.json"),
+                       (junit_path, "junit.xml")):
+        if path:
+            storage.write_bytes(path, files[name])
     if export_prefix:
         for name, body in files.items():
             storage.write_bytes(storage.join(export_prefix, name), body)
     if fail_on_violation and not decision.passed:
         raise GateFailed.from_decision(decision)
-    return decision, md, page, scalars
+    return decision, files, report.metrics(decision)
 
 
 def gate_outputs(decision) -> dict:

@@ -40,8 +40,12 @@ POLICY = {
         "share_images_over": {"ratio": 0.5, "max": 0.25},
         "error_rate": {"max": 0.0},
         "min_images": 50,
+        # champion/challenger: a new model may not look at invalid pixels more than production does
+        "baseline_mean_increase": {"max": 0.05},
+        "baseline_share_worse": {"by": 0.1, "max": 0.2},
     },
 }
+CHAMPION = "clean"  # in production; every other variant is gated against it on its own test data
 
 
 def _upload_dir(local: Path, prefix: str, names: list[str]) -> None:
@@ -95,28 +99,47 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
     base = storage.ensure_bucket(BUCKET)
     policy_uri = storage.join(base, "policy.yaml")
     storage.write_bytes(policy_uri, yaml.safe_dump(POLICY, sort_keys=False).encode())
+    published = {}
     for variant, card in cards.items():
         card_uri, data_uri, metrics = _publish(variant, card, base)
+        published[variant] = card_uri
+        champion = published[CHAMPION] if variant != CHAMPION else ""
         out_prefix = storage.join(base, "runs", variant)
-        log(f"{variant}: heatmap-gate pipeline (compiled YAML, kfp.local)")
+        log(f"{variant}: heatmap-gate pipeline (compiled YAML, kfp.local)"
+            + (f", champion: underpass-{CHAMPION}" if champion else ""))
         r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri,
-                       "output_prefix": out_prefix, "fail_on_violation": False, "road_sample": ROAD_SAMPLE},
+                       "output_prefix": out_prefix, "fail_on_violation": False, "road_sample": ROAD_SAMPLE,
+                       "baseline_model_card": champion},
                       pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
                       progress=lambda line, v=variant: log(f"{v}: {line}"))
         report = work / "reports" / f"{variant}.html"
         report.parent.mkdir(exist_ok=True)
         report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))
-        overall = json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))["overall"]
+        decision = json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))
+        overall = decision["overall"]
+        for name in ("record.json", "junit.xml"):
+            (report.parent / f"{variant}-{name}").write_bytes(storage.read_bytes(storage.join(out_prefix, name)))
         log(f"{variant}: maps of every layer for {LAYER_SAMPLE} test images")
         curve = _layer_curve(card, data_uri, work / "reports" / f"{variant}-layers", log)
         rows.append({"model": f"underpass-{variant}", "variant": variant,
                      "test_accuracy": metrics["test_accuracy"],
                      "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
                      "road": overall.get("road_mean"), "road_random": overall.get("road_random_mean"),
+                     "champion": f"underpass-{CHAMPION}" if champion else None,
+                     "baseline_mean_increase": overall.get("baseline_mean_increase"),
+                     "regression": _regression(decision),
                      "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
                      "n_images": r["n_images"], "report": str(report), "layer_curve": curve,
                      "results": storage.join(out_prefix, "results.parquet")})
     return rows
+
+
+def _regression(decision: dict) -> str | None:
+    """PASS/FAIL over the baseline rules, None when no champion was compared."""
+    verdicts = [r["verdict"] for r in decision["rules"] if r["rule"].startswith("baseline_")]
+    if not verdicts or set(verdicts) == {"skip"}:
+        return None
+    return "FAIL" if "fail" in verdicts else "PASS"
 
 
 def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, float]]:
@@ -138,15 +161,21 @@ def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, f
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':20s} {'test acc':>8s} {'mean invalid ratio':>19s} {'ROAD':>6s} {'random':>6s} {'gate':>5s}"
-            f"  report")
+    head = (f"{'model':20s} {'test acc':>8s} {'mean invalid ratio':>19s} {'ROAD':>6s} {'random':>6s} "
+            f"{'vs champion':>17s} {'gate':>5s}  report")
     lines = [head, "-" * len(head)]
     for r in rows:
         road = "   n/a" if r.get("road") is None else f"{r['road']:6.3f}"
         rnd = "   n/a" if r.get("road_random") is None else f"{r['road_random']:6.3f}"
         lines.append(f"{r['model']:20s} {r['test_accuracy']:8.3f} {r['mean_invalid_activation_ratio']:19.3f} "
-                     f"{road} {rnd} {'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
+                     f"{road} {rnd} {_vs(r):>17s} {'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
     return "\n".join(lines)
+
+
+def _vs(r: dict) -> str:
+    if not r.get("regression"):
+        return "(champion)" if r.get("champion") is None else "n/a"
+    return f"{r['baseline_mean_increase']:+.3f} {r['regression']}"
 
 
 def takeover(rows: list[dict]) -> str:
@@ -169,5 +198,8 @@ def main(args) -> int:
     print(f"\npolicy: mean invalid activation ratio <= {rules['mean_invalid_activation_ratio']['max']}, "
           f"no more attention on invalid pixels than their area share, at most "
           f"{rules['share_images_over']['max']:.0%} of images above {rules['share_images_over']['ratio']}; "
-          f"invalid pixels = walls, ceiling, far opening")
+          f"invalid pixels = walls, ceiling, far opening; against the champion (underpass-{CHAMPION}) the mean ratio "
+          f"may rise by at most {rules['baseline_mean_increase']['max']} and at most "
+          f"{rules['baseline_share_worse']['max']:.0%} of images may worsen by more than "
+          f"{rules['baseline_share_worse']['by']}")
     return 0

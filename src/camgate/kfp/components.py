@@ -9,7 +9,7 @@ import os
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from .. import __version__
 
@@ -19,7 +19,7 @@ REGISTRY = os.environ.get("CAMGATE_IMAGE_REGISTRY", "").strip().rstrip("/") or D
 IMAGE = f"{REGISTRY}/camgate:{__version__}"
 
 __all__ = ["IMAGE", "REGISTRY", "DEFAULT_REGISTRY", "COMPONENTS", "load_model", "compute_heatmaps",
-           "analyze_invalid_activation", "gate", "promote", "layer_maps", "animate_layers", "road_faithfulness"]
+           "analyze_invalid_activation", "champion_results", "gate", "promote", "layer_maps", "animate_layers", "road_faithfulness"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -92,9 +92,38 @@ def analyze_invalid_activation(heatmaps: Input[Dataset], results: Output[Dataset
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def champion_results(data: str, baseline: Output[Dataset], model_card: str = "", results_uri: str = "",
+                     method: str = "gradcam", target: str = "predicted", batch_size: int = 16, static_mask: str = "",
+                     mask_marks_valid: bool = False, invalid_ids: str = "", device: str = "auto",
+                     checkpoint: str = ""):
+    """The champion (production model) on the same data, for the gate's baseline rules.
+
+    Args:
+        data: The challenger's manifest (csv/jsonl/parquet) or prefix.
+        model_card: The champion's model card: its results are computed here with the settings below. '' = none.
+        results_uri: Or the champion's results Parquet on this data, computed earlier. '' = none.
+        method: CAM method (the challenger's, so the ratios compare).
+        target: Class to explain: predicted | label | <class index>.
+        batch_size: Images per batch.
+        static_mask: One mask for every image; '' = per-image masks.
+        mask_marks_valid: Masks mark the valid region instead of the invalid one.
+        invalid_ids: Label-map masks: comma-separated invalid label ids.
+        device: auto | cpu | cuda[:N].
+        checkpoint: Folder where rows are committed as they come (resume after a restart).
+
+    Returns:
+        baseline: The champion's results Parquet; with neither card nor results, an empty file the gate reads as 'no baseline'.
+    """
+    from camgate.steps import baseline_step
+
+    baseline.metadata.update(baseline_step(baseline.path, data, model_card, results_uri, method, target, batch_size,
+                                           static_mask, mask_marks_valid, invalid_ids, device, checkpoint))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary: Output[Markdown],
-         report: Output[HTML], fail_on_violation: bool = False, export_prefix: str = "",
-         road: Input[Dataset] = None) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
+         report: Output[HTML], record: Output[Artifact], junit: Output[Artifact], fail_on_violation: bool = False,
+         export_prefix: str = "", road: Input[Dataset] = None, baseline: Input[Dataset] = None) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                          n_images=int):
     """Apply a policy to the results: pass/fail, metrics and a report.
 
@@ -102,13 +131,16 @@ def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary
         results: Results Parquet from analyze_invalid_activation.
         policy: Policy YAML URI (s3:// or path).
         fail_on_violation: Fail the task (and the run) when the gate fails; otherwise report only.
-        export_prefix: Also write decision.json, summary.md and report.html under this prefix (even on a hard fail).
+        export_prefix: Also write decision.json, record.json, junit.xml, summary.md and report.html under this prefix (even on a hard fail).
         road: ROAD results from road_faithfulness, for the policy's faithfulness rule (the decision says whether the heatmaps are trusted).
+        baseline: The champion's results on the same data, for the policy's baseline rules (paired by row and image).
 
     Returns:
-        metrics: Every scalar of the decision (counts, rates, means).
+        metrics: At most 30 scalars: decision, counts, mean and p95 ratio, ROAD and baseline figures, one margin per run-wide rule.
         summary: Markdown summary of the decision.
         report: Self-contained HTML report.
+        record: The test record (record.json): hashes of model, data and policy, every rule, environment, the seven EU requirements, approval fields.
+        junit: JUnit XML, one test case per rule and scope.
         passed: Whether every rule passed.
         mean_invalid_activation_ratio: Mean ratio over ok images (-1 when there is none).
         error_rate: Share of rows with status 'error'.
@@ -118,8 +150,9 @@ def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary
 
     from camgate.steps import gate_outputs, gate_step
 
-    decision, _, _, scalars = gate_step(results.path, policy, fail_on_violation, export_prefix,
-                                        summary.path, report.path, road.path if road is not None else "")
+    decision, _, scalars = gate_step(results.path, policy, fail_on_violation, export_prefix, summary.path,
+                                     report.path, road.path if road is not None else "",
+                                     baseline.path if baseline is not None else "", record.path, junit.path)
     for name, value in scalars.items():
         metrics.log_metric(name, value)
     out = gate_outputs(decision)
@@ -215,5 +248,5 @@ def promote(model: Input[Model], passed: bool):
 
 
 COMPONENTS = {c.name.replace("-", "_"): c for c in
-              (load_model, compute_heatmaps, analyze_invalid_activation, gate, promote, layer_maps, animate_layers,
+              (load_model, compute_heatmaps, analyze_invalid_activation, champion_results, gate, promote, layer_maps, animate_layers,
                road_faithfulness)}

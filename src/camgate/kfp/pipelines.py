@@ -1,6 +1,7 @@
 """The ``heatmap-gate`` pipeline and a local runner for it (kfp.local, no cluster).
 
-load_model -> compute_heatmaps (GPU) -> analyze_invalid_activation -> gate -> promote (if passed).
+load_model -> compute_heatmaps (GPU) -> analyze_invalid_activation -> gate -> promote (if passed); beside
+them road_faithfulness (ROAD on a sample) and champion_results (the production model on the same data).
 S3 credentials come from a Kubernetes Secret and the endpoint from a ConfigMap, both named by
 pipeline parameters, so neither ever appears in parameters or in the compiled YAML.
 """
@@ -16,7 +17,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Input, Markdown, Model
 
-from .components import (analyze_invalid_activation, compute_heatmaps, gate, load_model, promote,
+from .components import (analyze_invalid_activation, champion_results, compute_heatmaps, gate, load_model, promote,
                          road_faithfulness)
 
 __all__ = ["heatmap_gate", "promote_if_passed", "local_run", "PipelineFailed"]
@@ -50,7 +51,7 @@ def promote_if_passed(model: Input[Model], passed: bool, s3_secret: str = "camga
 def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
                  method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
                  mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
-                 s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
+                 baseline_model_card: str = "", baseline_results: str = "", s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
                  ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                                  n_images=int, summary=Markdown, report=HTML):
     """Heatmap test gate.
@@ -59,13 +60,15 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
         model_card: Model card URI (YAML/JSON).
         data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
         policy: Policy YAML URI.
-        output_prefix: Where results.parquet, decision.json, summary.md and report.html are exported.
+        output_prefix: Where results.parquet, decision.json, record.json, junit.xml, summary.md and report.html are exported.
         static_mask: One mask for every image (fixed camera); '' = per-image masks.
         method: CAM method.
         batch_size: Images per batch on the GPU.
         target: Class to explain: predicted | label | <class index>.
         mask_marks_valid: Masks mark the valid region instead of the invalid one.
         fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
+        baseline_model_card: The champion (production model) card: its results on the same data are computed in this run for the policy's baseline rules; '' = none.
+        baseline_results: Or the champion's results Parquet on the same data, computed earlier; '' = none (the baseline rules are then skipped).
         road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
         s3_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
         s3_config: Kubernetes ConfigMap with AWS_ENDPOINT_URL and AWS_REGION.
@@ -89,10 +92,17 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
     faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, sample=road_sample)
     faith.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     faith.set_cpu_request("2").set_memory_request("8Gi")
+    # Always a task too (an empty 'no baseline' file when no champion is named); on the GPU when it computes.
+    champion = champion_results(data=data, model_card=baseline_model_card, results_uri=baseline_results,
+                                method=method, target=target, batch_size=batch_size, static_mask=static_mask,
+                                mask_marks_valid=mask_marks_valid,
+                                checkpoint=f"{output_prefix}/checkpoints/baseline")
+    champion.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    champion.set_cpu_request("4").set_memory_request("16Gi")
     verdict = gate(results=analyzed.outputs["results"], policy=policy, fail_on_violation=fail_on_violation,
-                   export_prefix=output_prefix, road=faith.outputs["road"])
+                   export_prefix=output_prefix, road=faith.outputs["road"], baseline=champion.outputs["baseline"])
     verdict.set_cpu_request("1").set_memory_request("2Gi")
-    for task in (loaded, heat, analyzed, faith, verdict):
+    for task in (loaded, heat, analyzed, faith, champion, verdict):
         _s3_env(task, s3_secret, s3_config)
     promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"], s3_secret=s3_secret,
                       s3_config=s3_config)

@@ -1,4 +1,4 @@
-"""Human-readable views of a gate decision: Markdown, self-contained HTML, flat KFP metrics.
+"""Human-readable views of a gate decision: Markdown and self-contained HTML.
 
 Every piece of text that comes from data (image ids, class names, errors, scope values, the
 policy name) is escaped: a results file is input, and a report is opened in a browser.
@@ -13,29 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .gate import Decision, RuleResult, class_stats, read_results
+from ..gate import Decision, RuleResult, class_stats, read_results
 
 _OPS = {"<=": "≤", ">=": "≥"}
 _MAX_ERROR_CHARS = 300
-_METRIC_COUNTS = {"rows": "n_images", "ok": "n_ok", "no_activation": "n_no_activation", "error": "n_error"}
-
-
-def metrics(decision: Decision) -> dict[str, float]:
-    """Flat scalars for KFP Metrics; non-finite values are dropped (KFP rejects NaN)."""
-    verdicts = [r.verdict for r in decision.rules]
-    out = {"passed": 1.0 if decision.passed else 0.0}
-    out.update({name: float(decision.counts[k]) for k, name in _METRIC_COUNTS.items()})
-    out.update({
-        "n_rules": float(len(verdicts)),
-        "n_rules_failed": float(verdicts.count("fail")),
-        "n_rules_skipped": float(verdicts.count("skip")),
-    })
-    for k, v in decision.overall.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return {k: v for k, v in out.items() if math.isfinite(v)}
-
-
 # --------------------------------------------------------------------------- content
 
 
@@ -51,6 +32,9 @@ class _Content:
     top: list[tuple[int, list[str]]] | None  # (row, cells)
     errors: list[tuple[str, str]] | None
     errors_more: int
+    notes: list[str] = None  # warnings: shown under the verdict
+    sections: list[tuple[str, list[str], list[list[str]]]] = None  # (heading, table head, rows) after the rules
+    footer: list[str] = None  # record hash, approval
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -86,7 +70,35 @@ def _class_of(row: dict) -> str:
     return ""
 
 
-def _content(d: Decision, results, title: str | None, top: int) -> _Content:
+def _context_parts(d: Decision, ctx: dict | None):
+    """Warnings, the baseline and evidence tables and the record lines, from the artifacts' context."""
+    notes = list(d.warnings)
+    sections = []
+    if d.baseline:
+        b = d.baseline
+        sections.append(("Champion vs challenger", ["statistic", "value"], [
+            ["champion model", str(b.get("model") or "n/a")],
+            ["champion weights sha256", str(b.get("weights_sha256") or "n/a")],
+            ["images paired (by row and image)", _fmt(b.get("baseline_paired"))],
+            ["images ok in both runs", _fmt(b.get("baseline_compared"))],
+            ["champion mean ratio", _fmt(b.get("baseline_mean"))],
+            ["challenger mean ratio (same images)", _fmt(b.get("baseline_candidate_mean"))],
+            ["mean increase", _fmt(b.get("baseline_mean_increase"))],
+            [f"share of images worse by > {b.get('baseline_worse_by', 0):g}", _fmt(b.get("baseline_share_worse"))],
+        ]))
+    footer = []
+    if ctx and ctx.get("record"):
+        rec = ctx["record"]
+        sections.append(("Evidence: the EU's seven requirements for trustworthy AI",
+                         ["requirement", "what this run shows", "what it does not show"],
+                         [[r["requirement"], r["shows"], r["does_not_show"]] for r in rec["requirements"]]))
+        footer.append(f"Test record sha256: {ctx.get('record_sha256')}")
+        footer.append("Approval (for the responsible person): name ______ role ______ date ______ "
+                      "decision ______ signature ______")
+    return notes, sections, footer
+
+
+def _content(d: Decision, results, title: str | None, top: int, ctx: dict | None = None) -> _Content:
     rules = [[_rule_name(r), r.scope, _fmt(r.value), f"{_OPS[r.op]} {_fmt(r.threshold)}", str(r.n),
               r.verdict + (f": {r.reason}" if r.reason else "")] for r in d.rules]
     o = d.overall
@@ -104,7 +116,7 @@ def _content(d: Decision, results, title: str | None, top: int) -> _Content:
         verdict += f". Heatmaps {'trusted' if d.trusted else 'NOT trusted'}: {d.trust_reason}"
     c = _Content(title or f"camgate gate: {d.policy}", verdict,
                  [(k, str(v)) for k, v in d.counts.items()], overall, rules,
-                 [r.verdict for r in d.rules], None, None, None, 0)
+                 [r.verdict for r in d.rules], None, None, None, 0, *_context_parts(d, ctx))
     if results is None:
         return c
 
@@ -164,15 +176,20 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def markdown(decision: Decision, results=None, title: str | None = None, top: int = 10) -> str:
+def markdown(decision: Decision, results=None, title: str | None = None, top: int = 10,
+             context: dict | None = None) -> str:
     """Markdown summary (KFP Output[Markdown]); ``results`` (table or Parquet path/URI) adds
-    the per-class table, the top-``top`` images by ratio and the error rows."""
-    c = _content(decision, results, title, top)
+    the per-class table, the top-``top`` images by ratio and the error rows; ``context`` (from
+    :func:`camgate.report.artifacts`) the champion, evidence and record sections."""
+    c = _content(decision, results, title, top, context)
     out = [f"# {_md(c.title)}", "", f"**{_md(c.verdict)}**", ""]
+    out += [f"- Warning: {_md(n)}" for n in c.notes] + ([""] if c.notes else [])
     out += ["## Counts", ""] + _md_table(["rows", "ok", "no_activation", "error"],
                                          [[v for _, v in c.counts]])
     out += ["## Overall", ""] + _md_table(["statistic", "value"], [list(p) for p in c.overall])
     out += ["## Rules", ""] + _md_table(_RULE_HEAD, c.rules)
+    for heading, head, rows in c.sections:
+        out += [f"## {_md(heading)}", ""] + _md_table(head, rows)
     if c.classes is not None:
         out += ["## Per class", ""] + (_md_table(_CLASS_HEAD, c.classes) if c.classes else ["(no classes)", ""])
     if c.top is not None:
@@ -182,6 +199,7 @@ def markdown(decision: Decision, results=None, title: str | None = None, top: in
         out += ["## Errors", ""] + _md_table(["image", "error"], [list(e) for e in c.errors])
         if c.errors_more:
             out += [f"... and {c.errors_more} more", ""]
+    out += [_md(f) + "  " for f in c.footer]
     return "\n".join(out)
 
 
@@ -197,6 +215,8 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass .verdict,.v-pass{background:#dafbe1;color:#116329}
 .fail .verdict,.v-fail{background:#ffebe9;color:#a40e26}
 .v-skip{background:#fff8c5;color:#7d4e00}
+.warning{background:#fff8c5;color:#7d4e00;padding:.4rem .8rem;border-radius:6px}
+.record{font-family:ui-monospace,monospace;font-size:.85rem}
 img.overlay{max-width:160px;max-height:160px;display:block}
 td.err{font-family:ui-monospace,monospace;white-space:pre-wrap;max-width:60rem}
 """
@@ -231,15 +251,18 @@ def _fmt_is_num(cell: str) -> bool:
 
 
 def html(decision: Decision, results=None, title: str | None = None, top: int = 10,
-         images: dict[str, bytes] | None = None) -> str:
+         images: dict[str, bytes] | None = None, context: dict | None = None) -> str:
     """Self-contained HTML page (inline CSS, no external assets). ``images`` maps a result's ``row``
     to PNG bytes of its heatmap overlay, embedded for the top images."""
-    c = _content(decision, results, title, top)
+    c = _content(decision, results, title, top, context)
     state = "pass" if decision.passed else "fail"
     body = [f"<h1>{_e(c.title)}</h1>", f'<p class="verdict">{_e(c.verdict)}</p>',
+            *[f'<p class="warning">Warning: {_e(n)}</p>' for n in c.notes],
             "<h2>Counts</h2>", _html_table(["rows", "ok", "no_activation", "error"], [[v for _, v in c.counts]]),
             "<h2>Overall</h2>", _html_table(["statistic", "value"], [list(p) for p in c.overall]),
             "<h2>Rules</h2>", _html_table(_RULE_HEAD, c.rules, [f"v-{v}" for v in c.rule_verdicts])]
+    for heading, head, rows in c.sections:
+        body += [f"<h2>{_e(heading)}</h2>", _html_table(head, rows)]
     if c.classes is not None:
         body += ["<h2>Per class</h2>", _html_table(_CLASS_HEAD, c.classes) if c.classes else "<p>(no classes)</p>"]
     if c.top is not None:
@@ -263,6 +286,7 @@ def html(decision: Decision, results=None, title: str | None = None, top: int = 
                     + "</tbody></table>")
         if c.errors_more:
             body.append(f"<p>... and {c.errors_more} more</p>")
+    body += [f'<p class="record">{_e(f)}</p>' for f in c.footer]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(c.title)}</title><style>{_CSS}</style></head>"
             f'<body class="{state}">\n' + "\n".join(body) + "\n</body></html>\n")
@@ -285,8 +309,8 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
     import torch
     from PIL import Image
 
-    from .cam import normalized
-    from .data import decode_image
+    from ..cam import normalized
+    from ..data import decode_image
 
     img = decode_image(image, "overlay").crop(box)
     w, h = img.size
@@ -312,10 +336,10 @@ def overlays(results_uri: str, top: int = 10) -> dict[int, bytes]:
     """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds).
 
     An image that cannot be read any more is left out: the report still renders."""
-    from . import results as res
-    from . import storage
-    from .data import MaskSpec, decode_mask, model_view
-    from .modelspec import InputSpec
+    from .. import results as res
+    from .. import storage
+    from ..data import MaskSpec, decode_mask, model_view
+    from ..modelspec import InputSpec
 
     pf = res.open_file(results_uri)
     table = pf.read(columns=[c for c in _OVERLAY_COLUMNS if c in pf.schema_arrow.names])

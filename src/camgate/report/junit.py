@@ -1,0 +1,37 @@
+"""The decision as JUnit XML: one test case per rule and scope, so CI systems (GitLab, Jenkins,
+GitHub test reporters) show the gate natively. A failed rule is a <failure>, a skipped one <skipped>."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from ..gate import Decision
+
+_OPS = {"<=": "<=", ">=": ">="}
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.6g}"
+
+
+def junit(decision: Decision, name: str = "camgate") -> bytes:
+    verdicts = [r.verdict for r in decision.rules]
+    suites = ET.Element("testsuites", name=name)
+    suite = ET.SubElement(suites, "testsuite", name=f"{name}: policy {decision.policy}", tests=str(len(verdicts)),
+                          failures=str(verdicts.count("fail")), errors="0", skipped=str(verdicts.count("skip")))
+    for r in decision.rules:
+        label = r.rule + "".join(f" {k}={v:g}" for k, v in r.params.items())
+        case = ET.SubElement(suite, "testcase", classname=f"{name}.{decision.policy}.{r.scope}", name=label)
+        text = f"{r.rule} @ {r.scope}: {_num(r.value)} {_OPS[r.op]} {_num(r.threshold)} required (n={r.n})"
+        if r.verdict == "fail":
+            ET.SubElement(case, "failure", message=text + (f": {r.reason}" if r.reason else ""), type="RuleViolated")
+        elif r.verdict == "skip":
+            ET.SubElement(case, "skipped", message=r.reason or "skipped")
+        else:
+            ET.SubElement(case, "system-out").text = text
+    notes = list(decision.warnings)
+    if decision.trusted is not None:
+        notes.append(f"heatmaps {'trusted' if decision.trusted else 'NOT trusted'}: {decision.trust_reason}")
+    if notes:
+        ET.SubElement(suite, "system-out").text = "\n".join(notes)
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
