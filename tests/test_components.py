@@ -21,7 +21,7 @@ from camgate.steps import GateFailed  # noqa: E402
 from test_run import make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "gate", "promote", "layer_maps",
+COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "champion_results", "gate", "promote", "layer_maps",
                    "animate_layers", "road_faithfulness"]
 
 
