@@ -213,3 +213,24 @@ def test_report_verb_writes_the_page(real_run, tmp_path):
     assert main(["report", real_run["results"], "--out", str(out), "--baseline", real_run["baseline"]]) == 0
     page = out.read_text()
     assert "Champion vs challenger" in page and "Evidence" in page and "data:image/png;base64," in page
+
+
+def test_the_pipeline_baseline_step_computes_copies_or_says_none(real_run, tmp_path):
+    from camgate.errors import ConfigError
+    from camgate.steps import baseline_step, gate_step
+
+    r = real_run
+    policy = str(r["policy"])
+    computed, copied, none = (str(tmp_path / f"{n}.parquet") for n in ("computed", "copied", "none"))
+    baseline_step(computed, r["manifest"], model_card=str(r["card"]), method="gradcam++")
+    baseline_step(copied, r["manifest"], results_uri=r["baseline"])
+    baseline_step(none, r["manifest"])
+    with pytest.raises(ConfigError, match="not both"):
+        baseline_step(none, r["manifest"], model_card=str(r["card"]), results_uri=r["baseline"])
+    # computed in the run = computed before (same model, method and data)
+    assert (pq.read_table(computed).column("invalid_activation_ratio").to_pylist()
+            == pq.read_table(r["baseline"]).column("invalid_activation_ratio").to_pylist())
+    with_base = gate_step(r["results"], policy, baseline=copied)[0]
+    without = gate_step(r["results"], policy, baseline=none)[0]
+    assert rule(with_base, "baseline_mean_increase").verdict in ("pass", "fail")
+    assert rule(without, "baseline_mean_increase").verdict == "skip" and without.baseline is None

@@ -15,7 +15,7 @@ from test_run import make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = str(ROOT / "pipelines" / "heatmap_gate.yaml")
-EXPORTS = ["decision.json", "report.html", "results.parquet", "summary.md"]
+EXPORTS = ["decision.json", "junit.xml", "record.json", "report.html", "results.parquet", "summary.md"]
 
 
 @pytest.fixture
