@@ -256,7 +256,7 @@ def test_registers_the_promoted_weights_with_their_evidence(tmp_path, registry):
     out = promote(src["card"], src["record"], str(tmp_path / "promoted"), registry="mr.kubeflow.svc:8080",
                   author="ci")
     (client,) = registry.instances
-    assert client.args == dict(server_address="mr.kubeflow.svc", port=8080, author="ci", is_secure=False)
+    assert client.args == dict(server_address="http://mr.kubeflow.svc", port=8080, author="ci", is_secure=False)
     (call,) = client.calls
     version = sha(src["weights"])[:12]
     assert call["name"] == "tiny" and call["version"] == version
@@ -286,9 +286,24 @@ def test_a_url_address_leaves_port_and_tls_to_the_client(tmp_path, registry):
 def test_a_registry_error_leaves_the_files_promoted(tmp_path, registry):
     src = make_model(tmp_path / "src")
     registry.fail = ConnectionError("connection refused")
-    with pytest.raises(RegistryError, match=r"is promoted to .*but registering it .* at mr:9090 failed: "
+    with pytest.raises(RegistryError, match=r"is promoted to .*but registering it .* at http://mr:9090 failed: "
                                             r"ConnectionError: connection refused"):
         promote(src["card"], src["record"], str(tmp_path / "promoted"), registry="mr:9090")
+    assert promoted(str(tmp_path / "promoted" / "tiny" / sha(src["weights"])[:12])) is not None
+
+
+@pytest.mark.filterwarnings("ignore:User access token is missing")  # plain HTTP needs none
+def test_the_real_client_reports_an_unreachable_registry(tmp_path):
+    """With model-registry installed: its own client, a port where nothing listens."""
+    pytest.importorskip("model_registry")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = make_model(tmp_path / "src")
+    with pytest.raises(RegistryError, match=f"at http://127.0.0.1:{port} failed"):
+        promote(src["card"], src["record"], str(tmp_path / "promoted"), registry=f"127.0.0.1:{port}")
     assert promoted(str(tmp_path / "promoted" / "tiny" / sha(src["weights"])[:12])) is not None
 
 

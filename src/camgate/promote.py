@@ -162,9 +162,10 @@ def _registry_target(address: str, port: int | None) -> tuple[str, int | None, b
     if "://" in address:
         return address, port or None, None
     host, sep, p = address.rpartition(":")
-    if sep and p.isdigit():
-        return host, int(p), False
-    return address, port or _REGISTRY_PORT, False
+    if not (sep and p.isdigit()):
+        host, p = address, ""
+    # the client builds its URLs from the address as given: without a scheme they are not HTTP
+    return f"http://{host}", int(p) if p else (port or _REGISTRY_PORT), False
 
 
 def _registry_class():
