@@ -53,7 +53,8 @@ def exported(s, out: str) -> list[str]:
 
 
 def test_pass_promotes_and_exports(s3_set, s3_server, capfd):
-    r = local_run(args(s3_set, "loose", "run-pass"), s3_set["root"], package_path=COMPILED)
+    promoted_to = storage.join(s3_set["bucket"], "promoted")
+    r = local_run(args(s3_set, "loose", "run-pass", promote_to=promoted_to), s3_set["root"], package_path=COMPILED)
     assert r["passed"] is True and r["promoted"] is True
     assert r["n_images"] == 6 and r["error_rate"] == 0.0 and 0 <= r["mean_invalid_activation_ratio"] <= 1
     assert "PASS" in Path(r["summary"]).read_text()
@@ -62,7 +63,15 @@ def test_pass_promotes_and_exports(s3_set, s3_server, capfd):
     decision = json.loads(storage.read_bytes(storage.join(s3_set["bucket"], "run-pass", "decision.json")))
     assert decision["passed"] is True and decision["counts"]["ok"] == 6
     logs = capfd.readouterr()
-    assert "would promote model 'tiny'" in logs.out
+    # the promote task copied card, weights and the gate's own test record, marker last
+    from camgate.promote import promoted
+
+    [folder] = {u.rsplit("/", 2)[0] for u in storage.list_uris(storage.join(promoted_to, "tiny"))}
+    marker = promoted(folder)
+    assert marker is not None and sorted(marker["files"]) == ["card.json", "record.json", "w.safetensors"]
+    record = storage.read_bytes(storage.join(folder, "record.json"))
+    assert record == storage.read_bytes(storage.join(s3_set["bucket"], "run-pass", "record.json"))
+    assert f"promoted model 'tiny' to {folder}" in logs.out
     assert s3_server.secret_key not in logs.out + logs.err  # credentials never reach the logs
 
 

@@ -1,8 +1,9 @@
-"""``camgate`` command line: run, analyze, gate, report, bench, demo, compile (and more: ``camgate -h``).
+"""``camgate`` command line: run, analyze, gate, report, promote, bench, demo, compile (and more: ``camgate -h``).
 
 Exit codes: 0 success (gate: passed, or failed without --fail-on-violation), 1 gate failed with
---fail-on-violation, 2 usage or input error (bad model card, data, policy, option, credentials...:
-every error camgate states for the user), 3 internal error (a bug: the message says so; ``--debug``
+--fail-on-violation (promote: the record says the gate failed, nothing copied), 2 usage or input
+error (bad model card, data, policy, option, credentials, a promotion refused...: every error
+camgate states for the user), 3 internal error (a bug: the message says so; ``--debug``
 or ``CAMGATE_DEBUG=1`` prints the traceback).
 """
 from __future__ import annotations
@@ -140,6 +141,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from .errors import ConfigError
+    from .promote import promote
+
+    if not args.to:  # the library reads '' as "report only", which is no promotion
+        raise ConfigError("--to must name a local folder or an s3:// prefix")
+    out = promote(args.model, args.record, args.to, registry=args.registry, author=args.author)
+    print(json.dumps(out))
+    # a refused promotion is a verdict, like a failed gate: nothing was copied
+    return 0 if out["promoted"] else EXIT_FAIL
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -263,6 +276,15 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--markdown", help="also write the Markdown summary here")
     rp.add_argument("--record", help="also write the test record here")
     rp.set_defaults(fn=cmd_report)
+
+    pr = sub.add_parser("promote", help="copy a model that passed its gate, with its test record, to a promotion "
+                                        "location (and register it)")
+    pr.add_argument("--model", required=True, help="model card (YAML/JSON, local or s3://)")
+    pr.add_argument("--record", required=True, help="the gate's test record (record.json)")
+    pr.add_argument("--to", required=True, help="promotion location (local folder or s3:// prefix)")
+    pr.add_argument("--registry", help="Kubeflow Model Registry: HOST:PORT (plain HTTP) or https://HOST[:PORT]")
+    pr.add_argument("--author", default="camgate", help="author recorded in the Model Registry")
+    pr.set_defaults(fn=cmd_promote)
 
     b = sub.add_parser("bench", help="benchmark: inference vs camgate vs pytorch-grad-cam, side by side")
     from .bench import add_args

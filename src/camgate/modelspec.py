@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -505,6 +506,19 @@ def _load_black_box(card: ModelCard, device: str, target_layer) -> LoadedModel:
     except BackendError as e:  # the backend names bytes '<bytes>'; say which file the card points to
         raise ModelCardError(f"model card {card.name}: {str(e).replace('<bytes>', str(name))}") from e
     return LoadedModel(card, None, [], sha, backend.device, backend=backend)
+
+
+def resolved_card(lm: LoadedModel) -> dict:
+    """The card as loaded, self-contained: ``weights`` as an absolute URI and the target layers
+    filled in, so it loads the same model from any working directory."""
+    card = lm.card.to_dict()
+    weights = lm.card.weights_uri()
+    if weights and "://" not in weights:  # a local path: later readers run in other directories
+        weights = os.path.abspath(weights)
+    card.update(weights=weights, target_layer=lm.target_layers)
+    if lm.card.allow_pickle:
+        card["allow_pickle"] = True
+    return card
 
 
 def card_json(lm: LoadedModel) -> str:

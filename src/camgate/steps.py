@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 
 from . import report, storage
@@ -55,18 +54,12 @@ def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict
     The resolved card is a valid model card (JSON) with ``weights`` as an absolute URI and the
     target layer filled in, so later steps need nothing but this file.
     """
-    from .modelspec import load_model
+    from .modelspec import load_model, resolved_card
 
     lm = load_model(model_card, device=device)
-    card = lm.card.to_dict()
-    weights = lm.card.weights_uri()
-    if weights and "://" not in weights:  # a local path: later steps run in other directories
-        weights = os.path.abspath(weights)
-    card.update(weights=weights, target_layer=lm.target_layers)
-    if lm.card.allow_pickle:
-        card["allow_pickle"] = True
+    card = resolved_card(lm)
     storage.write_bytes(out_path, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
-    return {**lm.metadata(), "source_card": model_card, "weights": weights}
+    return {**lm.metadata(), "source_card": model_card, "weights": card["weights"]}
 
 
 # --------------------------------------------------------------------------- heatmaps
@@ -260,12 +253,11 @@ def gate_outputs(decision) -> dict:
 # --------------------------------------------------------------------------- promote
 
 
-def promote_step(model_path: str, metadata: dict, passed: bool) -> str:
-    """Placeholder: says what would be promoted. Replace the promote component with your own
-    (copy the weights to a registry, tag an image, open a merge request...)."""
-    card = json.loads(storage.read_bytes(model_path))
-    if not passed:
-        return f"not promoting model '{card.get('name')}': the heatmap gate did not pass"
-    return (f"would promote model '{card.get('name')}' ({card.get('arch')}), weights "
-            f"{card.get('weights')} sha256 {metadata.get('weights_sha256') or 'n/a'}, "
-            f"card {metadata.get('source_card') or model_path}")
+def promote_step(model_path: str, passed: bool, record: str = "", promote_to: str = "",
+                 registry_address: str = "", registry_port: int = 0, registry_author: str = "camgate") -> dict:
+    """The promote component's work: :func:`camgate.promote.promote` with its parameters, where ''
+    and 0 stand for 'not given' (KFP parameters have no None)."""
+    from .promote import promote
+
+    return promote(model_path, record or None, promote_to or None, passed=passed, registry=registry_address or None,
+                   registry_port=int(registry_port) or None, author=registry_author or "camgate")

@@ -235,16 +235,31 @@ def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], met
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote(model: Input[Model], passed: bool):
-    """Placeholder promotion step: prints what it would promote. Replace it with your own.
+def promote(model: Input[Model], passed: bool, record: Input[Artifact] = None, promote_to: str = "",
+            registry_address: str = "", registry_port: int = 0, registry_author: str = "camgate"
+            ) -> NamedTuple("Outputs", destination=str):
+    """Copy a model that passed its gate, with its test record, to a promotion location; optionally register it.
 
     Args:
         model: Resolved model card from load_model.
-        passed: The gate's verdict.
+        passed: The gate's verdict; False copies nothing.
+        record: The gate's test record (record.json); needed to promote, and a record saying the gate failed copies nothing.
+        promote_to: Promotion location (s3:// prefix or path): the model lands in <promote_to>/<name>/<weights sha256[:12]>/ with card.json, the weights, record.json and, written last, PROMOTED.json; '' = report only, copy nothing.
+        registry_address: Kubeflow Model Registry to register the promoted weights in: host:port (plain HTTP) or http(s)://host[:port]; '' = do not register.
+        registry_port: The registry's port when registry_address has none; 0 = 8080.
+        registry_author: Author recorded in the Model Registry.
+
+    Returns:
+        destination: The promoted folder's URI; '' when nothing was copied.
     """
+    from collections import namedtuple
+
     from camgate.steps import promote_step
 
-    print(promote_step(model.path, dict(model.metadata), passed))
+    out = promote_step(model.path, passed, record.path if record is not None else "", promote_to,
+                       registry_address, registry_port, registry_author)
+    print(out["message"])
+    return namedtuple("Outputs", ["destination"])(out["destination"] or "")
 
 
 COMPONENTS = {c.name.replace("-", "_"): c for c in

@@ -15,7 +15,7 @@ import warnings
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import HTML, Input, Markdown, Model
+from kfp.dsl import HTML, Artifact, Input, Markdown, Model
 
 from .components import (analyze_invalid_activation, champion_results, compute_heatmaps, gate, load_model, promote,
                          road_faithfulness)
@@ -36,13 +36,14 @@ def _s3_env(task: dsl.PipelineTask, s3_secret, s3_config) -> dsl.PipelineTask:
 
 
 @dsl.pipeline(name="promote-if-passed", description="Run the promotion step when the gate passed.")
-def promote_if_passed(model: Input[Model], passed: bool, s3_secret: str = "camgate-s3",
-                      s3_config: str = "camgate-s3"):
+def promote_if_passed(model: Input[Model], passed: bool, record: Input[Artifact], promote_to: str = "",
+                      registry_address: str = "", s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3"):
     # A sub-pipeline so the condition reads one of its own inputs: kfp.local cannot evaluate a
     # condition on a multi-output task's output (it resolves only single 'Output' values), while a
     # parent input works everywhere, on the cluster as locally.
     with dsl.If(passed == True, name="gate-passed"):  # noqa: E712 - compiled to a CEL comparison
-        _s3_env(promote(model=model, passed=passed), s3_secret, s3_config)
+        _s3_env(promote(model=model, passed=passed, record=record, promote_to=promote_to,
+                        registry_address=registry_address), s3_secret, s3_config)
 
 
 @dsl.pipeline(name="heatmap-gate",
@@ -51,7 +52,8 @@ def promote_if_passed(model: Input[Model], passed: bool, s3_secret: str = "camga
 def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
                  method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
                  mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
-                 baseline_model_card: str = "", baseline_results: str = "", s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
+                 baseline_model_card: str = "", baseline_results: str = "", promote_to: str = "",
+                 registry_address: str = "", s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
                  ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                                  n_images=int, summary=Markdown, report=HTML):
     """Heatmap test gate.
@@ -69,6 +71,8 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
         fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
         baseline_model_card: The champion (production model) card: its results on the same data are computed in this run for the policy's baseline rules; '' = none.
         baseline_results: Or the champion's results Parquet on the same data, computed earlier; '' = none (the baseline rules are then skipped).
+        promote_to: Where a model that passed is promoted (s3:// prefix or path): card, weights and test record, atomically; '' = the promote step only says what it would promote.
+        registry_address: Kubeflow Model Registry (host:port or http(s)://host[:port]) to register a promoted model in; '' = do not register.
         road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
         s3_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
         s3_config: Kubernetes ConfigMap with AWS_ENDPOINT_URL and AWS_REGION.
@@ -104,7 +108,8 @@ def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, st
     verdict.set_cpu_request("1").set_memory_request("2Gi")
     for task in (loaded, heat, analyzed, faith, champion, verdict):
         _s3_env(task, s3_secret, s3_config)
-    promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"], s3_secret=s3_secret,
+    promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"], record=verdict.outputs["record"],
+                      promote_to=promote_to, registry_address=registry_address, s3_secret=s3_secret,
                       s3_config=s3_config)
     outputs = NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                          n_images=int, summary=Markdown, report=HTML)
