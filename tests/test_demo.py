@@ -28,6 +28,9 @@ def test_demo_clean_passes_shortcut_fails():
     assert clean["test_accuracy"] >= 0.9 and shortcut["test_accuracy"] >= 0.9
     assert clean["passed"] and clean["promoted"]
     assert not shortcut["passed"] and not shortcut["promoted"]
+    # the model that passed was promoted with its test record; the other was not copied at all
+    assert clean["promoted_files"] == ["card.json", "model.safetensors", "record.json"]
+    assert shortcut["promoted_files"] == []
     assert shortcut["mean_invalid_activation_ratio"] > clean["mean_invalid_activation_ratio"] + 0.2
     # champion/challenger: the clean model is production; the shortcut model is a regression against it
     assert clean["champion"] is None and clean["regression"] is None

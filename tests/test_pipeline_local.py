@@ -66,7 +66,7 @@ def test_pass_promotes_and_exports(s3_set, s3_server, capfd):
     # the promote task copied card, weights and the gate's own test record, marker last
     from camgate.promote import promoted
 
-    [folder] = {u.rsplit("/", 2)[0] for u in storage.list_uris(storage.join(promoted_to, "tiny"))}
+    [folder] = {u.rsplit("/", 1)[0] for u in storage.list_uris(storage.join(promoted_to, "tiny"))}
     marker = promoted(folder)
     assert marker is not None and sorted(marker["files"]) == ["card.json", "record.json", "w.safetensors"]
     record = storage.read_bytes(storage.join(folder, "record.json"))

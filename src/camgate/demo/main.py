@@ -109,7 +109,7 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
             + (f", champion: underpass-{CHAMPION}" if champion else ""))
         r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri,
                        "output_prefix": out_prefix, "fail_on_violation": False, "road_sample": ROAD_SAMPLE,
-                       "baseline_model_card": champion},
+                       "baseline_model_card": champion, "promote_to": storage.join(base, "promoted")},
                       pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
                       progress=lambda line, v=variant: log(f"{v}: {line}"))
         report = work / "reports" / f"{variant}.html"
@@ -129,9 +129,19 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
                      "baseline_mean_increase": overall.get("baseline_mean_increase"),
                      "regression": _regression(decision),
                      "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
+                     "promoted_files": _promoted_files(storage.join(base, "promoted", f"underpass-{variant}")),
                      "n_images": r["n_images"], "report": str(report), "layer_curve": curve,
                      "results": storage.join(out_prefix, "results.parquet")})
     return rows
+
+
+def _promoted_files(prefix: str) -> list[str]:
+    """Names of the files a completed promotion of this model holds (none when it was not promoted)."""
+    from ..promote import promoted
+
+    folders = sorted({u.rsplit("/", 1)[0] for u in storage.list_uris(prefix)})
+    marks = [m for m in map(promoted, folders) if m]
+    return sorted(marks[0]["files"]) if marks else []
 
 
 def _regression(decision: dict) -> str | None:
