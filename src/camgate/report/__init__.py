@@ -12,10 +12,10 @@ import json
 from . import record
 from .junit import junit
 from .metrics import MAX_METRICS, metrics
-from .render import html, markdown, overlay_png, overlays
+from .render import GALLERY, html, markdown, overlay_png, overlays
 
 __all__ = ["artifacts", "html", "markdown", "metrics", "junit", "overlays", "overlay_png", "record", "MAX_METRICS",
-           "FILES"]
+           "FILES", "GALLERY"]
 
 FILES = ("decision.json", "record.json", "junit.xml", "summary.md", "report.html")
 
