@@ -21,8 +21,9 @@ from camgate.steps import GateFailed  # noqa: E402
 from test_run import make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "champion_results", "gate", "promote", "layer_maps",
-                   "animate_layers", "road_faithfulness"]
+COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "plan_shards", "shard_worker",
+                   "merge_results", "champion_results", "gate", "promote", "layer_maps", "animate_layers",
+                   "road_faithfulness"]
 
 
 def tiny_card(folder: Path, name="card.yaml", **extra) -> Path:
@@ -237,7 +238,7 @@ def test_compiled_pipeline_has_gpu_secret_env_and_no_credentials(tmp_path, monke
     # two documents: the pipeline spec, then the platform (Kubernetes) spec
     spec, platform = yaml.safe_load_all((ROOT / "pipelines" / "heatmap_gate.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
-    gpu = ("exec-compute-heatmaps", "exec-road-faithfulness")  # the tasks that run the model on images
+    gpu = ("exec-shard-worker", "exec-road-faithfulness")  # the tasks that run the model on images
     for name in gpu:
         acc = executors[name]["container"]["resources"]["accelerator"]
         assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1"

@@ -49,7 +49,9 @@ def args(s, policy: str, out: str, **extra) -> dict:
 
 
 def exported(s, out: str) -> list[str]:
-    return [u.rsplit("/", 1)[1] for u in storage.list_uris(storage.join(s["bucket"], out))]
+    """The files directly under the output prefix (shards/ holds the shards' manifests, parts and markers)."""
+    prefix = storage.join(s["bucket"], out) + "/"
+    return [u[len(prefix):] for u in storage.list_uris(prefix[:-1]) if "/" not in u[len(prefix):]]
 
 
 def test_pass_promotes_and_exports(s3_set, s3_server, capfd):

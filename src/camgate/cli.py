@@ -1,4 +1,5 @@
-"""``camgate`` command line: run, analyze, gate, report, promote, bench, demo, compile (and more: ``camgate -h``).
+"""``camgate`` command line: run, analyze, shard, merge, gate, report, promote, bench, demo, compile (and more:
+``camgate -h``).
 
 Exit codes: 0 success (gate: passed, or failed without --fail-on-violation), 1 gate failed with
 --fail-on-violation (promote: the record says the gate failed, nothing copied), 2 usage or input
@@ -153,6 +154,20 @@ def cmd_promote(args) -> int:
     return 0 if out["promoted"] else EXIT_FAIL
 
 
+def cmd_shard(args) -> int:
+    from .shards import plan
+
+    print(json.dumps(plan(args.data, args.shards, args.out, static_mask=args.static_mask)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .shards import merge
+
+    print(json.dumps(merge(args.parts, args.out, data=args.data)))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -168,7 +183,8 @@ def cmd_demo(args) -> int:
 def cmd_compile(args) -> int:
     from .kfp.compile import compile_all
 
-    for path in compile_all(args.root):
+    kw = {} if args.parallelism is None else {"parallelism": args.parallelism}
+    for path in compile_all(args.root, **kw):
         print(path)
     return 0
 
@@ -286,6 +302,19 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--author", default="camgate", help="author recorded in the Model Registry")
     pr.set_defaults(fn=cmd_promote)
 
+    sh = sub.add_parser("shard", help="split a data set into N shard manifests (prints their URIs as JSON)")
+    sh.add_argument("data", help="manifest (csv/jsonl/parquet) or prefix with images/ (+ masks/)")
+    sh.add_argument("--shards", required=True, type=int, help="number of shards (contiguous rows, sizes within one)")
+    sh.add_argument("--out", required=True, help="folder or prefix (local or s3://) for shard-K-of-N.parquet")
+    sh.add_argument("--static-mask", help="one mask for every image (a prefix data set then needs no masks/)")
+    sh.set_defaults(fn=cmd_shard)
+
+    mg = sub.add_parser("merge", help="shard results -> one results Parquet in manifest order")
+    mg.add_argument("parts", nargs="+", help="results Parquet of each shard")
+    mg.add_argument("--out", required=True, help="merged results Parquet (local or s3://)")
+    mg.add_argument("--data", help="the full data set: the parts must cover its rows exactly, same images")
+    mg.set_defaults(fn=cmd_merge)
+
     b = sub.add_parser("bench", help="benchmark: inference vs camgate vs pytorch-grad-cam, side by side")
     from .bench import add_args
 
@@ -299,6 +328,9 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="regenerate components/ and pipelines/ YAML")
     c.add_argument("--root", default=".", help="repository root")
+    c.add_argument("--parallelism", type=int, help="heatmap-gate: shards computed at once, fixed at compile time "
+                                                   "by KFP (0 = no limit; default: DEFAULT_PARALLELISM of "
+                                                   "camgate.kfp.pipelines)")
     c.set_defaults(fn=cmd_compile)
     return p
 

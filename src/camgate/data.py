@@ -8,6 +8,8 @@ passed through as metadata; or a prefix (``s3://bucket/set/`` or a local directo
 
 Relative paths in a manifest resolve against the manifest's folder; a ``..`` that leaves that folder
 is refused for that item only. A static mask (fixed camera) replaces per-item masks for every item.
+A ``row`` column gives each item its row number in the full manifest (``Item.index``, the results'
+``row``): what shard manifests (:mod:`camgate.shards`) keep.
 
 Problems of the whole run raise :class:`DataError`; problems of one item end up in that item's
 ``Item.error`` / ``Sample.error`` so the caller can write an error row and go on.
@@ -41,6 +43,10 @@ MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parq
                     ".pq": "parquet"}
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(0|[1-9]\d*)?(\.\d+)?([eE][+-]?\d+)?")  # no leading zeros, no nan/inf
+# Shard manifests (Parquet written by camgate.shards.plan, marked by this stage in their metadata) hold
+# items as loaded: URIs already resolved against the original manifest, and each item's known error here.
+SHARD_STAGE = "shard"
+SHARD_ERROR = "_item_error"
 
 
 class DataError(ConfigError):
@@ -140,33 +146,53 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
     except storage.StorageError as e:
         raise DataError(f"cannot read manifest {uri}: {e}") from e
     try:
-        columns, rows = _PARSERS[fmt](raw)
+        columns, rows, md = _PARSERS[fmt](raw)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - csv/json/pyarrow each raise their own types
         raise DataError(f"manifest {uri} is not valid {fmt}: {e}") from e
     if "image" not in columns:
         raise DataError(f"manifest {uri} has no column 'image' (columns: {columns})")
-    reserved = {"image", "mask", "label", "image_id"}
-    items = []
+    shard = md.get("stage") == SHARD_STAGE
+    reserved = {"image", "mask", "label", "image_id", "row"} | ({SHARD_ERROR} if shard else set())
+    items, seen = [], {}
     for i, row in enumerate(rows):
-        image, error = _ref(uri, row.get("image"), "image")
+        index = _row_number(uri, row, i) if "row" in columns else i
+        if seen.setdefault(index, i) != i:
+            raise DataError(f"manifest {uri}: row number {index} appears twice (items {seen[index]} and {i})")
+        if shard:  # resolved once, against the original manifest: taken as they are
+            image, error = _cell(row.get("image")), _cell(row.get(SHARD_ERROR))
+            mask, err = _cell(row.get("mask")), None
+        else:
+            image, error = _ref(uri, row.get("image"), "image")
+            mask, err = _ref(uri, row.get("mask"), "mask")
         if image is None and error is None:
-            error = f"row {i}: empty 'image' cell"
+            error = f"row {index}: empty 'image' cell"
         if static_mask:
             mask = static_mask
         else:
-            mask, err = _ref(uri, row.get("mask"), "mask")
             error = error or err
         image_id = _cell(row.get("image_id"))
         if image_id is None:
-            image_id = _stem(image or _cell(row.get("image")) or "") or f"row-{i}"
+            image_id = _stem(image or _cell(row.get("image")) or "") or f"row-{index}"
         items.append(Item(
-            index=i, image_id=str(image_id), image=image, mask=mask,
+            index=index, image_id=str(image_id), image=image, mask=mask,
             label=_label(row.get("label")),
             meta={k: _meta(row.get(k)) for k in columns if k not in reserved},
             error=error))
     return items
+
+
+def _row_number(uri: str, row: dict, i: int) -> int:
+    v = _cell(row.get("row"))
+    try:
+        n = int(v)
+        ok = n >= 0 and float(v) == n and not isinstance(v, bool)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DataError(f"manifest {uri}: item {i}: column 'row' must be a row number (an integer >= 0), got {v!r}")
+    return n
 
 
 def _ref(manifest: str, value, what: str) -> tuple[str | None, str | None]:
@@ -254,7 +280,7 @@ def _meta(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-# --- manifest parsers: bytes -> (columns, rows as dicts) -------------------------------------
+# --- manifest parsers: bytes -> (columns, rows as dicts, the file's camgate metadata) ----------------
 
 def _parse_csv(raw: bytes):
     reader = csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
@@ -268,7 +294,7 @@ def _parse_csv(raw: bytes):
         if c not in ("image", "mask", "image_id", "label"):
             cols[c] = _infer(cols[c])
     rows = [{c: (cols[c][i] if cols[c][i] != "" else None) for c in columns} for i in range(len(records))]
-    return columns, rows
+    return columns, rows, {}
 
 
 def _infer(values: list[str]) -> list:
@@ -296,14 +322,15 @@ def _parse_jsonl(raw: bytes):
             raise DataError(f"line {n}: expected a JSON object, got {type(obj).__name__}")
         columns.update(dict.fromkeys(obj))
         rows.append(obj)
-    return list(columns), rows
+    return list(columns), rows, {}
 
 
 def _parse_parquet(raw: bytes):
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(raw))
-    return list(table.column_names), table.to_pylist()
+    md = json.loads((table.schema.metadata or {}).get(b"camgate", b"{}"))  # shard manifests say so here
+    return list(table.column_names), table.to_pylist(), md if isinstance(md, dict) else {}
 
 
 _PARSERS = {"csv": _parse_csv, "jsonl": _parse_jsonl, "parquet": _parse_parquet}

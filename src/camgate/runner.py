@@ -418,11 +418,11 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
 
 def _paired_masks(pf, heatmaps: str, data: str, static_mask: str | None) -> dict[int, str | None]:
     """Mask URI per heatmap ``row`` from the manifest, after checking that row and image agree."""
-    items = load_items(data, static_mask)
+    items = {it.index: it for it in load_items(data, static_mask)}  # a shard manifest keeps full-manifest rows
     have = pf.read(columns=[c for c in ("row", "image") if c in pf.schema_arrow.names]).to_pydict()
     rows = have.get("row") or list(range(len(have["image"])))  # files from before `row`: by position
     for r, image in zip(rows, have["image"]):
-        if r >= len(items):
+        if r not in items:
             raise DataError(f"data {data} has {len(items)} items but heatmaps {heatmaps} hold row {r}: "
                             f"not the manifest the heatmaps were computed from")
         if items[r].image != image:

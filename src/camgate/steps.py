@@ -13,8 +13,8 @@ import re
 from . import report, storage
 from .data import MaskSpec
 
-__all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "baseline_step", "gate_step",
-           "promote_step", "gate_outputs"]
+__all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "plan_step", "shard_step",
+           "merge_step", "baseline_step", "gate_step", "promote_step", "gate_outputs"]
 
 _MAX_LISTED_RULES = 20
 
@@ -112,6 +112,48 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
     summary = analyze(heatmaps_path, out_path, data=data or None, static_mask=static_mask or None,
                       mask_spec=spec, topk=float(topk), progress=False)
     out = summary.to_dict()
+    if export_uri:
+        export_uri = _tidy(export_uri)
+        storage.upload(out_path, export_uri)
+        out["exported"] = export_uri
+    return out
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def plan_step(data: str, shards: int, out_prefix: str, static_mask: str = "") -> list[str]:
+    """Data set -> shard manifests under ``out_prefix``; returns their URIs (the pipeline's loop items)."""
+    from .shards import plan
+
+    return plan(data, int(shards), _tidy(out_prefix), static_mask=static_mask or None)
+
+
+def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str = "predicted",
+               batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
+               invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, card_sha256: str = "",
+               attempts: int = 3) -> dict:
+    """Resolved card + one shard manifest -> the shard's results part beside it (heatmaps and metrics in
+    one pass); a shard already done is skipped. See :func:`camgate.shards.run_shard`."""
+    from .modelspec import ModelCard, load_model
+    from .shards import run_shard
+
+    card = ModelCard.load(model_path)
+    if card_sha256:
+        card.sha256 = card_sha256
+    lm = load_model(card, device=device)
+    out = run_shard(lm, shard, attempts=int(attempts), method=method, target=target, batch_size=int(batch_size),
+                    static_mask=static_mask or None, mask_spec=mask_spec(mask_marks_valid, invalid_ids),
+                    topk=float(topk), budget=int(budget))
+    return {**out, "device": str(lm.device), "method": method}
+
+
+def merge_step(parts: list[str], out_path: str, data: str = "", export_uri: str = "") -> dict:
+    """Shard parts -> one results Parquet, after checking they cover ``data`` exactly once; also copied
+    to ``export_uri`` when given."""
+    from .shards import merge
+
+    out = merge(list(parts), out_path, data=data or None)
     if export_uri:
         export_uri = _tidy(export_uri)
         storage.upload(out_path, export_uri)

@@ -10,9 +10,9 @@ import tempfile
 from kfp import compiler
 
 from .components import COMPONENTS, IMAGE
-from .pipelines import heatmap_gate
+from .pipelines import DEFAULT_PARALLELISM, heatmap_gate_pipeline
 
-PIPELINES = {"heatmap_gate": heatmap_gate}
+PIPELINES = {"heatmap_gate": heatmap_gate_pipeline}  # name -> factory of the pipeline for a parallelism
 
 
 def _atomic_write(path: str, produce) -> None:
@@ -29,18 +29,19 @@ def _atomic_write(path: str, produce) -> None:
             os.unlink(tmp)
 
 
-def compile_pipeline(path: str, name: str = "heatmap_gate") -> str:
+def compile_pipeline(path: str, name: str = "heatmap_gate", parallelism: int = DEFAULT_PARALLELISM) -> str:
     """Compile one pipeline to ``path`` (what ``camgate demo`` runs); returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda tmp: compiler.Compiler().compile(PIPELINES[name], tmp))
+    _atomic_write(path, lambda tmp: compiler.Compiler().compile(PIPELINES[name](parallelism), tmp))
     return path
 
 
-def compile_all(root: str = ".") -> list[str]:
+def compile_all(root: str = ".", parallelism: int = DEFAULT_PARALLELISM) -> list[str]:
     """Write ``components/<name>.yaml`` (+ README.md) and ``pipelines/<name>.yaml`` under ``root``;
-    return the written paths."""
+    return the written paths. ``parallelism``: shards the pipeline computes at once (0 = no limit)."""
+    pipelines = {name: make(parallelism) for name, make in PIPELINES.items()}
     written = []
-    for folder, items in (("components", COMPONENTS), ("pipelines", PIPELINES)):
+    for folder, items in (("components", COMPONENTS), ("pipelines", pipelines)):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
         for name, obj in items.items():
             path = os.path.join(root, folder, f"{name}.yaml")

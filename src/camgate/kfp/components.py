@@ -6,7 +6,7 @@ already holds camgate and kfp at matching versions, so a task never pip-installs
 """
 
 import os
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -19,7 +19,8 @@ REGISTRY = os.environ.get("CAMGATE_IMAGE_REGISTRY", "").strip().rstrip("/") or D
 IMAGE = f"{REGISTRY}/camgate:{__version__}"
 
 __all__ = ["IMAGE", "REGISTRY", "DEFAULT_REGISTRY", "COMPONENTS", "load_model", "compute_heatmaps",
-           "analyze_invalid_activation", "champion_results", "gate", "promote", "layer_maps", "animate_layers", "road_faithfulness"]
+           "analyze_invalid_activation", "plan_shards", "shard_worker", "merge_results", "champion_results", "gate",
+           "promote", "layer_maps", "animate_layers", "road_faithfulness"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -118,6 +119,72 @@ def champion_results(data: str, baseline: Output[Dataset], model_card: str = "",
 
     baseline.metadata.update(baseline_step(baseline.path, data, model_card, results_uri, method, target, batch_size,
                                            static_mask, mask_marks_valid, invalid_ids, device, checkpoint))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def plan_shards(data: str, shards: int, out_prefix: str, static_mask: str = "") -> List[str]:
+    """Split a data set into shard manifests (contiguous rows, sizes within one; each keeps its full-manifest row).
+
+    Args:
+        data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
+        shards: Number of shards (more than items: one item each).
+        out_prefix: Where shard-K-of-N.parquet are written (s3:// or path).
+        static_mask: One mask for every image (fixed camera); '' = per-image masks.
+
+    Returns:
+        The shard manifests' URIs, in row order.
+    """
+    from camgate.steps import plan_step
+
+    return plan_step(data, shards, out_prefix, static_mask)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", target: str = "predicted",
+                 batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
+                 invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, attempts: int = 3) -> str:
+    """Heatmaps and invalid-pixel metrics of one shard, written beside its manifest with a completion marker.
+
+    Args:
+        model: Resolved model card from load_model.
+        shard: A shard manifest from plan_shards.
+        method: CAM method, or a black-box method (decam, rise).
+        target: Class to explain: predicted | label | <class index>.
+        batch_size: Images per forward/backward pass.
+        device: auto | cpu | cuda[:N].
+        static_mask: One mask for every image (fixed camera); '' = per-image masks.
+        mask_marks_valid: Masks mark the VALID region instead of the invalid one.
+        invalid_ids: Label-map masks: comma-separated invalid label ids ('' = any non-zero pixel is invalid).
+        topk: Fraction of hottest pixels for topk_invalid_share.
+        budget: decam/rise: forward passes per image.
+        attempts: Tries before the task fails; each resumes from the rows the last one committed (KFP does not retry tasks inside a ParallelFor).
+
+    Returns:
+        The shard's results part (<shard>.results.parquet); a shard whose part and marker exist for the same model, data and settings is not computed again.
+    """
+    from camgate.steps import shard_step
+
+    out = shard_step(model.path, shard, method, target, batch_size, device, static_mask, mask_marks_valid,
+                     invalid_ids, topk, budget, model.metadata.get("card_sha256", ""), attempts)
+    print(out)
+    return out["part"]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def merge_results(parts: List[str], results: Output[Dataset], data: str = "", export_uri: str = ""):
+    """Merge the shards' results into one results Parquet in manifest order, checking that every row is there once.
+
+    Args:
+        parts: The shard workers' results parts (any order).
+        data: The full data set: the parts must cover its rows exactly, with the same images; '' = check only that rows 0..max are each there once.
+        export_uri: Also copy the results Parquet here (s3:// or path); '' = do not.
+
+    Returns:
+        results: Results Parquet (invalid_activation_ratio and friends per image), as one run over the whole data set writes it.
+    """
+    from camgate.steps import merge_step
+
+    results.metadata.update(merge_step(parts, results.path, data, export_uri))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -263,5 +330,5 @@ def promote(model: Input[Model], passed: bool, record: Input[Artifact] = None, p
 
 
 COMPONENTS = {c.name.replace("-", "_"): c for c in
-              (load_model, compute_heatmaps, analyze_invalid_activation, champion_results, gate, promote, layer_maps, animate_layers,
-               road_faithfulness)}
+              (load_model, compute_heatmaps, analyze_invalid_activation, plan_shards, shard_worker, merge_results,
+               champion_results, gate, promote, layer_maps, animate_layers, road_faithfulness)}

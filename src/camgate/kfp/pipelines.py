@@ -1,7 +1,9 @@
 """The ``heatmap-gate`` pipeline and a local runner for it (kfp.local, no cluster).
 
-load_model -> compute_heatmaps (GPU) -> analyze_invalid_activation -> gate -> promote (if passed); beside
-them road_faithfulness (ROAD on a sample) and champion_results (the production model on the same data).
+load_model -> plan_shards -> shard_worker per shard (GPU, in a ParallelFor) -> merge_results -> gate ->
+promote (if passed); beside them road_faithfulness (ROAD on a sample) and champion_results (the
+production model on the same data). One shard is the same path with one loop iteration, so a run's
+results do not depend on the shard count.
 S3 credentials come from a Kubernetes Secret and the endpoint from a ConfigMap, both named by
 pipeline parameters, so neither ever appears in parameters or in the compiled YAML.
 """
@@ -17,10 +19,15 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Input, Markdown, Model
 
-from .components import (analyze_invalid_activation, champion_results, compute_heatmaps, gate, load_model, promote,
-                         road_faithfulness)
+from .components import (champion_results, gate, load_model, merge_results, plan_shards, promote, road_faithfulness,
+                         shard_worker)
 
-__all__ = ["heatmap_gate", "promote_if_passed", "local_run", "PipelineFailed"]
+__all__ = ["heatmap_gate", "heatmap_gate_pipeline", "DEFAULT_PARALLELISM", "promote_if_passed", "local_run",
+           "PipelineFailed"]
+
+# Shards computed at once. KFP fixes a ParallelFor's parallelism at compile time (it takes no
+# pipeline parameter): `camgate compile --parallelism N` sets it, 0 = no limit.
+DEFAULT_PARALLELISM = 8
 
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
@@ -46,76 +53,94 @@ def promote_if_passed(model: Input[Model], passed: bool, record: Input[Artifact]
                         registry_address=registry_address), s3_secret, s3_config)
 
 
-@dsl.pipeline(name="heatmap-gate",
-              description="Heatmap test gate: CAMs of a vision model on a data set with invalid-pixel masks, "
-                          "judged by a policy; promotes the model only when the gate passes.")
-def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
-                 method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
-                 mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
-                 baseline_model_card: str = "", baseline_results: str = "", promote_to: str = "",
-                 registry_address: str = "", s3_secret: str = "camgate-s3", s3_config: str = "camgate-s3",
-                 ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
-                                 n_images=int, summary=Markdown, report=HTML):
-    """Heatmap test gate.
+def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
+    """The heatmap-gate pipeline with at most ``parallelism`` shards computed at once (0 = no limit)."""
+    if not isinstance(parallelism, int) or isinstance(parallelism, bool) or parallelism < 0:
+        from ..errors import ConfigError
 
-    Args:
-        model_card: Model card URI (YAML/JSON).
-        data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
-        policy: Policy YAML URI.
-        output_prefix: Where results.parquet, decision.json, record.json, junit.xml, summary.md and report.html are exported.
-        static_mask: One mask for every image (fixed camera); '' = per-image masks.
-        method: CAM method.
-        batch_size: Images per batch on the GPU.
-        target: Class to explain: predicted | label | <class index>.
-        mask_marks_valid: Masks mark the valid region instead of the invalid one.
-        fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
-        baseline_model_card: The champion (production model) card: its results on the same data are computed in this run for the policy's baseline rules; '' = none.
-        baseline_results: Or the champion's results Parquet on the same data, computed earlier; '' = none (the baseline rules are then skipped).
-        promote_to: Where a model that passed is promoted (s3:// prefix or path): card, weights and test record, atomically; '' = the promote step only says what it would promote.
-        registry_address: Kubeflow Model Registry (host:port or http(s)://host[:port]) to register a promoted model in; '' = do not register.
-        road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
-        s3_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
-        s3_config: Kubernetes ConfigMap with AWS_ENDPOINT_URL and AWS_REGION.
-    """
-    loaded = load_model(model_card=model_card)
-    loaded.set_cpu_request("1").set_memory_request("4Gi")  # holds the weights once for the check
-    # rows are committed under the output prefix: a restarted pod (or a re-run) resumes there
-    heat = compute_heatmaps(model=loaded.outputs["model"], data=data, method=method, target=target,
-                            batch_size=batch_size, checkpoint=f"{output_prefix}/checkpoints/heatmaps",
-                            static_mask=static_mask)
-    heat.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    # decoding threads + a pinned-memory batch queue beside the GPU
-    heat.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
-    analyzed = analyze_invalid_activation(heatmaps=heat.outputs["heatmaps"], data=data, static_mask=static_mask,
-                                          mask_marks_valid=mask_marks_valid,
-                                          export_uri=f"{output_prefix}/results.parquet")
-    analyzed.set_cpu_request("2").set_memory_request("4Gi")
-    # Always a task, so the gate always has its input (kfp.local cannot pass an output out of a dsl.If);
-    # with road_sample=0 it writes an empty file without loading the model. On the GPU: ROAD is
-    # 36 forwards per image.
-    faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, sample=road_sample)
-    faith.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    faith.set_cpu_request("2").set_memory_request("8Gi")
-    # Always a task too (an empty 'no baseline' file when no champion is named); on the GPU when it computes.
-    champion = champion_results(data=data, model_card=baseline_model_card, results_uri=baseline_results,
-                                method=method, target=target, batch_size=batch_size, static_mask=static_mask,
-                                mask_marks_valid=mask_marks_valid,
-                                checkpoint=f"{output_prefix}/checkpoints/baseline")
-    champion.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    champion.set_cpu_request("4").set_memory_request("16Gi")
-    verdict = gate(results=analyzed.outputs["results"], policy=policy, fail_on_violation=fail_on_violation,
-                   export_prefix=output_prefix, road=faith.outputs["road"], baseline=champion.outputs["baseline"])
-    verdict.set_cpu_request("1").set_memory_request("2Gi")
-    for task in (loaded, heat, analyzed, faith, champion, verdict):
-        _s3_env(task, s3_secret, s3_config)
-    promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"], record=verdict.outputs["record"],
-                      promote_to=promote_to, registry_address=registry_address, s3_secret=s3_secret,
-                      s3_config=s3_config)
-    outputs = NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
-                         n_images=int, summary=Markdown, report=HTML)
-    return outputs(verdict.outputs["passed"], verdict.outputs["mean_invalid_activation_ratio"],
-                   verdict.outputs["error_rate"], verdict.outputs["n_images"], verdict.outputs["summary"],
-                   verdict.outputs["report"])
+        raise ConfigError(f"parallelism must be an integer >= 0 (0 = no limit), got {parallelism!r}")
+
+    @dsl.pipeline(name="heatmap-gate",
+                  description="Heatmap test gate: CAMs of a vision model on a data set with invalid-pixel masks, "
+                              "judged by a policy; promotes the model only when the gate passes.")
+    def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
+                     method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
+                     mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
+                     shards: int = 1, baseline_model_card: str = "", baseline_results: str = "",
+                     promote_to: str = "", registry_address: str = "", s3_secret: str = "camgate-s3",
+                     s3_config: str = "camgate-s3",
+                     ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
+                                     n_images=int, summary=Markdown, report=HTML):
+        """Heatmap test gate.
+
+        Args:
+            model_card: Model card URI (YAML/JSON).
+            data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
+            policy: Policy YAML URI.
+            output_prefix: Where results.parquet, decision.json, record.json, junit.xml, summary.md and report.html are exported, and the shards' manifests, results parts and completion markers kept (shards/).
+            static_mask: One mask for every image (fixed camera); '' = per-image masks.
+            method: CAM method.
+            batch_size: Images per batch on the GPU.
+            target: Class to explain: predicted | label | <class index>.
+            mask_marks_valid: Masks mark the valid region instead of the invalid one.
+            fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
+            road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
+            shards: Split the data set into this many shards, each computed by its own GPU task (tens to a few hundred; at most the compiled parallelism run at once); the results equal one shard's.
+            baseline_model_card: The champion (production model) card: its results on the same data are computed in this run for the policy's baseline rules; '' = none.
+            baseline_results: Or the champion's results Parquet on the same data, computed earlier; '' = none (the baseline rules are then skipped).
+            promote_to: Where a model that passed is promoted (s3:// prefix or path): card, weights and test record, atomically; '' = the promote step only says what it would promote.
+            registry_address: Kubeflow Model Registry (host:port or http(s)://host[:port]) to register a promoted model in; '' = do not register.
+            s3_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+            s3_config: Kubernetes ConfigMap with AWS_ENDPOINT_URL and AWS_REGION.
+        """
+        loaded = load_model(model_card=model_card)
+        loaded.set_cpu_request("1").set_memory_request("4Gi")  # holds the weights once for the check
+        # shard manifests, parts and markers live under the output prefix: a re-submitted run skips the
+        # shards that finished and resumes the rows a killed worker committed
+        planned = plan_shards(data=data, shards=shards, out_prefix=f"{output_prefix}/shards", static_mask=static_mask)
+        planned.set_cpu_request("1").set_memory_request("2Gi")
+        with dsl.ParallelFor(planned.output, parallelism=parallelism, name="shards") as shard:
+            worker = shard_worker(model=loaded.outputs["model"], shard=shard, method=method, target=target,
+                                  batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid)
+            worker.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+            # decoding threads + a pinned-memory batch queue beside the GPU
+            worker.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
+        # part URIs, not artifacts: collected artifacts lose all but one per name; the merge checks itself
+        # that the parts cover every row of the data set once
+        merged = merge_results(parts=dsl.Collected(worker.output), data=data,
+                               export_uri=f"{output_prefix}/results.parquet")
+        merged.set_cpu_request("2").set_memory_request("8Gi")
+        # Always a task, so the gate always has its input (kfp.local cannot pass an output out of a dsl.If);
+        # with road_sample=0 it writes an empty file without loading the model. On the GPU: ROAD is
+        # 36 forwards per image.
+        faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, sample=road_sample)
+        faith.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        faith.set_cpu_request("2").set_memory_request("8Gi")
+        # Always a task too (an empty 'no baseline' file when no champion is named); on the GPU when it computes.
+        champion = champion_results(data=data, model_card=baseline_model_card, results_uri=baseline_results,
+                                    method=method, target=target, batch_size=batch_size, static_mask=static_mask,
+                                    mask_marks_valid=mask_marks_valid,
+                                    checkpoint=f"{output_prefix}/checkpoints/baseline")
+        champion.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        champion.set_cpu_request("4").set_memory_request("16Gi")
+        verdict = gate(results=merged.outputs["results"], policy=policy, fail_on_violation=fail_on_violation,
+                       export_prefix=output_prefix, road=faith.outputs["road"], baseline=champion.outputs["baseline"])
+        verdict.set_cpu_request("1").set_memory_request("2Gi")
+        for task in (loaded, planned, worker, merged, faith, champion, verdict):
+            _s3_env(task, s3_secret, s3_config)
+        promote_if_passed(model=loaded.outputs["model"], passed=verdict.outputs["passed"],
+                          record=verdict.outputs["record"], promote_to=promote_to,
+                          registry_address=registry_address, s3_secret=s3_secret, s3_config=s3_config)
+        outputs = NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
+                             n_images=int, summary=Markdown, report=HTML)
+        return outputs(verdict.outputs["passed"], verdict.outputs["mean_invalid_activation_ratio"],
+                       verdict.outputs["error_rate"], verdict.outputs["n_images"], verdict.outputs["summary"],
+                       verdict.outputs["report"])
+
+    return heatmap_gate
+
+
+heatmap_gate = heatmap_gate_pipeline()
 
 
 # --------------------------------------------------------------------------- local runs

@@ -1,0 +1,297 @@
+"""Scale-out: shard manifests, one run per shard, merge == one run over the whole manifest."""
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from camgate import results, storage
+from camgate.cli import main
+from camgate.data import load_items
+from camgate.shards import MergeError, merge, plan, run_shard
+from test_faults import computed, counting_env
+from test_pipeline_local import s3_set  # noqa: F401 - the fixture
+from test_run import make_set
+
+HERE = os.path.dirname(__file__)
+BAD = ["images/nope.png,masks/000.png,1,cam0", "../outside.png,masks/001.png,2,cam1"]
+
+
+def tiny_card(folder, arch="zoo:tiny_cnn") -> str:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "arch": arch, "num_classes": 3, "input": {"size": [32, 32]}}))
+    return str(path)
+
+
+@pytest.fixture
+def zoo_path(monkeypatch):
+    monkeypatch.syspath_prepend(HERE)
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_same_rows(a_uri, b_uri):
+    a, b = results.read_table(a_uri).to_pylist(), results.read_table(b_uri).to_pylist()
+    assert [r["row"] for r in a] == [r["row"] for r in b] == list(range(len(a)))
+    for x, y in zip(a, b):
+        for k in x:
+            if k == "cam" and x[k] is not None:  # batches differ, so float sums may differ in the last bits
+                a_map, b_map = results.cam_array(x), results.cam_array(y)
+                assert np.allclose(a_map, b_map, rtol=1e-4, atol=1e-6 * max(1e-30, float(a_map.max()))), x["row"]
+            elif k.endswith(("_ratio", "_share", "_score")):
+                if x[k] is None or (isinstance(x[k], float) and math.isnan(x[k])):
+                    assert y[k] is None or math.isnan(y[k]), (k, x, y)
+                else:
+                    assert abs(x[k] - y[k]) <= 1e-6, (k, x[k], y[k])
+            else:
+                assert x[k] == y[k], (k, x[k], y[k])
+
+
+def test_shard_run_each_merge_equals_one_run(tmp_path, capsys, zoo_path):
+    card = tiny_card(tmp_path)
+    _, manifest = make_set(tmp_path, n=9, bad=BAD)  # 11 rows: shards of 4, 4, 3 (sizes differ by <= 1)
+    code, out, err = cli(capsys, "shard", manifest, "--shards", "3", "--out", str(tmp_path / "shards"))
+    assert code == 0, err
+    uris = json.loads(out)
+    assert [os.path.basename(u) for u in uris] == [f"shard-0000{k}-of-00003.parquet" for k in range(3)]
+    assert [len(load_items(u)) for u in uris] == [3, 4, 4]
+    assert [it.index for u in uris for it in load_items(u)] == list(range(11))
+    parts = []
+    for k, uri in enumerate(uris):
+        parts.append(str(tmp_path / f"part{k}.parquet"))
+        assert cli(capsys, "run", "--model", card, "--data", uri, "--out", parts[-1], "--batch-size", "2",
+                   "--quiet")[0] == 0
+    whole = str(tmp_path / "whole.parquet")
+    assert cli(capsys, "run", "--model", card, "--data", manifest, "--out", whole, "--batch-size", "4", "--quiet")[0] == 0
+    merged = str(tmp_path / "merged.parquet")
+    code, out, err = cli(capsys, "merge", *reversed(parts), "--out", merged, "--data", manifest)
+    assert code == 0, err
+    assert json.loads(out)["rows"] == 11
+    assert_same_rows(whole, merged)
+    t = results.read_table(merged)
+    assert t.schema.equals(results.read_table(whole).schema, check_metadata=False)
+    # the error rows survive sharding with the very same message
+    errors = [r for r in t.to_pylist() if r["status"] == "error"]
+    assert [r["row"] for r in errors] == [9, 10]
+    assert "nope.png" in errors[0]["error"] and "escapes the manifest folder" in errors[1]["error"]
+    md, md_whole = results.run_metadata(t), results.run_metadata(results.read_table(whole))
+    assert md["data"] == manifest and md["shards"] == uris
+    assert {k: v for k, v in md.items() if k != "shards"} == md_whole
+
+
+def test_merge_names_missing_and_duplicated_shards(tmp_path, capsys, zoo_path):
+    card = tiny_card(tmp_path)
+    _, manifest = make_set(tmp_path, n=6)
+    uris = plan(manifest, 3, str(tmp_path / "s"))
+    parts = []
+    for k, uri in enumerate(uris):
+        parts.append(str(tmp_path / f"p{k}.parquet"))
+        assert cli(capsys, "run", "--model", card, "--data", uri, "--out", parts[-1], "--quiet")[0] == 0
+    out = str(tmp_path / "m.parquet")
+    code, _, err = cli(capsys, "merge", parts[0], parts[2], "--out", out, "--data", manifest)
+    assert code == 2 and "rows 2-3 are in no part" in err and uris[1] in err, err
+    code, _, err = cli(capsys, "merge", parts[0], parts[2], "--out", out)  # without the data: still named
+    assert code == 2 and "rows 2-3 are in no part" in err and uris[1] in err, err
+    (tmp_path / "copy.parquet").write_bytes((tmp_path / "p1.parquet").read_bytes())
+    code, _, err = cli(capsys, "merge", *parts, str(tmp_path / "copy.parquet"), "--out", out, "--data", manifest)
+    assert code == 2 and "rows 2-3 are in more than one part" in err and "copy.parquet" in err, err
+    code, _, err = cli(capsys, "merge", parts[0], parts[0], "--out", out)
+    assert code == 2 and "given more than once" in err
+    lines = open(manifest).read().splitlines()
+    (tmp_path / "short.csv").write_text("\n".join(lines[:5]) + "\n")
+    code, _, err = cli(capsys, "merge", *parts, "--out", out, "--data", str(tmp_path / "short.csv"))
+    assert code == 2 and "rows 4-5 of the parts are not in data" in err, err
+    assert not os.path.exists(out)
+    # parts of another manifest (same rows, other images) are refused
+    _, other = make_set(tmp_path / "other", n=6)
+    with pytest.raises(MergeError, match=r"row 0 is .*000\.png in a part but .*other.*000\.png in the data"):
+        merge(parts, out, data=other)
+
+
+def test_merge_refuses_parts_of_different_runs(tmp_path, zoo_path):
+    card = tiny_card(tmp_path)
+    _, manifest = make_set(tmp_path, n=4)
+    a, b = plan(manifest, 2, str(tmp_path / "s"))
+    from camgate.runner import run
+
+    run(card, a, str(tmp_path / "a.parquet"), progress=False)
+    run(card, b, str(tmp_path / "b.parquet"), method="gradcam++", progress=False)
+    with pytest.raises(MergeError, match=r"come from different runs: 'method' is \"gradcam\" in one and "
+                                         r"\"gradcam\+\+\" in the other"):
+        merge([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tmp_path / "m.parquet"))
+
+
+def test_plan_is_deterministic_balanced_and_keeps_rows(tmp_path, capsys, zoo_path):
+    # a JSONL manifest with a metadata column that is empty in some shards and numbers in others
+    rows = [{"image": f"images/{i:03d}.png", "mask": f"masks/{i:03d}.png", "label": i % 3,
+             "speed": (1.5 * i if i > 5 else None)} for i in range(8)]
+    make_set(tmp_path, n=8)
+    card = tiny_card(tmp_path)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = plan(str(tmp_path / "m.jsonl"), 3, str(tmp_path / "a"))
+    b = plan(str(tmp_path / "m.jsonl"), 3, str(tmp_path / "b"))
+    assert [open(x, "rb").read() == open(y, "rb").read() for x, y in zip(a, b)] == [True] * 3
+    sizes = [len(load_items(u)) for u in a]
+    assert sizes == [2, 3, 3] and max(sizes) - min(sizes) <= 1
+    items = [it for u in a for it in load_items(u)]
+    full = load_items(str(tmp_path / "m.jsonl"))
+    assert [(it.index, it.image, it.mask, it.label, it.meta) for it in items] == \
+        [(it.index, it.image, it.mask, it.label, it.meta) for it in full]
+    # merged, that column has the whole run's type, though one shard saw no value of it
+    from camgate.runner import run
+
+    for k, u in enumerate(a):
+        run(card, u, str(tmp_path / f"p{k}.parquet"), progress=False)
+    run(card, str(tmp_path / "m.jsonl"), str(tmp_path / "whole.parquet"), progress=False)
+    merge([str(tmp_path / f"p{k}.parquet") for k in range(3)], str(tmp_path / "merged.parquet"))
+    assert_same_rows(str(tmp_path / "whole.parquet"), str(tmp_path / "merged.parquet"))
+    assert results.read_table(str(tmp_path / "merged.parquet")).schema.field("speed").type == pa.float64()
+    # a prefix data set: an image without a mask stays that item's error in its shard
+    os.remove(tmp_path / "masks" / "007.png")
+    (shard,) = plan(str(tmp_path), 1, str(tmp_path / "e"))
+    assert [it.error for it in load_items(shard)] == [it.error for it in load_items(str(tmp_path))]
+    assert "no mask with stem '007'" in load_items(shard)[7].error
+    # more shards than items: one item each; bad counts are exit 2 before anything is read
+    assert len(plan(str(tmp_path / "m.jsonl"), 20, str(tmp_path / "c"))) == 8
+    code, _, err = cli(capsys, "shard", str(tmp_path / "missing.csv"), "--shards", "0", "--out", str(tmp_path / "d"))
+    assert code == 2 and "shards must be an integer >= 1" in err
+
+
+def test_manifest_row_column_is_honoured_and_checked(tmp_path):
+    make_set(tmp_path, n=3)
+    (tmp_path / "m.csv").write_text("row,image,mask\n7,images/000.png,masks/000.png\n3,images/001.png,\n")
+    assert [it.index for it in load_items(str(tmp_path / "m.csv"))] == [7, 3]
+    from camgate.data import DataError
+
+    (tmp_path / "d.csv").write_text("row,image\n1,images/000.png\n1,images/001.png\n")
+    with pytest.raises(DataError, match="row number 1 appears twice"):
+        load_items(str(tmp_path / "d.csv"))
+    (tmp_path / "n.csv").write_text("row,image\n-1,images/000.png\n")
+    with pytest.raises(DataError, match=r"column 'row' must be a row number .* got -1"):
+        load_items(str(tmp_path / "n.csv"))
+
+
+def test_shard_worker_skips_a_finished_shard(tmp_path, monkeypatch, zoo_path):
+    card = tiny_card(tmp_path, "zoo:counting_net")
+    _, manifest = make_set(tmp_path, n=5)
+    (shard,) = plan(manifest, 1, str(tmp_path / "s"))
+    count, env = counting_env(tmp_path, "c1")
+    monkeypatch.setenv("CAMGATE_TEST_COUNT", str(count))
+    first = run_shard(card, shard, batch_size=2)
+    assert first["skipped"] is False and computed(count) == 5 and os.path.exists(first["part"])
+    again = run_shard(card, shard, batch_size=2)
+    assert again["skipped"] is True and computed(count) == 5
+    # other settings: the marker does not match, the shard is computed again
+    assert run_shard(card, shard, batch_size=2, method="gradcam++")["skipped"] is False and computed(count) == 10
+    os.remove(first["part"].replace(".results.parquet", ".done.json"))
+    assert run_shard(card, shard, batch_size=2, method="gradcam++")["skipped"] is False and computed(count) == 15
+
+
+# --------------------------------------------------------------------------- the pipeline, under kfp.local
+
+
+def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_shard(s3_set, tmp_path, monkeypatch):
+    pytest.importorskip("kfp")
+    from test_pipeline_local import COMPILED, EXPORTS, args, exported
+
+    from camgate.kfp import local_run
+
+    # the zoo's counting model (tiny_cnn's weights) tells how many images each run really computes
+    card = yaml.safe_load(storage.read_bytes(s3_set["card"]))
+    storage.write_bytes(s3_set["card"], yaml.safe_dump({**card, "arch": "zoo:counting_net"}).encode())
+    count = tmp_path / "count"
+    monkeypatch.setenv("CAMGATE_TEST_COUNT", str(count))
+
+    lines = []
+
+    def run(out, shards, name):
+        before = computed(count)
+        r = local_run(args(s3_set, "loose", out, shards=shards), s3_set["root"] + name, package_path=COMPILED,
+                      echo=False, progress=lines.append)
+        assert r["n_images"] == 6 and exported(s3_set, out) == EXPORTS
+        return r, storage.join(s3_set["bucket"], out), computed(count) - before
+
+    one, one_at, n1 = run("one", 1, "a")
+    lines.clear()
+    three, three_at, n3 = run("three", 3, "b")
+    # each shard is its own task (what `camgate demo` announces)
+    assert lines.count("Task 'shard-worker' finished with status SUCCESS") == 3, lines
+    assert n1 == n3 == 6
+    assert {k: one[k] for k in ("passed", "n_images", "error_rate")} == \
+        {k: three[k] for k in ("passed", "n_images", "error_rate")}
+    assert abs(one["mean_invalid_activation_ratio"] - three["mean_invalid_activation_ratio"]) <= 1e-6
+    local = {}
+    for name, at in (("one", one_at), ("three", three_at)):
+        local[name] = str(tmp_path / f"{name}.parquet")
+        storage.download(storage.join(at, "results.parquet"), local[name])
+    assert_same_rows(local["one"], local["three"])
+    shards = [u.rsplit("/", 1)[1] for u in storage.list_uris(storage.join(three_at, "shards"))]
+    assert [u for u in shards if u.endswith(".done.json")] == \
+        [f"shard-0000{k}-of-00003.done.json" for k in range(3)]
+
+    # one shard did not finish (its marker is gone): the same run again computes that shard only
+    storage.delete(storage.join(three_at, "shards", "shard-00001-of-00003.done.json"))
+    again, _, n = run("three", 3, "c")
+    assert n == 2 and again["n_images"] == 6
+    storage.download(storage.join(three_at, "results.parquet"), local["three"])
+    assert_same_rows(local["one"], local["three"])
+
+
+def test_components_plan_work_and_merge(tmp_path, zoo_path):
+    pytest.importorskip("kfp")
+    from kfp import dsl
+
+    from camgate.kfp import load_model, merge_results, plan_shards, shard_worker
+    from test_components import tiny_card as weighted_card
+
+    _, manifest = make_set(tmp_path, n=5, bad=BAD[:1])
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    load_model.python_func(model_card=str(weighted_card(tmp_path)), model=model)
+    shards = plan_shards.python_func(data=manifest, shards=2, out_prefix=str(tmp_path / "out") + "/shards")
+    parts = [shard_worker.python_func(model=model, shard=s, batch_size=2, device="cpu") for s in shards]
+    assert parts == [str(tmp_path / "out" / "shards" / f"shard-0000{k}-of-00002.results.parquet") for k in range(2)]
+    merged = dsl.Dataset(uri=str(tmp_path / "merged"))
+    merge_results.python_func(parts=parts[::-1], results=merged, data=manifest,
+                              export_uri=str(tmp_path / "out") + "//results.parquet")
+    assert merged.metadata["rows"] == 6 and merged.metadata["counts"]["error"] == 1
+    assert merged.metadata["exported"] == str(tmp_path / "out" / "results.parquet")
+    assert results.read_table(merged.path).column("row").to_pylist() == list(range(6))
+    with pytest.raises(MergeError, match=r"rows 3-5 are in no part.*shard-00001-of-00002\.parquet"):
+        merge_results.python_func(parts=parts[:1], results=dsl.Dataset(uri=str(tmp_path / "m2")), data=manifest)
+
+
+def test_compile_parallelism_is_a_compile_option(tmp_path, capsys):
+    pytest.importorskip("kfp")
+    code, _, err = cli(capsys, "compile", "--root", str(tmp_path), "--parallelism", "3")
+    assert code == 0, err
+    spec = next(yaml.safe_load_all((tmp_path / "pipelines" / "heatmap_gate.yaml").read_text()))
+    (loop,) = [t for t in spec["root"]["dag"]["tasks"].values() if "iteratorPolicy" in t]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 3
+    assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 1
+    # the checked-in pipeline: the default
+    spec = next(yaml.safe_load_all(open(os.path.join(HERE, "..", "pipelines", "heatmap_gate.yaml")).read()))
+    (loop,) = [t for t in spec["root"]["dag"]["tasks"].values() if "iteratorPolicy" in t]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 8
+    code, _, err = cli(capsys, "compile", "--root", str(tmp_path), "--parallelism", "-1")
+    assert code == 2 and "parallelism must be an integer >= 0" in err
+
+
+def test_shard_worker_retries_resuming_from_the_committed_rows(tmp_path, monkeypatch, caplog, zoo_path):
+    card = tiny_card(tmp_path, "zoo:counting_net")
+    _, manifest = make_set(tmp_path, n=5)
+    (shard,) = plan(manifest, 1, str(tmp_path / "s"))
+    count, _ = counting_env(tmp_path, "c")
+    monkeypatch.setenv("CAMGATE_TEST_COUNT", str(count))
+    # a folder where the part should go: every attempt commits its rows, then fails to write the part
+    os.makedirs(shard.replace(".parquet", ".results.parquet"))
+    with pytest.raises(storage.StorageError, match="is a directory"):
+        run_shard(card, shard, batch_size=2, checkpoint_rows=2, attempts=2)
+    assert "attempt 1 of 2 failed" in caplog.text
+    assert computed(count) == 5  # the second attempt resumed: no image computed twice
