@@ -238,7 +238,7 @@ def test_compiled_pipeline_has_gpu_secret_env_and_no_credentials(tmp_path, monke
     # two documents: the pipeline spec, then the platform (Kubernetes) spec
     spec, platform = yaml.safe_load_all((ROOT / "pipelines" / "heatmap_gate.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
-    gpu = ("exec-shard-worker", "exec-road-faithfulness")  # the tasks that run the model on images
+    gpu = ("exec-shard-worker", "exec-road-faithfulness", "exec-champion-results")  # the tasks that run models
     for name in gpu:
         acc = executors[name]["container"]["resources"]["accelerator"]
         assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1"
