@@ -326,6 +326,9 @@ def _count(summary: RunSummary, statuses: Iterable[str]) -> None:
         summary.counts[st] += 1
 
 
+PROVENANCE = ("environment", "started_at", "data_sha256")  # the keys _provenance adds
+
+
 def _provenance(lm: LoadedModel, data: str) -> dict:
     """What a test record needs beyond the settings: when and where the maps were computed and the
     manifest's hash. Kept out of the resume fingerprint: a run resumed elsewhere is the same run."""
@@ -338,9 +341,18 @@ def _provenance(lm: LoadedModel, data: str) -> dict:
            "cudnn_benchmark": torch.backends.cudnn.benchmark}
     if lm.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(lm.device)
-    is_file = os.path.splitext(str(data).rstrip("/"))[1].lower() in (".csv", ".jsonl", ".parquet")
     return {"environment": env, "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "data_sha256": _sha_or_none(data) if is_file else None}
+            "data_sha256": manifest_sha256(data)}
+
+
+def manifest_sha256(data) -> str | None:
+    """sha256 of a manifest file; None for a prefix data set (no single file: its items are in the
+    results) or a file that cannot be read."""
+    from .data import MANIFEST_FORMATS
+
+    if not data or os.path.splitext(str(data).rstrip("/"))[1].lower() not in MANIFEST_FORMATS:
+        return None
+    return _sha_or_none(str(data))
 
 
 def _fingerprint(md: dict, items: list[Item]) -> str:

@@ -195,10 +195,12 @@ def _common_metadata(parts: list[_Part], data: str | None) -> dict:
     def show(v) -> str:
         return json.dumps(v, sort_keys=True, default=str)[:120]
 
+    from .runner import PROVENANCE, manifest_sha256
+
     first = parts[0]
     for p in parts[1:]:
         for k in sorted(set(first.md) | set(p.md)):
-            if k not in _PER_SHARD and first.md.get(k) != p.md.get(k):
+            if k not in _PER_SHARD + PROVENANCE and first.md.get(k) != p.md.get(k):
                 raise MergeError(f"parts {first.uri} and {p.uri} come from different runs: {k!r} is "
                                  f"{show(first.md.get(k))} in one and {show(p.md.get(k))} in the other (merge parts "
                                  f"of one model, method and settings)")
@@ -207,6 +209,12 @@ def _common_metadata(parts: list[_Part], data: str | None) -> dict:
         if k in md:
             md[k] = data
     md["shards"] = [p.shard for p in sorted(parts, key=lambda p: p.first)]
+    # where and when: the run started with its first shard; each node's environment is kept
+    started = [p.md["started_at"] for p in parts if p.md.get("started_at")]
+    md["started_at"] = min(started) if started else None
+    envs = [p.md.get("environment") for p in parts]
+    md["environment"] = envs[0] if all(e == envs[0] for e in envs) else {"per_shard": envs}
+    md["data_sha256"] = manifest_sha256(data)
     return md
 
 

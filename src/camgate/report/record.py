@@ -43,11 +43,6 @@ def _file(uri) -> dict | None:
     return {"uri": str(uri) if isinstance(uri, (str, os.PathLike)) else None, "sha256": sha256_of(uri)}
 
 
-def _manifest_sha(data) -> str | None:
-    # a prefix data set (a folder) has no single file to hash; its items are listed in the results
-    return sha256_of(data) if data and os.path.splitext(str(data).rstrip("/"))[1] else None
-
-
 def _map_resolution(results) -> list[int] | None:
     t = read_results(results, ("status", "cam_height", "cam_width"))
     if "cam_height" not in t.column_names:
@@ -64,6 +59,7 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
     """The record of one decision. ``results``/``road``/``baseline``: what the gate read (URIs are
     hashed); ``policy``: its source (URI or mapping); ``started_at``: when the gate started."""
     from ..results import run_metadata
+    from ..runner import manifest_sha256
 
     md = run_metadata(read_results(results, ("row",)))
     model = md.get("model") or {}
@@ -88,7 +84,7 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
                   "card_sha256": md.get("model_card_sha256") or model.get("card_sha256"),
                   "weights_sha256": md.get("weights_sha256") or model.get("weights_sha256"),
                   "classes": model.get("classes")},
-        "data": {"manifest": data, "manifest_sha256": md.get("data_sha256") or _manifest_sha(data),
+        "data": {"manifest": data, "manifest_sha256": md.get("data_sha256") or manifest_sha256(data),
                  "counts": dict(decision.counts)},
         "method": {"name": md.get("method"), "target": md.get("target"), "target_layer": md.get("target_layer"),
                    "map_resolution": _map_resolution(results), "static_mask": md.get("static_mask"),
