@@ -514,8 +514,9 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
     summary = RunSummary(out)
     sm = StaticMask(static_mask) if static_mask else None
     with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS)) as w, _progress(len(items), progress) as bar:
-        for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=workers, static_mask=sm,
-                                  with_masks=with_masks):
+        loaders, overlap = gpu.cpu_budget(workers, lm.device)
+        for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=loaders, static_mask=sm,
+                                  with_masks=with_masks, overlap=overlap):
             rows = _layer_rows(lm, plan, method, target, batch, topk, with_masks)
             w.write(rows)
             _count(summary, [r["status"] for r in rows])
@@ -626,7 +627,9 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gr
     summary = RunSummary(out)
     rows_all: list[dict] = []
     with _progress(len(items), progress) as bar:
-        for batch in iter_batches(items, lm.input, MaskSpec(), batch_size, workers=workers, with_masks=False):
+        loaders, overlap = gpu.cpu_budget(workers, lm.device)
+        for batch in iter_batches(items, lm.input, MaskSpec(), batch_size, workers=loaders, with_masks=False,
+                                  overlap=overlap):
             rows_all += _road_rows(lm, batch, names, target, engine, plan if engine is None else None, method,
                                    predict, mean, std, percentiles, seed, per_layer)
             summary.computed += len(batch)
