@@ -5,7 +5,9 @@ Variants, each on its own copy of the model (loaded from the same card, so the s
 - **engine**: ``CamEngine`` on input batches already decoded and stacked in memory (compute only);
 - **process**: ``Runner.process`` on samples already decoded (engine + metrics + rows, no I/O);
 - **e2e**: ``camgate.runner.run`` from the JPEG files to a results Parquet (read, decode, resize,
-  masks, compute, metrics, Parquet), as ``camgate run`` does.
+  masks, compute, metrics, Parquet), as ``camgate run`` does;
+- **e2e_overlap** (opt-in): the same, but loading with all ``--workers`` threads beside the compute,
+  as camgate did on CPU before :func:`camgate.gpu.cpu_budget` (to see what the budget buys).
 
 Every round runs each variant over all images; the order rotates every round, after untimed
 warm-up rounds. Figures: img/s min / median / max over rounds, the per-round ratios e2e / engine and
@@ -125,14 +127,22 @@ def main(argv=None) -> int:
             for b in decoded:
                 runners["process"].process(b)
 
-        def e2e():
+        def e2e(name="e2e"):
             kw = {} if args.workers is None else {"workers": args.workers}
             if os.path.exists(out):
                 os.remove(out)
-            run(models["e2e"], manifest, out, static_mask=mask, batch_size=args.batch_size, progress=False,
+            run(models[name], manifest, out, static_mask=mask, batch_size=args.batch_size, progress=False,
                 checkpoint_rows=10**9, amp=args.amp, **kw)
 
-        fns = {"engine": engine, "process": process, "e2e": e2e}
+        def e2e_overlap():
+            budget = gpu.cpu_budget
+            gpu.cpu_budget = lambda workers, device: (workers, True)  # the loading before the budget
+            try:
+                e2e("e2e_overlap")
+            finally:
+                gpu.cpu_budget = budget
+
+        fns = {"engine": engine, "process": process, "e2e": e2e, "e2e_overlap": e2e_overlap}
         secs = {k: [] for k in names}
         cpu = {k: {"user": 0.0, "system": 0.0} for k in names}
         for r in range(args.warmup + args.rounds):

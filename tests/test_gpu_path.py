@@ -146,8 +146,9 @@ def test_inputs_are_staged_one_batch_ahead():
         assert [float(s.x[0, 0, 0]) for s in batch] == [2 * len(out) - 2, 2 * len(out) - 1]
     assert out == [1, 2, 2]
     # the stacked staging copy (to another device; 'meta' stands in for a GPU here)
-    moved = gpu._to_device([torch.ones(3, 2, 2), torch.zeros(3, 2, 2)], torch.device("meta"), pin=False)
-    assert [t.device.type for t in moved] == ["meta", "meta"] and moved[0].shape == (3, 2, 2)
+    on = torch.empty(3, 2, 2, device="meta")  # as if decoded on the GPU already
+    moved = gpu._to_device([torch.ones(3, 2, 2), on, torch.zeros(3, 2, 2)], torch.device("meta"), pin=False)
+    assert [t.device.type for t in moved] == ["meta"] * 3 and moved[1] is on and moved[2].shape == (3, 2, 2)
 
 
 def test_deferred_jpegs_decode_outside_pil_within_a_few_steps(tmp_path):

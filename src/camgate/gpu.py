@@ -212,16 +212,22 @@ def _decode_deferred(batch: list, input_spec, device: torch.device) -> None:
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device, pin: bool) -> list[torch.Tensor]:
-    """One stacked copy for same-shaped inputs (a pinned staging buffer on CUDA), single copies else."""
-    if not tensors:
-        return []
-    if all(t.device == device for t in tensors):
-        return tensors
-    if all(t.shape == tensors[0].shape and t.dtype == tensors[0].dtype for t in tensors):
-        buf = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=pin)
-        torch.stack(tensors, out=buf)
-        return list(buf.to(device, non_blocking=True).unbind(0))
-    return [(t.pin_memory() if pin else t).to(device, non_blocking=True) for t in tensors]
+    """Those of ``tensors`` not on ``device`` yet (GPU-decoded inputs are) copied there: one stacked
+    copy when they share a shape (through a pinned staging buffer when ``pin``), single copies else."""
+    out = list(tensors)
+    todo = [i for i, t in enumerate(tensors) if t.device != device]
+    if not todo:
+        return out
+    first = tensors[todo[0]]
+    if all(tensors[i].shape == first.shape and tensors[i].dtype == first.dtype for i in todo):
+        buf = torch.empty((len(todo), *first.shape), dtype=first.dtype, pin_memory=pin)
+        torch.stack([tensors[i] for i in todo], out=buf)
+        for i, t in zip(todo, buf.to(device, non_blocking=True).unbind(0)):
+            out[i] = t
+    else:
+        for i in todo:
+            out[i] = (tensors[i].pin_memory() if pin else tensors[i]).to(device, non_blocking=True)
+    return out
 
 
 def prefetch(batches: Iterable[list], device: torch.device, input_spec=None, pin: bool | None = None
