@@ -163,8 +163,9 @@ def test_deferred_jpegs_decode_outside_pil_within_a_few_steps(tmp_path):
                                           torch.device("cpu"), spec) for s in b]
         for a, b in zip(ref[:-1], staged[:-1]):
             assert b.raw is None and b.size == a.size and torch.equal(a.mask, b.mask)
-            # libjpeg via torchvision and torch's antialiased resize vs PIL: a few 8-bit steps at most
-            assert float((a.x - b.x).abs().max()) * 0.5 <= 4 / 255
+            # libjpeg via torchvision and torch's antialiased resize vs PIL
+            steps = (a.x - b.x).abs() * torch.tensor(spec.std).view(3, 1, 1) * 255
+            assert float(steps.max()) <= 1.01  # one 8-bit step: the resize rounds a hair differently
         assert ref[-1].error and staged[-1].error and staged[-1].x is None and "cut.jpg" in staged[-1].error
 
 

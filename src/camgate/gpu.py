@@ -166,8 +166,9 @@ def jpeg_inputs(raws: list[torch.Tensor], boxes: list[tuple[int, int, int, int]]
     """JPEG bytes -> model inputs (C, H, W) float32 on ``device``: nvJPEG on CUDA, libjpeg on CPU.
 
     Preprocessing follows :meth:`camgate.modelspec.InputSpec.image_tensor`: crop to the box, resize
-    bilinearly with antialiasing (PIL's filter), round to 8 bit as PIL does, normalise. Decoders and
-    resampling differ from PIL's in the last bit, so inputs differ by a few 8-bit steps at most."""
+    bilinearly with antialiasing (PIL's filter), round to 8 bit as PIL does, normalise. On the CPU
+    (libjpeg) inputs differ from PIL's by at most one 8-bit step (rounding in the resize); nvJPEG's
+    IDCT may differ from libjpeg's by a step more (measure with ``run --decode cpu`` on a GPU)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
