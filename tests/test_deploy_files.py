@@ -91,13 +91,65 @@ def test_dockerfile_structure(path):
     assert all(d in text for d in ("/gcs", "/minio", "/s3"))
 
 
-def test_gpu_dockerfile_keeps_a_cuda_torch_base():
-    args = arg_defaults(instructions(DOCKERFILES[0]))
-    base = args["BASE_IMAGE"]
-    m = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda[\d.]+-cudnn\d+-runtime", base)
-    assert m, base
-    assert (int(m.group(1)), int(m.group(2))) >= (2, 4)  # camgate needs torch>=2.4
-    assert "--constraint" in DOCKERFILES[0].read_text()  # torch from the base stays
+def pins(path: Path = ROOT / "constraints.txt") -> dict[str, str]:
+    """constraints.txt -> {normalised name: version}."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"constraints.txt: {line!r} is not name==version"
+            out[_norm(name)] = version.strip()
+    return out
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def _expand(text: str, args: dict) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_installs_the_tested_versions(path):
+    """The image is the tested environment: every pip install is constrained by constraints.txt (the
+    pins the tests run), every version the Dockerfile names itself agrees with it, and the base
+    image's Python is the tests' Python minor."""
+    instr = instructions(path)
+    args = arg_defaults(instr)
+    pinned = pins()
+    copies = [rest for word, rest in instr if word == "COPY"]
+    assert any("constraints.txt" in c.split()[:-1] for c in copies), "constraints.txt is not copied into the image"
+    assert "!constraints.txt" in (ROOT / ".dockerignore").read_text().split()  # and is in the build context
+    runs = [_expand(rest, args) for word, rest in instr if word == "RUN"]
+    installs = [cmd for r in runs for cmd in re.split(r"&&|;|\bthen\b", r) if re.search(r"\bpip3? install\b", cmd)]
+    assert installs, "no pip install"
+    for cmd in installs:
+        assert re.search(r"(--constraint|-c)[ =]/tmp/camgate/constraints\.txt\b", cmd), f"unconstrained: {cmd.strip()}"
+        for name, version in re.findall(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s\"',;]+)", cmd):
+            assert pinned.get(_norm(name)) == version, f"{name}=={version}, constraints.txt: {pinned.get(_norm(name))}"
+        # no range of its own: what is not pinned here comes from the constraints
+        assert not re.search(r"[<>~!]=|[<>]\s*\d", cmd), f"version range in {cmd.strip()}"
+    for arg, value in args.items():  # KFP_VERSION=... names the kfp pin
+        m = re.fullmatch(r"([A-Z0-9_]+)_VERSION", arg)
+        if m and _norm(m.group(1).replace("_", "-")) in pinned:
+            assert value == pinned[_norm(m.group(1).replace("_", "-"))], f"ARG {arg}={value} disagrees with constraints.txt"
+    base = _expand(next(rest for word, rest in instr if word == "FROM").split()[0], args)
+    m = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-\w+", base)
+    assert m, f"base image {base}: a Python base, so pip installs the pinned torch (no torch of the base's own)"
+    assert (int(m.group(1)), int(m.group(2))) == sys.version_info[:2], f"{base} is not the tests' Python"
+
+
+def test_gpu_image_gets_the_pinned_cuda_torch():
+    text = DOCKERFILES[0].read_text()
+    pinned = pins()
+    assert pinned["torch"] and pinned["torchvision"]
+    # the index's Linux wheel of the pinned torch is the CUDA build; its CUDA libraries are pinned too
+    assert any(name.startswith("nvidia-cuda-runtime") for name in pinned)
+    assert "TORCH_INDEX_URL" not in text and "--index-url" not in text
+    assert "torch.version.cuda" in text  # the build fails on a CPU-only torch
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
 
 
 def test_cpu_dockerfile_offers_a_torch_index_without_naming_a_host():
@@ -111,8 +163,8 @@ def test_dockerignore_keeps_the_context_to_the_package():
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*"  # allow-list: nothing (venv, .git, caches, data) unless named
-    assert {"!pyproject.toml", "!README.md", "!src/"} <= set(lines)
-    for needed in ("pyproject.toml", "README.md", "src/camgate/__init__.py"):
+    assert {"!pyproject.toml", "!README.md", "!constraints.txt", "!src/"} <= set(lines)
+    for needed in ("pyproject.toml", "README.md", "constraints.txt", "src/camgate/__init__.py"):
         assert (ROOT / needed).exists()
 
 

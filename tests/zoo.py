@@ -137,3 +137,21 @@ def tiny_probs(x):
             _TINY_PROBS.append(tiny_cnn().eval())
     with torch.no_grad():
         return _TINY_PROBS[0](torch.as_tensor(np.asarray(x))).softmax(1).numpy()
+
+
+class OomNet(TinyCNN):
+    """Runs out of GPU memory (the error torch raises) for batches above $CAMGATE_TEST_OOM_ABOVE images,
+    and for a very bright image at any batch size: an out-of-memory that cannot be made without a GPU."""
+
+    def forward(self, x):
+        import os
+
+        above = int(os.environ.get("CAMGATE_TEST_OOM_ABOVE", "1000000"))
+        if x.shape[0] > above or (x.mean((1, 2, 3)) > 0.5).any():
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} images")
+        return super().forward(x)
+
+
+def oom_net(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return OomNet(num_classes)

@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
                    mask_spec=_mask_spec(args) or MaskSpec(), batch_size=args.batch_size, device=args.device,
                    workers=args.workers, topk=args.topk, analyze=not args.heatmaps_only, policy=args.policy,
                    progress=not args.quiet, checkpoint_rows=args.checkpoint_rows, checkpoint=args.checkpoint,
-                   budget=args.budget, seed=args.seed)
+                   budget=args.budget, seed=args.seed, amp=args.amp, decode=args.decode)
     print(json.dumps(s.to_dict()))
     return 0
 
@@ -202,9 +202,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--method", default="gradcam")
     r.add_argument("--target-layer", action="append", help="dotted module path (repeat for several)")
     r.add_argument("--target", default="predicted", help="predicted | label | <class index>")
-    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--batch-size", default="16", help="images per batch, or 'auto' (from free GPU memory; "
+                   "16 on CPU); halved on GPU out-of-memory")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    r.add_argument("--workers", type=int, default=4, help="threads fetching and decoding images")
+    r.add_argument("--amp", default="off", help="off | bf16 | fp16: the model's precision (maps and metrics "
+                   "stay float32; recorded in the results)")
+    r.add_argument("--decode", default="auto", help="auto (JPEGs on the GPU when running on CUDA) | cpu")
+    r.add_argument("--workers", type=int, default=4, help="threads fetching and decoding images (on CPU at "
+                   "most torch's thread count, between batches)")
     r.add_argument("--heatmaps-only", action="store_true", help="skip masks and metrics (see 'analyze')")
     r.add_argument("--policy", help="policy to record in the results' metadata")
     r.add_argument("--quiet", action="store_true", help="no progress bar")

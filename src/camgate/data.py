@@ -111,6 +111,7 @@ class Sample:
     error: str | None
     size: tuple[int, int] | None = None  # original image (width, height)
     error_kind: str | None = None  # 'input' | 'storage' (see camgate.results.ERROR_KINDS)
+    raw: torch.Tensor | None = None  # JPEG bytes left for the GPU to decode (then ``x`` is None)
 
 
 # --- items -----------------------------------------------------------------------------------
@@ -345,8 +346,9 @@ def max_pixels() -> int:
         return DEFAULT_MAX_PIXELS
 
 
-def _open(data: bytes) -> Image.Image:
-    """Bytes -> fully decoded PIL image (first frame), or ValueError saying what is wrong."""
+def _open(data: bytes, load: bool = True) -> Image.Image:
+    """Bytes -> fully decoded PIL image (first frame), or ValueError saying what is wrong.
+    ``load=False`` checks the header only (size, bomb limit) and leaves the pixels undecoded."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     limit = max_pixels()
@@ -368,6 +370,8 @@ def _open(data: bytes) -> Image.Image:
                          f"{limit} (CAMGATE_MAX_PIXELS)")
     if w < 1 or h < 1:
         raise ValueError(f"image has no pixels ({w}x{h})")
+    if not load:
+        return img
     try:
         img.load()  # force the full decode: Image.open only reads the header
     except (OSError, SyntaxError, EOFError, ValueError, zlib.error) as e:
@@ -464,16 +468,26 @@ def model_view(mask: np.ndarray, input_spec: InputSpec, size: tuple[int, int]) -
 
 
 def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
-                static_mask: str | StaticMask | None = None, with_mask: bool = True) -> Sample:
+                static_mask: str | StaticMask | None = None, with_mask: bool = True,
+                defer_jpeg: bool = False) -> Sample:
     """Fetch + decode one item. Never raises: problems come back as ``Sample.error`` naming the item.
 
-    ``with_mask=False`` (heatmaps only) leaves the item's mask unread: it is analysed later."""
+    ``with_mask=False`` (heatmaps only) leaves the item's mask unread: it is analysed later.
+    ``defer_jpeg``: a colour or grey JPEG is only checked (header, size limit) and handed on as
+    ``Sample.raw`` for the GPU to decode (:mod:`camgate.gpu`); other images decode here."""
     if item.error:
         return Sample(item, None, None, item.error, error_kind="input")
     what, uri = "image", item.image
     try:
-        img = decode_image(storage.read_bytes(uri), uri)
-        x = input_spec.image_tensor(img)
+        data = storage.read_bytes(uri)
+        raw, x = None, None
+        if defer_jpeg and data[:3] == b"\xff\xd8\xff":
+            img = _open(data, load=False)
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):  # what nvJPEG decodes to RGB (not CMYK)
+                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if raw is None:
+            img = decode_image(data, uri)
+            x = input_spec.image_tensor(img)
         mask = None
         if not with_mask:
             full = None
@@ -488,12 +502,23 @@ def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
             full = None
         if full is not None:
             mask = torch.from_numpy(model_view(full, input_spec, img.size))
-        return Sample(item, x, mask, None, img.size)
+        return Sample(item, x, mask, None, img.size, raw=raw)
     except (storage.StorageError, ValueError) as e:  # both already say what went wrong
         problem, kind = str(e), storage_error_kind(e)
     except Exception as e:  # noqa: BLE001 - one bad item must not stop the run
         problem, kind = f"{type(e).__name__}: {e}", "input"
     return Sample(item, None, None, f"{what} {uri} (id {item.image_id}): {problem}", error_kind=kind)
+
+
+def decode_deferred(sample: Sample, input_spec: InputSpec) -> None:
+    """A deferred JPEG the GPU could not decode: decode it here, or make it the item's error."""
+    item = sample.item
+    try:
+        sample.x = input_spec.image_tensor(decode_image(sample.raw.numpy().tobytes(), item.image))
+    except ValueError as e:
+        sample.x, sample.mask, sample.error, sample.error_kind = None, None, \
+            f"image {item.image} (id {item.image_id}): {e}", "input"
+    sample.raw = None
 
 
 def storage_error_kind(e: Exception) -> str:
@@ -503,12 +528,15 @@ def storage_error_kind(e: Exception) -> str:
 
 def iter_batches(items: Iterable[Item], input_spec: InputSpec, mask_spec: MaskSpec, batch_size: int,
                  workers: int = 4, prefetch: int = 2, static_mask: str | StaticMask | None = None,
-                 with_masks: bool = True) -> Iterator[list[Sample]]:
+                 with_masks: bool = True, overlap: bool = True, defer_jpeg: bool = False
+                 ) -> Iterator[list[Sample]]:
     """Yield lists of ``batch_size`` samples (the last may be shorter) in item order.
 
     Loading runs in ``workers`` threads ahead of the consumer, so fetch and decode overlap the
     model's compute. At most ``batch_size * (prefetch + 1)`` items are submitted but not yet handed
     out, so memory stays flat however many items there are. Error samples are yielded like the rest.
+    ``overlap=False`` loads a batch only when the consumer asks for it (a model on the CPU needs the
+    cores while it computes, see :func:`camgate.gpu.cpu_budget`). ``defer_jpeg``: see :func:`load_sample`.
     An unreadable static mask raises :class:`DataError` here, before anything is loaded.
     """
     if batch_size < 1 or workers < 1 or prefetch < 0:
@@ -517,10 +545,12 @@ def iter_batches(items: Iterable[Item], input_spec: InputSpec, mask_spec: MaskSp
         static_mask = StaticMask(static_mask)
     if static_mask is not None:
         static_mask.check(mask_spec)
-    return _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask, with_masks)
+    return _batches(items, input_spec, mask_spec, batch_size, workers, prefetch if overlap else 0,
+                    static_mask, with_masks, overlap, defer_jpeg)
 
 
-def _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask, with_masks):
+def _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static_mask, with_masks, overlap,
+             defer_jpeg):
     limit = batch_size * (prefetch + 1)
     source = iter(items)
     pending: deque = deque()
@@ -530,14 +560,18 @@ def _batches(items, input_spec, mask_spec, batch_size, workers, prefetch, static
                 item = next(source, None)
                 if item is None:
                     return
-                pending.append(pool.submit(load_sample, item, input_spec, mask_spec, static_mask, with_masks))
+                pending.append(pool.submit(load_sample, item, input_spec, mask_spec, static_mask, with_masks,
+                                           defer_jpeg))
 
         try:
             fill()
             while pending:
                 batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-                fill()  # top up before handing out, so loading continues during the caller's compute
+                if overlap:
+                    fill()  # top up before handing out, so loading continues during the caller's compute
                 yield batch
+                if not overlap:
+                    fill()
         finally:
             for f in pending:  # consumer stopped early: do not load what nobody will read
                 f.cancel()

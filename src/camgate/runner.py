@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from . import __version__, storage
+from . import __version__, gpu, storage
 from . import results as res
 from .analysis import TOPK_DEFAULT, check_topk, invalid_metrics
 from .cam import NATIVE, CamEngine, MethodError, canonical
@@ -119,14 +119,17 @@ def triage(batch: list[Sample], target, card, need_mask: bool) -> tuple[list[int
     return todo, targets, failed
 
 
-def guarded(compute, todo: list[int], targets: list[int], fail) -> None:
+def guarded(compute, todo: list[int], targets: list[int], fail, oom: bool = False) -> None:
     """``compute(todo, targets)`` for the whole batch; if the model raises, item by item, so only the
-    item that breaks it fails (``fail(position, exception)``) and the rest of the batch is kept."""
+    item that breaks it fails (``fail(position, exception)``) and the rest of the batch is kept.
+    ``oom=True``: out-of-memory of the whole batch is raised for the caller to split the batch."""
     if not todo:
         return
     try:
         compute(todo, targets)
-    except Exception:  # noqa: BLE001 - find the item that breaks the batch
+    except Exception as e:  # noqa: BLE001 - find the item that breaks the batch
+        if oom and gpu.is_oom(e):
+            raise
         for i, t in zip(todo, targets):
             try:
                 compute([i], [t])
@@ -160,11 +163,16 @@ class Runner:
 
     def __init__(self, lm: LoadedModel, method: str = "gradcam", target: str | int = "predicted",
                  analyze: bool = True, topk: float = TOPK_DEFAULT, meta_types: dict | None = None,
-                 budget: int = 1024, seed: int = 0):
+                 budget: int = 1024, seed: int = 0, amp: str = "off", max_batch: int = 1 << 30):
         from .backends import TorchBackend
         from .cam import BLACKBOX
 
         self.lm, self.analyze, self.topk = lm, analyze, topk
+        self.amp = gpu.check_amp(amp)
+        self.split = gpu.OomSplitter(max_batch)  # halves the compute batch on out-of-memory
+        # conv models on CUDA run in channels_last (converted in place), and their inputs alike
+        self.memory_format = torch.channels_last if (
+            lm.model is not None and gpu.channels_last(lm.model, lm.device)) else torch.contiguous_format
         self.meta_types = meta_types or {}
         name = canonical(method)
         self.black_box = name in BLACKBOX
@@ -203,16 +211,27 @@ class Runner:
             rows[i].update(status="error", error_kind="model", error=f"image {batch[i].item.image} "
                            f"(id {batch[i].item.image_id}): {type(e).__name__}: {e}")
 
-        guarded(lambda idx, ts: self._compute([batch[i] for i in idx], [rows[i] for i in idx], ts),
-                todo, targets, fail)
+        self.split.run(lambda idx, ts: guarded(
+            lambda i2, t2: self._compute([batch[i] for i in i2], [rows[i] for i in i2], t2), idx, ts, fail, oom=True),
+            todo, targets, fail)
         return rows
+
+    def probe(self, n: int) -> None:
+        """The compute of ``n`` blank images, results dropped (sizes the batch to the GPU's memory)."""
+        dev = self.lm.device
+        x = torch.zeros(n, 3, *self.lm.input.size, device=dev).contiguous(memory_format=self.memory_format)
+        t = torch.full((n,), -1, device=dev)
+        with gpu.autocast(dev, self.amp):
+            cb = self.engine(x, t, list(range(n))) if self.black_box else self.engine(x, t)
+        del cb
 
     def _compute(self, samples: list[Sample], rows: list[dict], targets: list[int]) -> None:
         dev = self.lm.device
-        x = torch.stack([s.x for s in samples]).to(dev, non_blocking=True)
+        x = torch.stack([s.x for s in samples]).to(dev, non_blocking=True).contiguous(memory_format=self.memory_format)
         t = torch.tensor(targets, device=dev)
         # black-box maps come at grid (DE-CAM) or input (RISE) resolution: stored raw like any other map
-        cb = self.engine(x, t, [s.item.index for s in samples]) if self.black_box else self.engine(x, t)
+        with gpu.autocast(dev, self.amp):
+            cb = self.engine(x, t, [s.item.index for s in samples]) if self.black_box else self.engine(x, t)
         cams = cb.cams.float()  # what is stored, and what the metrics are computed from
         probs = torch.softmax(cb.logits.float(), 1)
         pred = probs.argmax(1)
@@ -261,10 +280,11 @@ def _progress(total: int, enabled: bool):
 
 def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam",
         target: str | int = "predicted", target_layer: str | list[str] | None = None,
-        static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(), batch_size: int = 16,
+        static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(), batch_size: int | str = 16,
         device: str = "auto", workers: int = 4, topk: float = TOPK_DEFAULT, analyze: bool = True,
         policy: str | None = None, progress: bool = True, checkpoint_rows: int = 256,
-        checkpoint: str | None = None, budget: int = 1024, seed: int = 0) -> RunSummary:
+        checkpoint: str | None = None, budget: int = 1024, seed: int = 0, amp: str = "off",
+        decode: str = "auto") -> RunSummary:
     """The heatmap test step. Raises (before any compute) only for problems of the whole run.
 
     With ``analyze=False`` only predictions and maps are computed (masks are not read; their URIs and
@@ -272,11 +292,24 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
     ``checkpoint_rows`` rows under ``checkpoint`` (default ``<out>.parts``); re-running the same
     command after a crash resumes from there and computes again only the rows that are missing or
     failed on the storage service (see :class:`camgate.results.ResultsWriter`). ``budget`` and ``seed``:
-    forward passes per image and the base seed of the black-box methods (decam, rise)."""
+    forward passes per image and the base seed of the black-box methods (decam, rise).
+
+    Device path (:mod:`camgate.gpu`): ``amp`` ``off|bf16|fp16`` runs the model's forward and backward
+    in that precision (maps and metrics stay float32); ``batch_size='auto'`` sizes batches to the free
+    GPU memory (a fixed default on CPU); a batch that runs out of GPU memory is retried in halves.
+    ``decode='auto'`` decodes JPEGs on the GPU when the model runs on CUDA, ``'cpu'`` always with PIL.
+    On CUDA, conv models run in channels_last (the model passed in is converted in place)."""
     t0 = time.perf_counter()
+    amp, decode, batch_size = gpu.check_amp(amp), gpu.check_decode(decode), gpu.parse_batch_size(batch_size)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
-    runner = Runner(lm, method, target, analyze, topk, budget=budget, seed=seed)  # fails before data is read
+    runner = Runner(lm, method, target, analyze, topk, budget=budget, seed=seed, amp=amp)  # fails before data is read
     check_topk(topk)
+    dev = lm.device
+    if batch_size == "auto":
+        batch_size = gpu.auto_batch_size(dev, runner.probe)
+    runner.split.limit = batch_size
+    gpu_jpeg = decode == "auto" and dev.type == "cuda"
+    loaders, overlap = gpu.cpu_budget(workers, dev)
     items = load_items(data, static_mask)
     runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
     sm = StaticMask(static_mask) if (static_mask and analyze) else None
@@ -286,15 +319,18 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
           "target_layer": [] if runner.black_box else lm.target_layers,
           **({"budget": budget, "seed": seed} if runner.black_box else {}),
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk, "policy": policy,
-          "policy_sha256": _sha_or_none(policy)}
+          "policy_sha256": _sha_or_none(policy), "amp": amp, "jpeg_decode": "gpu" if gpu_jpeg else "cpu"}
     schema = res.schema(meta_cols, {**md, **_provenance(lm, data)})
     summary = RunSummary(out)
+    # full-precision CPU-decoded runs keep the fingerprint they had before these keys: they resume
+    same = {k: v for k, v in md.items() if (k, v) not in (("amp", "off"), ("jpeg_decode", "cpu"))}
 
     def batches(todo: list[Item]):
-        return iter_batches(todo, lm.input, mask_spec, batch_size, workers=workers, static_mask=sm,
-                            with_masks=analyze)
+        return gpu.prefetch(iter_batches(todo, lm.input, mask_spec, batch_size, workers=loaders, static_mask=sm,
+                                         with_masks=analyze, overlap=overlap, defer_jpeg=gpu_jpeg),
+                            dev, lm.input)
 
-    with res.ResultsWriter(out, schema, checkpoint_rows, _fingerprint(md, items), checkpoint) as w, \
+    with res.ResultsWriter(out, schema, checkpoint_rows, _fingerprint(same, items), checkpoint) as w, \
             _progress(len(items), progress) as bar:
         # rows committed by an interrupted run of the same command are not computed again, except
         # those that failed on the storage service: that may have been a passing outage
@@ -508,8 +544,9 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
     summary = RunSummary(out)
     sm = StaticMask(static_mask) if static_mask else None
     with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS)) as w, _progress(len(items), progress) as bar:
-        for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=workers, static_mask=sm,
-                                  with_masks=with_masks):
+        loaders, overlap = gpu.cpu_budget(workers, lm.device)
+        for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=loaders, static_mask=sm,
+                                  with_masks=with_masks, overlap=overlap):
             rows = _layer_rows(lm, plan, method, target, batch, topk, with_masks)
             w.write(rows)
             _count(summary, [r["status"] for r in rows])
@@ -620,7 +657,9 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gr
     summary = RunSummary(out)
     rows_all: list[dict] = []
     with _progress(len(items), progress) as bar:
-        for batch in iter_batches(items, lm.input, MaskSpec(), batch_size, workers=workers, with_masks=False):
+        loaders, overlap = gpu.cpu_budget(workers, lm.device)
+        for batch in iter_batches(items, lm.input, MaskSpec(), batch_size, workers=loaders, with_masks=False,
+                                  overlap=overlap):
             rows_all += _road_rows(lm, batch, names, target, engine, plan if engine is None else None, method,
                                    predict, mean, std, percentiles, seed, per_layer)
             summary.computed += len(batch)

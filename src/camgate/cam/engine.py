@@ -168,10 +168,12 @@ class CamEngine:
             raise MethodError("the target activation was modified in place although the network got a copy")
         logits, targets, captured, grads = res
         maps = []
-        with torch.no_grad():
+        # maps in float32 whatever precision the model ran in (autocast): .float() is a no-op for
+        # float32 activations, so full-precision runs are unchanged to the bit
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             for a, g in zip(captured, grads):
-                a = a.detach()
-                g = torch.zeros_like(a) if (g is None and needs_grad) else g
+                a = a.detach().float()
+                g = torch.zeros_like(a) if (g is None and needs_grad) else (None if g is None else g.float())
                 if self.reshape is not None:
                     a = self.reshape(a)
                     g = self.reshape(g) if g is not None else None
