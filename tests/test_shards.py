@@ -268,6 +268,9 @@ def test_components_plan_work_and_merge(tmp_path, zoo_path):
     assert results.read_table(merged.path).column("row").to_pylist() == list(range(6))
     with pytest.raises(MergeError, match=r"rows 3-5 are in no part.*shard-00001-of-00002\.parquet"):
         merge_results.python_func(parts=parts[:1], results=dsl.Dataset(uri=str(tmp_path / "m2")), data=manifest)
+    # the worker's precision reaches the run (recorded in the part); a shard done at other settings is redone
+    bf16 = shard_worker.python_func(model=model, shard=shards[0], batch_size=2, device="cpu", amp="bf16")
+    assert results.run_metadata(bf16)["amp"] == "bf16"
 
 
 def test_compile_parallelism_is_a_compile_option(tmp_path, capsys):

@@ -132,7 +132,7 @@ def plan_step(data: str, shards: int, out_prefix: str, static_mask: str = "") ->
 def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str = "predicted",
                batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
                invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, card_sha256: str = "",
-               attempts: int = 3) -> dict:
+               attempts: int = 3, amp: str = "off") -> dict:
     """Resolved card + one shard manifest -> the shard's results part beside it (heatmaps and metrics in
     one pass); a shard already done is skipped. See :func:`camgate.shards.run_shard`."""
     from .modelspec import ModelCard, load_model
@@ -144,7 +144,7 @@ def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str
     lm = load_model(card, device=device)
     out = run_shard(lm, shard, attempts=int(attempts), method=method, target=target, batch_size=int(batch_size),
                     static_mask=static_mask or None, mask_spec=mask_spec(mask_marks_valid, invalid_ids),
-                    topk=float(topk), budget=int(budget))
+                    topk=float(topk), budget=int(budget), amp=amp)
     return {**out, "device": str(lm.device), "method": method}
 
 

@@ -142,7 +142,8 @@ def plan_shards(data: str, shards: int, out_prefix: str, static_mask: str = "") 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", target: str = "predicted",
                  batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
-                 invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, attempts: int = 3) -> str:
+                 invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, attempts: int = 3,
+                 amp: str = "off") -> str:
     """Heatmaps and invalid-pixel metrics of one shard, written beside its manifest with a completion marker.
 
     Args:
@@ -158,6 +159,7 @@ def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", targe
         topk: Fraction of hottest pixels for topk_invalid_share.
         budget: decam/rise: forward passes per image.
         attempts: Tries before the task fails; each resumes from the rows the last one committed (KFP does not retry tasks inside a ParallelFor).
+        amp: off | bf16 | fp16: the model's precision on the GPU (maps and metrics stay float32; recorded in the results).
 
     Returns:
         The shard's results part (<shard>.results.parquet); a shard whose part and marker exist for the same model, data and settings is not computed again.
@@ -165,7 +167,7 @@ def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", targe
     from camgate.steps import shard_step
 
     out = shard_step(model.path, shard, method, target, batch_size, device, static_mask, mask_marks_valid,
-                     invalid_ids, topk, budget, model.metadata.get("card_sha256", ""), attempts)
+                     invalid_ids, topk, budget, model.metadata.get("card_sha256", ""), attempts, amp)
     print(out)
     return out["part"]
 

@@ -66,7 +66,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
     def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
                      method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
                      mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
-                     shards: int = 1, baseline_model_card: str = "", baseline_results: str = "",
+                     shards: int = 1, amp: str = "off", baseline_model_card: str = "", baseline_results: str = "",
                      promote_to: str = "", registry_address: str = "", s3_secret: str = "camgate-s3",
                      s3_config: str = "camgate-s3",
                      ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
@@ -86,6 +86,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
             fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
             road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
             shards: Split the data set into this many shards, each computed by its own GPU task (tens to a few hundred; at most the compiled parallelism run at once); the results equal one shard's.
+            amp: off | bf16 | fp16: the model's precision in the shard workers (maps and metrics stay float32); off = bit-identical to a run without autocast.
             baseline_model_card: The champion (production model) card: its results on the same data are computed in this run for the policy's baseline rules; '' = none.
             baseline_results: Or the champion's results Parquet on the same data, computed earlier; '' = none (the baseline rules are then skipped).
             promote_to: Where a model that passed is promoted (s3:// prefix or path): card, weights and test record, atomically; '' = the promote step only says what it would promote.
@@ -101,7 +102,8 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
         planned.set_cpu_request("1").set_memory_request("2Gi")
         with dsl.ParallelFor(planned.output, parallelism=parallelism, name="shards") as shard:
             worker = shard_worker(model=loaded.outputs["model"], shard=shard, method=method, target=target,
-                                  batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid)
+                                  batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid,
+                                  amp=amp)
             worker.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             # decoding threads + a pinned-memory batch queue beside the GPU
             worker.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
