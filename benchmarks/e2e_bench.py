@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -85,15 +84,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from camgate import gpu
+    from camgate.bench import machine_info
     from camgate.data import MaskSpec, StaticMask, iter_batches, load_items
     from camgate.modelspec import load_model, pick_device
     from camgate.runner import Runner, run
 
     dev = pick_device(args.device)
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev),
-               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-               "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+    machine = machine_info(dev)
     print(f"machine: {json.dumps(machine)}", file=sys.stderr)
     w, h = (int(v) for v in args.image_size.lower().split("x"))
     names = [v.strip() for v in args.variants.split(",") if v.strip()]

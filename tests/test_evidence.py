@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from camgate import results as res
 from camgate.cli import main
 from camgate.gate import RULES, BaselineError, evaluate
-from camgate.report import MAX_METRICS, artifacts, junit, metrics
+from camgate.report import MAX_METRICS, artifacts, metrics
 from camgate.runner import run
 from test_run import make_set
 from zoo import tiny_cnn

@@ -301,3 +301,45 @@ def test_shard_worker_retries_resuming_from_the_committed_rows(tmp_path, monkeyp
         run_shard(card, shard, batch_size=2, checkpoint_rows=2, attempts=2)
     assert "attempt 1 of 2 failed" in caplog.text
     assert computed(count) == 5  # the second attempt resumed: no image computed twice
+
+
+def test_a_killed_pipeline_run_resumes_and_computes_only_unfinished_shards(s3_set, tmp_path, monkeypatch):
+    """The whole local run is killed (SIGKILL, every task process) once a shard has finished; the same
+    run submitted again skips the finished shards and computes only the others."""
+    pytest.importorskip("kfp")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_pipeline_local import COMPILED, args
+
+    from camgate.kfp import local_run
+
+    card = yaml.safe_load(storage.read_bytes(s3_set["card"]))
+    storage.write_bytes(s3_set["card"], yaml.safe_dump({**card, "arch": "zoo:counting_net"}).encode())
+    first, second = tmp_path / "first.count", tmp_path / "second.count"
+    run_args = args(s3_set, "loose", "killed", shards=3, batch_size=1)
+    markers = lambda: [u for u in storage.list_uris(storage.join(s3_set["bucket"], "killed", "shards"))  # noqa: E731
+                       if u.endswith(".done.json")]
+    script = ("import json, sys\nfrom camgate.kfp import local_run\n"
+              "local_run(json.loads(sys.argv[1]), sys.argv[2], package_path=sys.argv[3], echo=False)\n")
+    env = dict(os.environ, CAMGATE_TEST_COUNT=str(first), CAMGATE_TEST_SLOW="1.5")
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(run_args), s3_set["root"] + "k1", str(COMPILED)],
+                            env=env, start_new_session=True)
+    end = time.time() + 600
+    while not markers() and proc.poll() is None and time.time() < end:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and every task it started
+    proc.wait()
+    done = len(markers())
+    assert 1 <= done < 3, f"{done} shards finished before the kill"
+
+    monkeypatch.setenv("CAMGATE_TEST_COUNT", str(second))
+    r = local_run(run_args, s3_set["root"] + "k2", package_path=COMPILED, echo=False)
+    assert r["n_images"] == 6 and len(markers()) == 3
+    # the finished shards (2 images each) were not computed again
+    assert 0 < computed(second) <= 2 * (3 - done)
+    out = str(tmp_path / "killed.parquet")
+    storage.download(storage.join(s3_set["bucket"], "killed", "results.parquet"), out)
+    assert results.read_table(out).column("row").to_pylist() == list(range(6))

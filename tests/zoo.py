@@ -65,6 +65,10 @@ class CountingNet(TinyCNN):
         if real and os.environ.get("CAMGATE_TEST_COUNT"):
             with open(os.environ["CAMGATE_TEST_COUNT"], "a") as f:
                 f.write(f"{real}\n")
+        if real and os.environ.get("CAMGATE_TEST_SLOW"):  # seconds per batch: room to kill a run mid-way
+            import time
+
+            time.sleep(float(os.environ["CAMGATE_TEST_SLOW"]))
         return super().forward(x)
 
 

@@ -258,6 +258,14 @@ def _mem_child(card: str, manifest: str, out: str) -> int:
     return 0
 
 
+def machine_info(dev: torch.device) -> dict:
+    """What a benchmark figure depends on, printed beside it (and how busy the machine was)."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "load_avg_1min_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
 def main(args: argparse.Namespace) -> int:
     if args.mem_child:
         return _mem_child(*args.mem_child)
@@ -266,10 +274,7 @@ def main(args: argparse.Namespace) -> int:
     from .modelspec import pick_device
 
     dev = pick_device(args.device)
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev),
-               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-               "load_avg_1min_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    machine = machine_info(dev)
     print(f"machine: {json.dumps(machine)}", file=sys.stderr)
     layers = [n.strip() for n in args.layers.split(",") if n.strip()]
     t = time_variants(args.arch, args.method, args.batch_size, args.size, args.rounds, dev, layers, args.warmup)

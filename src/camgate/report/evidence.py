@@ -50,8 +50,8 @@ def requirements(decision: Decision, md: dict) -> list[dict]:
             "Whether the images hold personal data or were collected lawfully; camgate does not inspect content "
             "for that."),
         "transparency": (
-            f"Per-image heatmaps, the policy with its thresholds and every rule's value are kept (results "
-            f"Parquet, this report, record.json), so the verdict can be re-derived.",
+            "Per-image heatmaps, the policy with its thresholds and every rule's value are kept (results "
+            "Parquet, this report, record.json), so the verdict can be re-derived.",
             "A full explanation of the model: a class activation map is a post-hoc view of one layer"
             + (" whose faithfulness was not measured." if decision.trusted is None else ".")),
         "fairness": (
