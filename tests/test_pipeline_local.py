@@ -119,3 +119,20 @@ def test_a_docker_folder_does_not_pass_for_the_docker_sdk(monkeypatch):
     assert sys.modules["docker"] is None
     with pytest.raises(ImportError):
         import docker  # noqa: F401
+
+
+def test_progress_lines_survive_tasks_printing_from_threads():
+    """ParallelFor tasks print from threads; print() writes text and newline apart, so two messages
+    can share a line: each is still announced, with its own status."""
+    import io
+
+    from camgate.kfp.pipelines import _Tee
+
+    got = []
+    tee = _Tee(io.StringIO(), False, got.append)
+    tee.write("\x1b[95mTask 'shard-worker'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+    tee.write("Executing task 'shard-worker-2'")
+    tee.write("\n")
+    tee.write("Task 'gate' finished with status FAILURE\n")
+    assert got == ["Task 'shard-worker' finished with status SUCCESS", "Executing task 'shard-worker-2'",
+                   "Task 'gate' finished with status FAILURE"]

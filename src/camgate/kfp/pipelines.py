@@ -166,8 +166,9 @@ class _Tee(io.TextIOBase):
         if self.progress:
             *done, self._line = (self._line + s).split("\n")
             for line in done:
-                m = _TASK_LINE.search(_ANSI.sub("", line))
-                if m:
+                # tasks of a ParallelFor print from threads: print() writes text and newline apart, so
+                # two messages can share a line
+                for m in _TASK_LINE.finditer(_ANSI.sub("", line)):
                     self.progress(m.group(0))
         return len(s)
 
@@ -180,7 +181,7 @@ class _Tee(io.TextIOBase):
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task names
-_TASK_LINE = re.compile(r"(Executing task '[^']+'|Task '[^']+' finished with status \w+)")
+_TASK_LINE = re.compile(r"(Executing task '[^']+'|Task '[^']+' finished with status (?:SUCCESS|FAILURE))")
 _ERROR_LINE = re.compile(r"^\s*((?:[\w.]+\.)?(\w+(?:Error|Exception|Failed|NotFound|Denied))): (.+)$")
 
 
