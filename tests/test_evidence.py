@@ -103,6 +103,11 @@ def test_a_partial_or_differently_computed_baseline_is_compared_with_warnings():
     assert "method 'gradcam++'" in text and "target_layer ['layer3']" in text
     assert "2 of 5 result rows have no baseline row" in text
     assert d.baseline["baseline_compared"] == 3 and d.baseline["method"] == "gradcam++"
+    # every setting that changes what a ratio measures is compared, not only the method
+    for key, mine, theirs in (("target", "predicted", "label"), ("static_mask", None, "s3://b/cam7.png"),
+                              ("mask_spec", {"marks": "invalid"}, {"marks": "valid"}), ("topk", 0.1, 0.2)):
+        d = evaluate(table([0.3] * 3, md={key: mine}), BASE_POLICY, baseline=table([0.2] * 3, md={key: theirs}))
+        assert [w for w in d.warnings if w.startswith(f"baseline computed with {key} ")], (key, d.warnings)
     page = artifacts(table([0.3] * 5, md={"method": "gradcam"}), BASE_POLICY, baseline=base, images=False)[1]
     assert b"method &#x27;gradcam++&#x27;" in page["report.html"] and b"gradcam++" in page["summary.md"]
 
