@@ -505,7 +505,7 @@ _PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio
                  "predicted_class", "predicted_label", "label")
 
 
-def pair_baseline(results, baseline):
+def pair_baseline(results, baseline, name: str | None = None):
     """Rows of the results and of the baseline for the same images, paired by ``row`` and ``image``
     (a pandas DataFrame; the baseline's columns end in ``_baseline``). Refuses a baseline that shares
     no image with the results: comparing other images says nothing about a regression."""
@@ -519,16 +519,16 @@ def pair_baseline(results, baseline):
     keep = [c for c in ("row", "image", "status", "invalid_activation_ratio", "predicted_class") if c in base.columns]
     pairs = cand.merge(base[keep], on=["row", "image"], how="inner", suffixes=("", "_baseline"))
     if pairs.empty:
-        where = baseline if isinstance(baseline, (str, os.PathLike)) else "the baseline"
+        where = name or (baseline if isinstance(baseline, (str, os.PathLike)) else "the baseline")
         raise BaselineError(f"{where}: no image in common with the results ({len(base)} baseline rows, "
                             f"{len(cand)} result rows, paired by row and image): a baseline must be the "
                             f"champion's results on the same data manifest")
     return pairs.sort_values("row", kind="stable").reset_index(drop=True)
 
 
-def baseline_stats(results, baseline, worse_by: float = DEFAULT_WORSE_BY) -> dict:
+def baseline_stats(results, baseline, worse_by: float = DEFAULT_WORSE_BY, name: str | None = None) -> dict:
     """Paired statistics against the baseline, over images that are ok in both runs."""
-    pairs = pair_baseline(results, baseline)
+    pairs = pair_baseline(results, baseline, name)
     both = pairs[(pairs["status"] == "ok") & (pairs["status_baseline"] == "ok")]
     cand = both["invalid_activation_ratio"].to_numpy(float)
     base = both["invalid_activation_ratio_baseline"].to_numpy(float)
@@ -584,8 +584,9 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
         from .results import run_metadata
 
         worse = policy.rule("baseline_share_worse")
-        overall.update(baseline_stats(table, baseline, worse.params["by"] if worse else DEFAULT_WORSE_BY))
-        base_table = read_results(baseline, ("row",))
+        base_table = read_results(baseline, _PAIR_COLUMNS)  # read once: pairs and metadata
+        name = str(baseline) if isinstance(baseline, (str, os.PathLike)) else None
+        overall.update(baseline_stats(table, base_table, worse.params["by"] if worse else DEFAULT_WORSE_BY, name))
         ident, warnings = _baseline_identity(run_metadata(table), run_metadata(base_table), baseline)
         ident.update({k: v for k, v in overall.items() if k.startswith("baseline_")})
         if overall["baseline_unpaired"]:

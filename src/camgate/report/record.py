@@ -8,7 +8,6 @@ Versioned by ``schema``: readers check it before trusting the field names.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -25,12 +24,9 @@ def sha256_of(uri) -> str | None:
     """sha256 of a file's bytes (local or s3://), or None when there is no file to hash."""
     if uri is None or not isinstance(uri, (str, os.PathLike)) or not str(uri):
         return None
-    from .. import storage
+    from ..runner import _sha_or_none
 
-    try:
-        return hashlib.sha256(storage.read_bytes(str(uri))).hexdigest()
-    except (storage.StorageError, OSError):
-        return None
+    return _sha_or_none(str(uri))
 
 
 def _now() -> str:
