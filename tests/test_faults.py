@@ -35,7 +35,12 @@ def counting_env(tmp_path, name):
 
 
 def computed(count) -> int:
-    return sum(int(n) for n in count.read_text().split()) if count.exists() else 0
+    return sum(int(line.split()[0]) for line in count.read_text().splitlines()) if count.exists() else 0
+
+
+def processes(count) -> set[str]:
+    """The processes that computed images."""
+    return {line.split()[1] for line in count.read_text().splitlines()} if count.exists() else set()
 
 
 def counting_card(tmp_path):

@@ -136,3 +136,44 @@ def test_progress_lines_survive_tasks_printing_from_threads():
     tee.write("Task 'gate' finished with status FAILURE\n")
     assert got == ["Task 'shard-worker' finished with status SUCCESS", "Executing task 'shard-worker-2'",
                    "Task 'gate' finished with status FAILURE"]
+
+
+def test_overlapping_tasks_keep_their_lines_and_the_callers_logging():
+    """Two ParallelFor tasks overlap the way kfp.local runs them: the one that ends second still logs its
+    line, and the caller's logging and print() are as before the run."""
+    import builtins
+    import contextlib
+    import io
+    import logging
+
+    from kfp.local import logging_utils
+
+    from camgate.kfp.pipelines import _parallel_safe_logging
+
+    def overlap():
+        a, b = logging_utils.local_logger_context(), logging_utils.local_logger_context()
+        pa, pb = logging_utils.indented_print(), logging_utils.indented_print()
+        a.__enter__(), pa.__enter__(), b.__enter__(), pb.__enter__()
+        logging.info("task a finished")
+        a.__exit__(None, None, None), pa.__exit__(None, None, None)
+        logging.info("task b finished")  # without the fix: dropped (level back to the caller's)
+        b.__exit__(None, None, None), pb.__exit__(None, None, None)
+
+    root, before = logging.getLogger(), (logging.getLogger().level, logging.getLogger().handlers[:], builtins.print)
+    root.setLevel(logging.WARNING)
+    caller = (root.level, root.handlers[:], builtins.print)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), _parallel_safe_logging():
+            overlap()
+        assert "task a finished" in out.getvalue() and "task b finished" in out.getvalue()
+        assert (root.level, root.handlers, builtins.print) == caller  # not a task's handler or indented print
+        # what the fix is for: kfp.local alone drops b's line and leaves its state behind
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            overlap()
+        assert "task b finished" not in out.getvalue() and builtins.print is not caller[2]
+    finally:
+        root.setLevel(before[0])
+        root.handlers[:] = before[1]
+        builtins.print = before[2]

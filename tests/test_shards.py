@@ -12,7 +12,7 @@ from camgate import results, storage
 from camgate.cli import main
 from camgate.data import load_items
 from camgate.shards import MergeError, merge, plan, run_shard
-from test_faults import computed, counting_env
+from test_faults import computed, counting_env, processes
 from test_pipeline_local import s3_set  # noqa: F401 - the fixture
 from test_run import make_set
 
@@ -215,16 +215,18 @@ def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_sha
     lines = []
 
     def run(out, shards, name):
-        before = computed(count)
+        before, seen = computed(count), processes(count)
         r = local_run(args(s3_set, "loose", out, shards=shards), s3_set["root"] + name, package_path=COMPILED,
                       echo=False, progress=lines.append)
         assert r["n_images"] == 6 and exported(s3_set, out) == EXPORTS
-        return r, storage.join(s3_set["bucket"], out), computed(count) - before
+        return r, storage.join(s3_set["bucket"], out), computed(count) - before, processes(count) - seen
 
-    one, one_at, n1 = run("one", 1, "a")
+    one, one_at, n1, _ = run("one", 1, "a")
     lines.clear()
-    three, three_at, n3 = run("three", 3, "b")
-    # each shard is its own task (what `camgate demo` announces)
+    three, three_at, n3, workers = run("three", 3, "b")
+    # each shard is its own task, in its own process, and each is announced (what `camgate demo` shows),
+    # though kfp.local swaps the logging state from the loop's threads at once
+    assert len(workers) == 3
     assert lines.count("Task 'shard-worker' finished with status SUCCESS") == 3, lines
     assert n1 == n3 == 6
     assert {k: one[k] for k in ("passed", "n_images", "error_rate")} == \
@@ -241,8 +243,8 @@ def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_sha
 
     # one shard did not finish (its marker is gone): the same run again computes that shard only
     storage.delete(storage.join(three_at, "shards", "shard-00001-of-00003.done.json"))
-    again, _, n = run("three", 3, "c")
-    assert n == 2 and again["n_images"] == 6
+    again, _, n, workers = run("three", 3, "c")
+    assert n == 2 and len(workers) == 1 and again["n_images"] == 6
     storage.download(storage.join(three_at, "results.parquet"), local["three"])
     assert_same_rows(local["one"], local["three"])
 

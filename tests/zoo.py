@@ -55,8 +55,8 @@ def picky_net(num_classes: int = 3) -> nn.Module:
 
 
 class CountingNet(TinyCNN):
-    """Appends the number of real images of each forward to $CAMGATE_TEST_COUNT (the dry forward at load,
-    an all-zero image, is not counted): counts what a run really computes."""
+    """Appends the number of real images of each forward and the process id to $CAMGATE_TEST_COUNT (the dry
+    forward at load, an all-zero image, is not counted): counts what a run really computes, and where."""
 
     def forward(self, x):
         import os
@@ -64,7 +64,7 @@ class CountingNet(TinyCNN):
         real = int((x.flatten(1).abs().amax(1) > 0).sum())
         if real and os.environ.get("CAMGATE_TEST_COUNT"):
             with open(os.environ["CAMGATE_TEST_COUNT"], "a") as f:
-                f.write(f"{real}\n")
+                f.write(f"{real} {os.getpid()}\n")
         if real and os.environ.get("CAMGATE_TEST_SLOW"):  # seconds per batch: room to kill a run mid-way
             import time
 

@@ -7,9 +7,11 @@ results do not depend on the shard count.
 S3 credentials come from a Kubernetes Secret and the endpoint from a ConfigMap, both named by
 pipeline parameters, so neither ever appears in parameters or in the compiled YAML.
 """
+import builtins
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import re
 import sys
@@ -215,6 +217,33 @@ def _shadowed_docker_sdk() -> None:
 
 
 @contextlib.contextmanager
+def _parallel_safe_logging():
+    """Hold kfp.local's logging state for the whole run, and give the caller's back afterwards.
+
+    kfp.local swaps the root logger's handlers and level, and ``builtins.print``, around each task, from
+    every ParallelFor thread at once: a task that ends after its neighbour restores the state from
+    before both, so its "finished" line was dropped, and the last one out left its own handler and
+    indented print behind. With the run's state already what each task sets, every swap restores a
+    working one.
+    """
+    from kfp.local import logging_utils
+
+    root, old_print = logging.getLogger(), builtins.print
+    old_level, old_handlers = root.level, root.handlers[:]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging_utils.MillisecondFormatter(fmt="%(asctime)s - %(levelname)s - %(message)s",
+                                                            datefmt="%H:%M:%S.%f"))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:] = old_handlers
+        root.setLevel(old_level)
+        builtins.print = old_print
+
+
+@contextlib.contextmanager
 def _child_env():
     # kfp.local starts each task with this interpreter; a task that shells out to `python3` or
     # `camgate` must find the same environment first on PATH
@@ -257,7 +286,7 @@ def local_run(pipeline_args: dict, pipeline_root: str, package_path: str | None 
                raise_on_error=True)
     tee = _Tee(sys.stdout, echo, progress)
     try:
-        with _child_env(), contextlib.redirect_stdout(tee), warnings.catch_warnings():
+        with _child_env(), contextlib.redirect_stdout(tee), _parallel_safe_logging(), warnings.catch_warnings():
             # expected locally: the image is not used and cluster-only settings are no-ops
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
