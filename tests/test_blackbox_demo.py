@@ -1,8 +1,12 @@
 """DE-CAM on the demo's two models exported to ONNX (no gradient access) tells the same story as
 Grad-CAM on the torch models: the gate verdicts agree, the run-level ratios agree, and over the images
-of both models the per-image ratios rank alike. (Within one model they do not: Spearman about -0.4
-for the clean model and 0.4 for the shortcut model on the last run. DE-CAM supports the run's
-verdict, not a per-image triage; the figures are printed.)"""
+of both models the per-image ratios rank alike (Spearman >= 0.7).
+
+Within one model they rank alike far less, and the test pins down why that is no criterion: on the
+clean model not even Grad-CAM++ on the same layer ranks the images like Grad-CAM (Spearman -0.09 on
+the last run), so there is no per-image order to reproduce; on the shortcut model the gradient
+methods agree (Grad-CAM++ 0.87) and DE-CAM only weakly (0.37): DE-CAM supports the run's verdict, not
+a per-image triage. The figures are printed; docs/decam.md has the wider comparison."""
 import csv
 from pathlib import Path
 
@@ -28,7 +32,7 @@ def test_decam_on_onnx_exports_agrees_with_gradcam_on_the_demo_models(tmp_path):
     from camgate.runner import run
 
     policy = {**POLICY, "rules": {**POLICY["rules"], "min_images": N // 2}}
-    verdicts, rhos, means, pooled = {}, {}, {}, ([], [])
+    verdicts, rhos, siblings, means, pooled = {}, {}, {}, {}, ([], [])
     for variant in ("clean", "shortcut"):
         card_path = train(variant, CACHE)
         card = yaml.safe_load(card_path.read_text())
@@ -49,21 +53,29 @@ def test_decam_on_onnx_exports_agrees_with_gradcam_on_the_demo_models(tmp_path):
                                              "num_classes": card["num_classes"], "classes": card["classes"],
                                              "input": card["input"]}))
         grad = run(lm, str(manifest), str(tmp_path / f"{variant}-gradcam.parquet"), progress=False)
+        sibling = run(lm, str(manifest), str(tmp_path / f"{variant}-gradcampp.parquet"), method="gradcam++",
+                      progress=False)
         black = run(str(onnx_card), str(manifest), str(tmp_path / f"{variant}-decam.parquet"), method="decam",
                     budget=BUDGET, device="cpu", progress=False)
-        a, b = results.read(grad.out), results.read(black.out)
+        a, b, c = results.read(grad.out), results.read(black.out), results.read(sibling.out)
         assert (a["predicted_class"] == b["predicted_class"]).all()  # the export is the same model
-        ok = (a["status"] == "ok") & (b["status"] == "ok")
+        ok = (a["status"] == "ok") & (b["status"] == "ok") & (c["status"] == "ok")
         ra, rb = a.loc[ok, "invalid_activation_ratio"], b.loc[ok, "invalid_activation_ratio"]
         rhos[variant] = spearmanr(ra, rb)[0]
+        siblings[variant] = spearmanr(ra, c.loc[ok, "invalid_activation_ratio"])[0]
         means[variant] = (ra.mean(), rb.mean())
         pooled[0].extend(ra)
         pooled[1].extend(rb)
         verdicts[variant] = (gate(grad.out, policy).passed, gate(black.out, policy).passed)
     rho = spearmanr(*pooled)[0]
     print(f"DE-CAM on ONNX vs Grad-CAM on torch, {N} images per model: Spearman over both models {rho:.3f}, "
-          f"within each {rhos}; mean ratios (Grad-CAM, DE-CAM) {means}; verdicts {verdicts}")
+          f"within each {rhos} (Grad-CAM++ on torch: {siblings}); mean ratios (Grad-CAM, DE-CAM) {means}; "
+          f"verdicts {verdicts}")
     assert verdicts == {"clean": (True, True), "shortcut": (False, False)}
     assert rho >= 0.7
+    # within a model: the clean model's images have no order the gradient methods agree on; the shortcut
+    # model's they do, and DE-CAM follows it only weakly
+    assert siblings["clean"] < 0.7 <= siblings["shortcut"]
+    assert rhos["shortcut"] > 0
     for grad_mean, black_mean in means.values():
         assert abs(grad_mean - black_mean) < 0.15
