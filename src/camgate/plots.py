@@ -34,6 +34,14 @@ def _sample(n: int) -> np.ndarray:
     return np.arange(n) if n <= _MAX_POINTS else np.sort(np.random.default_rng(0).choice(n, _MAX_POINTS, False))
 
 
+def _unit_square(ax, xlabel: str, ylabel: str, shown: int, total: int) -> None:
+    """Axes of a ratio-against-ratio scatter: both in [0, 1], a title when only a sample is drawn."""
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel)
+    if shown < total:
+        ax.set_title(f"{shown} of {total} images (seeded sample)", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+
+
 def _per_layer(table, column: str) -> tuple[list[str], np.ndarray]:
     """Mean of ``column`` over ok rows per layer, in layer order."""
     df = table.select(["layer", "layer_index", "status", column]).to_pandas()
@@ -95,10 +103,7 @@ def ratio_area_png(ratio: np.ndarray, area: np.ndarray, share_ratio: float | Non
     pick = _sample(len(ratio))
     right.scatter(area[pick], ratio[pick], s=_dot(len(pick)), alpha=0.5, color="tab:red", linewidths=0)
     right.plot([0, 1], [0, 1], color="black", linewidth=0.8, label="y = x (heat spread like the pixels)")
-    right.set(xlim=(0, 1), ylim=(0, 1), xlabel="invalid area share", ylabel="invalid activation ratio")
-    if len(pick) < len(ratio):
-        right.set_title(f"{len(pick)} of {len(ratio)} images (seeded sample)", fontsize=8)
-    right.legend(fontsize=7, loc="upper left")
+    _unit_square(right, "invalid area share", "invalid activation ratio", len(pick), len(ratio))
     fig.tight_layout()
     return _png(fig, dpi=80)
 
@@ -116,9 +121,6 @@ def paired_png(baseline: np.ndarray, candidate: np.ndarray, worse_by: float) -> 
                    label=f"{label} ({int(sel.sum())})")
     ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, label="y = x")
     ax.plot([0, 1 - worse_by], [worse_by, 1], color="tab:red", linewidth=0.8, linestyle="--")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="champion (baseline) ratio", ylabel="challenger ratio")
-    if len(pick) < len(baseline):
-        ax.set_title(f"{len(pick)} of {len(baseline)} images (seeded sample)", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left")
+    _unit_square(ax, "champion (baseline) ratio", "challenger ratio", len(pick), len(baseline))
     fig.tight_layout()
     return _png(fig, dpi=80)
