@@ -11,7 +11,6 @@ import builtins
 import contextlib
 import importlib.util
 import io
-import logging
 import os
 import re
 import sys
@@ -223,23 +222,16 @@ def _parallel_safe_logging():
     kfp.local swaps the root logger's handlers and level, and ``builtins.print``, around each task, from
     every ParallelFor thread at once: a task that ends after its neighbour restores the state from
     before both, so its "finished" line was dropped, and the last one out left its own handler and
-    indented print behind. With the run's state already what each task sets, every swap restores a
-    working one.
+    indented print behind. Inside kfp.local's own logger context for the whole run, every swap restores
+    a working state; its exit restores the caller's logging, and ``print`` is restored here.
     """
     from kfp.local import logging_utils
 
-    root, old_print = logging.getLogger(), builtins.print
-    old_level, old_handlers = root.level, root.handlers[:]
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging_utils.MillisecondFormatter(fmt="%(asctime)s - %(levelname)s - %(message)s",
-                                                            datefmt="%H:%M:%S.%f"))
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    old_print = builtins.print
     try:
-        yield
+        with logging_utils.local_logger_context():
+            yield
     finally:
-        root.handlers[:] = old_handlers
-        root.setLevel(old_level)
         builtins.print = old_print
 
 
