@@ -40,9 +40,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from camgate import results
-    from camgate.gate import evaluate, load_policy
-    from camgate.runner import run
+    from camgate.io import results
+    from camgate.gating.decision import evaluate
+    from camgate.gating.policy import load_policy
+    from camgate.runner.heatmaps import run
 
     threshold = args.threshold
     policy = load_policy(args.policy) if args.policy else None

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from scipy.stats import wilcoxon
 from torch import nn
 
-from camgate.backends import TorchBackend
+from camgate.model.backends import TorchBackend
 from camgate.cam.blackbox import decam, fill_image, random_search, rise
-from camgate.cam.engine import minmax, upsample
+from camgate.cam.maps import minmax, upsample
 
 SIZE, SQ, K = 32, 8, 4
 

@@ -83,11 +83,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from camgate import gpu
+    from camgate.data import device as gpu
     from camgate.bench import machine_info
-    from camgate.data import MaskSpec, StaticMask, iter_batches, load_items
-    from camgate.modelspec import load_model, pick_device
-    from camgate.runner import Runner, run
+    from camgate.data.decode import MaskSpec, StaticMask
+    from camgate.data.batches import iter_batches
+    from camgate.data.manifest import load_items
+    from camgate.model.load import load_model, pick_device
+    from camgate.runner.heatmaps import Runner, run
 
     dev = pick_device(args.device)
     machine = machine_info(dev)

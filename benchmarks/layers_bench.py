@@ -25,7 +25,7 @@ import torchvision
 
 from camgate.cam import CamEngine
 from camgate.cam.layers import layer_maps, plan_layers
-from camgate.modelspec import default_target_layers, resolve_layers
+from camgate.model.layers import default_target_layers, resolve_layers
 
 
 def setup(args):

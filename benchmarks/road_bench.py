@@ -26,7 +26,7 @@ from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfid
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-from camgate.faithfulness import PERCENTILES, road
+from camgate.metrics.road import PERCENTILES, road
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

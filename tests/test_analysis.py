@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from camgate.analysis import invalid_metrics
+from camgate.metrics.invalid import invalid_metrics
 
 
 def numpy_metrics(cam: np.ndarray, mask: np.ndarray, topk: float = 0.1) -> dict:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from camgate.animate import (BANNER, EncodeError, animate, contact_sheet, render_frames, write_gif,
-                             write_mp4)
+from camgate.report.animate import BANNER, EncodeError, animate, contact_sheet, render_frames, write_gif, write_mp4
 from camgate.errors import ConfigError
 
 
@@ -86,7 +85,8 @@ def test_frames_panels_and_mask_outline():
 
 
 def test_animate_writes_all_outputs(tmp_path):
-    from camgate.modelspec import ModelCard, load_model
+    from camgate.model.card import ModelCard
+    from camgate.model.load import load_model
 
     card = ModelCard.from_dict({"name": "t", "arch": "torchvision/resnet18", "num_classes": 10,
                                 "input": {"size": [64, 64], "resize": "center_crop"}})

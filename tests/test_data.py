@@ -19,9 +19,13 @@ import torch
 from PIL import Image
 
 from camgate import data as D
-from camgate import storage
-from camgate.data import DataError, Item, MaskSpec, decode_image, decode_mask, iter_batches, load_items, load_sample
-from camgate.modelspec import InputSpec
+from camgate.data import batches as batches_module
+from camgate.data import decode as decode_module
+from camgate.io import storage
+from camgate.data.manifest import DataError, Item, load_items
+from camgate.data.decode import MaskSpec, decode_image, decode_mask, load_sample
+from camgate.data.batches import iter_batches
+from camgate.data.geometry import InputSpec
 
 SPEC = InputSpec(size=(8, 8))
 RNG = np.random.default_rng(0)
@@ -337,7 +341,7 @@ def test_iter_batches_bounds_look_ahead(tmp_path, monkeypatch):
             pulled[0] += 1
             yield it
 
-    monkeypatch.setattr(D, "load_sample", counting)
+    monkeypatch.setattr(batches_module, "load_sample", counting)  # where iter_batches looks it up
     batch, prefetch, workers = 2, 1, 3
     limit = batch * (prefetch + 1)
     received, order = 0, []
@@ -362,9 +366,9 @@ def test_static_mask_read_once_per_run_and_cached_per_size(tmp_path, monkeypatch
     own = save(tmp_path / "own.png", np.zeros((8, 8), np.uint8))  # replaced by the static mask
     items = [Item(i, str(i), a if i % 2 else b, own, None, {}) for i in range(6)]
     reads, decodes = [], []
-    real_read, real_decode = D.storage.read_bytes, D.decode_mask
-    monkeypatch.setattr(D.storage, "read_bytes", lambda u: reads.append(u) or real_read(u))
-    monkeypatch.setattr(D, "decode_mask", lambda *a, **k: decodes.append(a[3]) or real_decode(*a, **k))
+    real_read, real_decode = storage.read_bytes, decode_module.decode_mask
+    monkeypatch.setattr(storage, "read_bytes", lambda u: reads.append(u) or real_read(u))
+    monkeypatch.setattr(decode_module, "decode_mask", lambda *a, **k: decodes.append(a[3]) or real_decode(*a, **k))
     out = [s for bt in iter_batches(items, SPEC, MaskSpec(), 2, workers=2, static_mask=static) for s in bt]
     assert all(s.error is None for s in out)
     assert reads.count(static) == 1 and own not in reads

@@ -86,7 +86,7 @@ def test_inplace_relu_after_target_does_not_corrupt_map():
 def test_token_models_get_their_reshape_from_the_card(tmp_path, arch, shape):
     import yaml
 
-    from camgate.modelspec import load_model
+    from camgate.model.load import load_model
 
     card = tmp_path / "c.yaml"
     card.write_text(yaml.safe_dump({"name": arch, "arch": f"torchvision/{arch}", "num_classes": 3}))

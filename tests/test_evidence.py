@@ -13,11 +13,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from camgate import results as res
+from camgate.io import results as res
 from camgate.cli import main
-from camgate.gate import RULES, BaselineError, evaluate
+from camgate.gating.policy import RULES
+from camgate.gating.stats import BaselineError
+from camgate.gating.decision import evaluate
 from camgate.report import MAX_METRICS, artifacts, metrics
-from camgate.runner import run
+from camgate.runner.heatmaps import run
 from test_run import make_set
 from zoo import tiny_cnn
 
@@ -115,7 +117,7 @@ def test_a_partial_or_differently_computed_baseline_is_compared_with_warnings():
 @pytest.mark.parametrize("spec, msg", [({"by": 2}, r"by: must be a number in \[0, 1\]"),
                                        ({"max": 0.1, "ratio": 0.5}, "unknown key")])
 def test_baseline_rule_parameters_are_checked(spec, msg):
-    from camgate.gate import PolicyError
+    from camgate.gating.policy import PolicyError
 
     with pytest.raises(PolicyError, match=msg):
         evaluate(table([0.1]), {"rules": {"baseline_share_worse": {"max": 0.1, **spec}}})

@@ -9,7 +9,7 @@ import json
 import pyarrow.parquet as pq
 import yaml
 
-from camgate import results, storage
+from camgate.io import results, storage
 from test_run import CAMGATE, make_set
 
 HERE = os.path.dirname(__file__)
@@ -120,7 +120,7 @@ def test_rows_failed_on_the_storage_service_are_retried_by_the_next_run(s3_serve
 def test_changed_command_does_not_resume_foreign_parts(tmp_path):
     card, manifest = make_set(tmp_path, n=8)
     out = str(tmp_path / "r.parquet")
-    from camgate.runner import run
+    from camgate.runner.heatmaps import run
 
     # parts left by a run with another method must not leak into this one
     w = results.ResultsWriter(out, results.schema(), 2, fingerprint="other-run")

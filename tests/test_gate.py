@@ -5,7 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from camgate.gate import Decision, PolicyError, ResultsError, evaluate, gate, load_policy
+from camgate.gating.decision import Decision, evaluate, gate
+from camgate.gating.policy import PolicyError, load_policy
+from camgate.io.results import ResultsError
 
 NAN = float("nan")
 
@@ -197,7 +199,7 @@ def test_unreadable_policy_and_results(tmp_path):
 
 
 def test_uris_go_through_storage(monkeypatch, tmp_path):
-    from camgate import storage
+    from camgate.io import storage
 
     pq.write_table(results([0.1, 0.2]), tmp_path / "r.parquet")
     blobs = {"s3://b/r.parquet": (tmp_path / "r.parquet").read_bytes(),

@@ -9,13 +9,17 @@ import torch
 import yaml
 from PIL import Image
 
-from camgate import gpu, results
+from camgate.data import device as gpu
+from camgate.io import results
 from camgate.cam import CamEngine
 from camgate.cli import main
-from camgate.data import MaskSpec, iter_batches, load_items
+from camgate.data.decode import MaskSpec
+from camgate.data.batches import iter_batches
+from camgate.data.manifest import load_items
 from camgate.errors import ConfigError
-from camgate.modelspec import InputSpec, load_model
-from camgate.runner import run
+from camgate.data.geometry import InputSpec
+from camgate.model.load import load_model
+from camgate.runner.heatmaps import run
 
 INPUT = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
 

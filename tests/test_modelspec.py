@@ -7,7 +7,10 @@ import torchvision
 import yaml
 from safetensors.torch import save_file
 
-from camgate.modelspec import InputSpec, ModelCardError, default_target_layers, load_model
+from camgate.data.geometry import InputSpec
+from camgate.errors import ModelCardError
+from camgate.model.layers import default_target_layers
+from camgate.model.load import load_model
 
 
 def write_card(tmp_path, **kw):

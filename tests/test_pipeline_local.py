@@ -8,7 +8,7 @@ import yaml
 
 pytest.importorskip("kfp")
 
-from camgate import storage  # noqa: E402
+from camgate.io import storage  # noqa: E402
 from camgate.kfp import PipelineFailed, local_run  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
 from test_run import make_set  # noqa: E402

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from camgate import storage
+from camgate.io import storage
 from camgate.cli import main
-from camgate.modelspec import load_model
+from camgate.model.load import load_model
 from camgate.promote import PromoteError, RegistryError, promote, promoted
 
 RECORD = {"schema": "camgate.test-record/1", "verdict": {"passed": True, "trusted": True}, "policy": {"name": "strict"}}

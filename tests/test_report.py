@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from camgate import report
-from camgate.gate import evaluate
+from camgate.gating.decision import evaluate
 from test_evidence import real_run  # noqa: F401  (a real model's run with a champion: a fixture)
 
 NAN = float("nan")

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from camgate import results, storage
+from camgate.io import results, storage
 from camgate.cli import main
-from camgate.runner import analyze, run
+from camgate.runner.analysis import analyze
+from camgate.runner.heatmaps import run
 
 CAMGATE = [sys.executable, "-m", "camgate.cli"]
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from camgate import results, storage
+from camgate.io import results, storage
 from camgate.cli import main
-from camgate.data import load_items
-from camgate.shards import MergeError, merge, plan, run_shard
+from camgate.data.manifest import load_items
+from camgate.runner.shards import MergeError, merge, plan, run_shard
 from test_faults import computed, counting_env, processes
 from test_pipeline_local import s3_set  # noqa: F401 - the fixture
 from test_run import make_set
@@ -122,7 +122,7 @@ def test_merge_refuses_parts_of_different_runs(tmp_path, zoo_path):
     card = tiny_card(tmp_path)
     _, manifest = make_set(tmp_path, n=4)
     a, b = plan(manifest, 2, str(tmp_path / "s"))
-    from camgate.runner import run
+    from camgate.runner.heatmaps import run
 
     run(card, a, str(tmp_path / "a.parquet"), progress=False)
     run(card, b, str(tmp_path / "b.parquet"), method="gradcam++", progress=False)
@@ -148,7 +148,7 @@ def test_plan_is_deterministic_balanced_and_keeps_rows(tmp_path, capsys, zoo_pat
     assert [(it.index, it.image, it.mask, it.label, it.meta) for it in items] == \
         [(it.index, it.image, it.mask, it.label, it.meta) for it in full]
     # merged, that column has the whole run's type, though one shard saw no value of it
-    from camgate.runner import run
+    from camgate.runner.heatmaps import run
 
     for k, u in enumerate(a):
         run(card, u, str(tmp_path / f"p{k}.parquet"), progress=False)
@@ -171,7 +171,7 @@ def test_manifest_row_column_is_honoured_and_checked(tmp_path):
     make_set(tmp_path, n=3)
     (tmp_path / "m.csv").write_text("row,image,mask\n7,images/000.png,masks/000.png\n3,images/001.png,\n")
     assert [it.index for it in load_items(str(tmp_path / "m.csv"))] == [7, 3]
-    from camgate.data import DataError
+    from camgate.data.manifest import DataError
 
     (tmp_path / "d.csv").write_text("row,image\n1,images/000.png\n1,images/001.png\n")
     with pytest.raises(DataError, match="row number 1 appears twice"):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from camgate import results, storage
+from camgate.io import results, storage
 from test_run import CAMGATE
 
 N = 5000

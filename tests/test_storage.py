@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from camgate import storage
-from camgate.devserver import S3Server
-from camgate.storage import AccessDenied, NotFound, StorageError
+from camgate.io import storage
+from camgate.io.devserver import S3Server
+from camgate.io.storage import AccessDenied, NotFound, StorageError
 
 
 @pytest.fixture

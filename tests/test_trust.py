@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from camgate import results
+from camgate.io import results
 from camgate.cli import main
-from camgate.data import DataError
-from camgate.runner import analyze, run
+from camgate.data.manifest import DataError
+from camgate.runner.analysis import analyze
+from camgate.runner.heatmaps import run
 from test_run import make_set, png
 
 METRICS = ["invalid_activation_ratio", "invalid_area_ratio", "topk_invalid_share"]
@@ -126,7 +127,8 @@ def test_vit_with_other_patch_sizes(tmp_path):
     import torch
 
     from camgate.cam import CamEngine
-    from camgate.modelspec import ModelCard, load_model
+    from camgate.model.card import ModelCard
+    from camgate.model.load import load_model
 
     lm = load_model(ModelCard.from_dict({"name": "v", "arch": "torchvision/vit_b_32", "num_classes": 3}), device="cpu")
     torch.nn.init.normal_(lm.model.heads.head.weight, generator=torch.Generator().manual_seed(0))  # zero-initialised
@@ -189,8 +191,9 @@ def test_internal_errors_exit_3_and_say_it_is_a_bug(tmp_path, monkeypatch, capsy
 
 
 def test_report_overlays_are_keyed_by_row_not_image_id(tmp_path):
-    from camgate import report, storage
-    from camgate.modelspec import InputSpec
+    from camgate import report
+    from camgate.io import storage
+    from camgate.data.geometry import InputSpec
 
     rng = np.random.default_rng(3)
     lines = ["image,mask"]
@@ -210,7 +213,7 @@ def test_report_overlays_are_keyed_by_row_not_image_id(tmp_path):
     assert sorted(pics) == [0, 1, 2]
     spec = InputSpec(size=(64, 64))
     for r in rows:
-        from camgate.data import MaskSpec, decode_mask, model_view
+        from camgate.data.decode import MaskSpec, decode_mask, model_view
 
         size = (r["image_width"], r["image_height"])
         mask = model_view(decode_mask(storage.read_bytes(r["mask"]), r["mask"], MaskSpec(), size), spec, size)
@@ -223,7 +226,7 @@ def test_report_overlays_are_keyed_by_row_not_image_id(tmp_path):
 
 
 def test_many_all_zero_maps_fail_the_gate_by_default():
-    from camgate.gate import gate
+    from camgate.gating.decision import gate
 
     n = 200
     status = ["no_activation"] * 198 + ["ok"] * 2

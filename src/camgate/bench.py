@@ -118,7 +118,7 @@ def time_layer(base: torch.nn.Module, layer: str, method: str, x: torch.Tensor, 
     import pytorch_grad_cam as pgc
 
     from .cam import CamEngine, normalized
-    from .modelspec import resolve_layers
+    from .model.layers import resolve_layers
 
     def copy_of(trainable: bool):
         m = copy.deepcopy(base).requires_grad_(trainable)
@@ -250,7 +250,7 @@ def memory_growth(arch: str, counts: list[int], batch: int, size: int, device: s
 
 
 def _mem_child(card: str, manifest: str, out: str) -> int:
-    from .runner import run
+    from .runner.heatmaps import run
 
     s = run(card, manifest, out, batch_size=int(os.environ.get("CAMGATE_BENCH_BATCH", "16")),
             device=os.environ.get("CAMGATE_BENCH_DEVICE", "auto"), progress=False)
@@ -271,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
         return _mem_child(*args.mem_child)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .modelspec import pick_device
+    from .model.load import pick_device
 
     dev = pick_device(args.device)
     machine = machine_info(dev)

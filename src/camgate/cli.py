@@ -20,7 +20,7 @@ EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
 def _mask_spec(args):
     """The mask options, or None when none was given (``analyze`` then keeps the heatmaps' own)."""
-    from .data import MaskSpec
+    from .data.decode import MaskSpec
 
     if not (args.mask_marks_valid or args.invalid_ids):
         return None
@@ -43,7 +43,7 @@ def _add_mask_args(p):
 def cmd_run(args) -> int:
     from . import runner
 
-    from .data import MaskSpec
+    from .data.decode import MaskSpec
 
     s = runner.run(args.model, args.data, args.out, method=args.method, target=args.target,
                    target_layer=args.target_layer, static_mask=args.static_mask,
@@ -57,7 +57,7 @@ def cmd_run(args) -> int:
 
 def cmd_layers(args) -> int:
     from . import runner
-    from .data import MaskSpec
+    from .data.decode import MaskSpec
 
     s = runner.run_layers(args.model, args.data, args.out, layers=args.layers, method=args.method,
                           target=args.target, static_mask=args.static_mask,
@@ -68,7 +68,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_animate(args) -> int:
-    from .animate import animate_image
+    from .report.animate import animate_image
 
     paths = animate_image(args.model, args.image, args.out, mask=args.mask, layers=args.layers,
                           method=args.method, target=args.target, norm=args.norm, fps=args.fps,
@@ -91,9 +91,9 @@ def cmd_road(args) -> int:
                         progress=not args.quiet)
     out = s.to_dict()
     if args.plot:
-        from .plots import ybroad_png
+        from .report.plots import ybroad_png
 
-        from . import results
+        from .io import results
 
         layers = results.read_table(args.layers_file) if args.layers_file else None
         ybroad_png(results.read_table(args.out), args.plot, layers)
@@ -112,7 +112,7 @@ def cmd_analyze(args) -> int:
 
 
 def _write_artifacts(files: dict, wanted: dict) -> None:
-    from . import storage
+    from .io import storage
 
     for name, path in wanted.items():
         if path:
@@ -132,7 +132,7 @@ def cmd_gate(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import artifacts
-    from .results import run_metadata
+    from .io.results import run_metadata
 
     # the policy the results were run with, else the default rules: a report needs a verdict to explain
     policy = args.policy or run_metadata(args.results).get("policy") or {"name": "default"}
@@ -155,14 +155,14 @@ def cmd_promote(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from .shards import plan
+    from .runner.shards import plan
 
     print(json.dumps(plan(args.data, args.shards, args.out, static_mask=args.static_mask)))
     return 0
 
 
 def cmd_merge(args) -> int:
-    from .shards import merge
+    from .runner.shards import merge
 
     print(json.dumps(merge(args.parts, args.out, data=args.data)))
     return 0

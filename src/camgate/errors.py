@@ -14,3 +14,7 @@ class ConfigError(CamgateError, ValueError):
     """An option, model card, method, target, layer list or other setting is unusable.
 
     Raised before any data is read; a ``ValueError`` too, for callers that catch that."""
+
+
+class ModelCardError(ConfigError):
+    """The model card (or what it points to) is unusable; raised before any compute."""

@@ -25,7 +25,8 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 
-from . import __version__, storage
+from . import __version__
+from .io import storage
 from .errors import ConfigError
 
 __all__ = ["PromoteError", "RegistryError", "promote", "promoted", "CARD", "RECORD", "MARKER"]
@@ -48,26 +49,16 @@ class RegistryError(PromoteError):
 # --------------------------------------------------------------------------- hashes and the marker
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _digest(uri: str) -> str | None:
     """sha256 of the file or object at ``uri``; None when it is missing."""
-    path = storage.local_path(uri)
     try:
-        if path is not None:
-            return _sha256_file(path)
-        with tempfile.TemporaryDirectory(prefix="camgate-") as tmp:
-            local = os.path.join(tmp, "blob")
-            storage.download(uri, local)
-            return _sha256_file(local)
-    except (storage.NotFound, FileNotFoundError, IsADirectoryError):
+        return storage.sha256(uri)
+    except storage.NotFound:
         return None
+    except storage.StorageError as e:  # a folder where a file should be: nothing promoted there
+        if "is a directory" in str(e):
+            return None
+        raise
 
 
 def promoted(destination: str) -> dict | None:
@@ -236,7 +227,8 @@ def promote(model_card: str, record: str | None = None, promote_to: str | None =
     Returns ``promoted``, ``destination``, ``files`` (name -> sha256), ``already_promoted``,
     ``registered_model_id`` and ``message``.
     """
-    from .modelspec import ModelCard, load_model, resolved_card
+    from .model.card import ModelCard
+    from .model.load import load_model, resolved_card
 
     card = ModelCard.load(model_card)
     raw_record, doc = _read_record(record) if record else (None, None)
@@ -248,7 +240,7 @@ def promote(model_card: str, record: str | None = None, promote_to: str | None =
                        f"{f' (policy {policy!r})' if isinstance(policy, str) else ''}; nothing copied")
     if not promote_to:
         wuri = card.weights_uri()
-        sha = hashlib.sha256(storage.read_bytes(wuri)).hexdigest() if wuri else "n/a"
+        sha = storage.sha256(wuri) if wuri else "n/a"
         return _result(f"would promote model '{card.name}' ({card.arch}), weights {wuri} sha256 {sha}: "
                        "no promotion location given, nothing copied")
     if raw_record is None:
@@ -277,7 +269,7 @@ def promote(model_card: str, record: str | None = None, promote_to: str | None =
         if wname:
             local = os.path.join(tmp, wname)
             storage.download(wuri, local)
-            files[wname] = _sha256_file(local)
+            files[wname] = storage.sha256(local)
             if files[wname] != lm.weights_sha256:
                 raise PromoteError(f"weights {wuri} changed while model '{card.name}' was being promoted; try again")
             weights = (local, wname)

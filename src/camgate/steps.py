@@ -10,8 +10,9 @@ import json
 import math
 import re
 
-from . import report, storage
-from .data import MaskSpec
+from . import report
+from .io import storage
+from .data.decode import MaskSpec
 
 __all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "plan_step", "shard_step",
            "merge_step", "baseline_step", "gate_step", "promote_step", "gate_outputs"]
@@ -54,7 +55,7 @@ def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict
     The resolved card is a valid model card (JSON) with ``weights`` as an absolute URI and the
     target layer filled in, so later steps need nothing but this file.
     """
-    from .modelspec import load_model, resolved_card
+    from .model.load import load_model, resolved_card
 
     lm = load_model(model_card, device=device)
     card = resolved_card(lm)
@@ -76,8 +77,9 @@ def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "grad
     ``checkpoint``: where rows are committed as they come (e.g. under the run's output prefix on
     S3): a restarted task resumes there instead of beside its pod-local output path.
     """
-    from .modelspec import ModelCard, load_model
-    from .runner import run
+    from .model.card import ModelCard
+    from .model.load import load_model
+    from .runner.heatmaps import run
 
     card = ModelCard.load(model_path)
     if card_sha256:
@@ -106,7 +108,7 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
                  mask_marks_valid: bool = False, invalid_ids: str = "", topk: float = 0.1,
                  export_uri: str = "") -> dict:
     """Heatmaps Parquet + masks -> results Parquet; also copied to ``export_uri`` when given."""
-    from .runner import analyze
+    from .runner.analysis import analyze
 
     spec = mask_spec(mask_marks_valid, invalid_ids) if (mask_marks_valid or invalid_ids) else None
     summary = analyze(heatmaps_path, out_path, data=data or None, static_mask=static_mask or None,
@@ -124,7 +126,7 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
 
 def plan_step(data: str, shards: int, out_prefix: str, static_mask: str = "") -> list[str]:
     """Data set -> shard manifests under ``out_prefix``; returns their URIs (the pipeline's loop items)."""
-    from .shards import plan
+    from .runner.shards import plan
 
     return plan(data, int(shards), _tidy(out_prefix), static_mask=static_mask or None)
 
@@ -135,8 +137,9 @@ def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str
                attempts: int = 3, amp: str = "off") -> dict:
     """Resolved card + one shard manifest -> the shard's results part beside it (heatmaps and metrics in
     one pass); a shard already done is skipped. See :func:`camgate.shards.run_shard`."""
-    from .modelspec import ModelCard, load_model
-    from .shards import run_shard
+    from .model.card import ModelCard
+    from .model.load import load_model
+    from .runner.shards import run_shard
 
     card = ModelCard.load(model_path)
     if card_sha256:
@@ -151,7 +154,7 @@ def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str
 def merge_step(parts: list[str], out_path: str, data: str = "", export_uri: str = "") -> dict:
     """Shard parts -> one results Parquet, after checking they cover ``data`` exactly once; also copied
     to ``export_uri`` when given."""
-    from .shards import merge
+    from .runner.shards import merge
 
     out = merge(list(parts), out_path, data=data or None)
     if export_uri:
@@ -168,8 +171,9 @@ def layers_step(model_path: str, data: str, out_path: str, layers: str = "all", 
                 static_mask: str = "", batch_size: int = 8, device: str = "auto") -> dict:
     """Resolved card + data -> layers Parquet (every selected layer's map per image, with metrics
     when masks are known)."""
-    from .modelspec import ModelCard, load_model
-    from .runner import run_layers
+    from .model.card import ModelCard
+    from .model.load import load_model
+    from .runner.layers import run_layers
 
     lm = load_model(ModelCard.load(model_path), device=device)
     s = run_layers(lm, data, out_path, layers=layers, method=method, static_mask=static_mask or None,
@@ -182,7 +186,7 @@ def animate_step(model_path: str, image: str, out_dir: str, mask: str = "", laye
     """One image through every layer -> animation files under ``out_dir``; returns a self-contained
     HTML page with the GIF (or, when that is too large for KFP's viewer, the contact sheet) and the
     per-layer invalid activation curve."""
-    from .animate import animate_image, animation_html
+    from .report.animate import animate_image, animation_html
 
     animate_image(model_path, image, out_dir, mask=mask or None, layers=layers, method=method, norm=norm,
                   fps=float(fps), device=device)
@@ -194,11 +198,12 @@ def road_step(model_path: str, data: str, out_path: str, method: str = "gradcam"
     """ROAD faithfulness of the maps on a seeded sample -> ROAD Parquet; returns flat metrics.
 
     ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded)."""
-    from . import results
-    from .faithfulness import PERCENTILES
-    from .gate import road_stats
-    from .modelspec import ModelCard, load_model
-    from .runner import run_road
+    from .io import results
+    from .metrics.road import PERCENTILES
+    from .gating.stats import road_stats
+    from .model.card import ModelCard
+    from .model.load import load_model
+    from .runner.road import run_road
 
     if int(sample) <= 0:
         schema = results.schema(None, {"stage": "road", "sample": 0}, results.road_fields(PERCENTILES))
@@ -226,8 +231,8 @@ def baseline_step(out_path: str, data: str, model_card: str = "", results_uri: s
     """The champion's results on the same data: computed from ``model_card`` with the challenger's
     settings, or copied from ``results_uri``; with neither, an empty file marked as no baseline (the
     pipeline's switch: the gate then skips the baseline rules)."""
-    from . import results
-    from .runner import run
+    from .io import results
+    from .runner.heatmaps import run
 
     if model_card and results_uri:
         from .errors import ConfigError
@@ -248,7 +253,7 @@ def baseline_step(out_path: str, data: str, model_card: str = "", results_uri: s
 
 
 def _baseline_or_none(path: str) -> str | None:
-    from . import results
+    from .io import results
 
     return None if not path or results.run_metadata(path).get("stage") == NO_BASELINE else path
 

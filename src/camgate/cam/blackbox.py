@@ -338,7 +338,7 @@ def explain(backend, x: Tensor, method: str = "decam", targets=None, budget: int
     scores, which also resolve -1 targets) plus ``budget`` masked passes per image.
 
     ``logits`` holds log-probabilities: their softmax and argmax are the model's own."""
-    from .engine import CamBatch
+    from .maps import CamBatch
 
     if method not in METHODS:
         raise ConfigError(f"unknown black-box method {method!r}; known: {sorted(METHODS)}")

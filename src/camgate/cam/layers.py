@@ -50,7 +50,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .engine import MethodError, canonical, minmax
+from .engine import MethodError, canonical
+from .maps import minmax
 from .methods import NATIVE
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import storage
+from ..io import storage
 from . import synth
 from .train import train
 
@@ -74,7 +74,7 @@ def _say(msg: str) -> None:
 def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=_say) -> list[dict]:
     """The demo; returns one dict per model (also written to ``<workdir>/demo.json``).
     ``log`` gets a progress line per step (training epochs, pipeline tasks)."""
-    from ..devserver import S3Server
+    from ..io.devserver import S3Server
     from ..kfp.compile import compile_pipeline
 
     work = Path(workdir).resolve()
@@ -155,10 +155,10 @@ def _regression(decision: dict) -> str | None:
 def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, float]]:
     """Per-layer mean invalid activation ratio over the first test images (one pass per batch), and
     the animation of the first pedestrian image: where in the network attention lands on the wall."""
-    from .. import results
-    from ..animate import animate_image
-    from ..data import load_items
-    from ..runner import run_layers
+    from ..io import results
+    from ..report.animate import animate_image
+    from ..data.manifest import load_items
+    from ..runner.layers import run_layers
 
     out.mkdir(parents=True, exist_ok=True)
     items = load_items(data_uri)

@@ -12,7 +12,8 @@ import json
 from . import record
 from .junit import junit
 from .metrics import MAX_METRICS, metrics
-from .render import GALLERY, html, markdown, overlay_png, overlays
+from .render import GALLERY, html, markdown
+from .overlays import overlay_png, overlays
 
 __all__ = ["artifacts", "html", "markdown", "metrics", "junit", "overlays", "overlay_png", "record", "MAX_METRICS",
            "FILES", "GALLERY"]
@@ -25,7 +26,7 @@ def artifacts(results, policy, road=None, baseline=None, title: str | None = Non
 
     The report carries the record's sha256, so a filed report and record can be checked to belong
     together."""
-    from ..gate import gate
+    from ..gating.decision import gate
 
     started = record._now()
     decision = gate(results, policy, road=road, baseline=baseline)

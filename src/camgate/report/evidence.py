@@ -4,7 +4,7 @@ them. The text is built from the run itself, so it never claims a check that did
 """
 from __future__ import annotations
 
-from ..gate import Decision
+from ..gating.decision import Decision
 
 REQUIREMENTS = (
     ("human_agency", "Human agency and oversight"),

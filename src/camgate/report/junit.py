@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from ..gate import Decision
+from ..gating.decision import Decision
 
 _OPS = {"<=": "<=", ">=": ">="}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..gate import Decision
+from ..gating.decision import Decision
 
 MAX_METRICS = 30
 _COUNTS = {"rows": "n_images", "ok": "n_ok", "no_activation": "n_no_activation", "error": "n_error"}

@@ -13,20 +13,14 @@ import os
 import platform
 
 from .. import __version__
-from ..gate import Decision, load_policy, read_results
+from ..gating.decision import Decision
+from ..gating.policy import load_policy
+from ..io import storage
+from ..io.results import read_results
 from .evidence import requirements
 
 SCHEMA = "camgate.test-record/1"
 APPROVAL_FIELDS = ("name", "role", "date", "decision", "signature", "comment")
-
-
-def sha256_of(uri) -> str | None:
-    """sha256 of a file's bytes (local or s3://), or None when there is no file to hash."""
-    if uri is None or not isinstance(uri, (str, os.PathLike)) or not str(uri):
-        return None
-    from ..runner import _sha_or_none
-
-    return _sha_or_none(str(uri))
 
 
 def _now() -> str:
@@ -36,7 +30,7 @@ def _now() -> str:
 def _file(uri) -> dict | None:
     if uri is None:
         return None
-    return {"uri": str(uri) if isinstance(uri, (str, os.PathLike)) else None, "sha256": sha256_of(uri)}
+    return {"uri": str(uri) if isinstance(uri, (str, os.PathLike)) else None, "sha256": storage.sha256_or_none(uri)}
 
 
 def _map_resolution(results) -> list[int] | None:
@@ -54,8 +48,8 @@ def _map_resolution(results) -> list[int] | None:
 def build(decision: Decision, results, policy, road=None, baseline=None, started_at: str | None = None) -> dict:
     """The record of one decision. ``results``/``road``/``baseline``: what the gate read (URIs are
     hashed); ``policy``: its source (URI or mapping); ``started_at``: when the gate started."""
-    from ..results import run_metadata
-    from ..runner import manifest_sha256
+    from ..io.results import run_metadata
+    from ..runner.identity import manifest_sha256
 
     md = run_metadata(read_results(results, ("row",)))
     model = md.get("model") or {}

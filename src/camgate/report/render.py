@@ -10,19 +10,18 @@ so a run of any size gives an HTML page under 10 MB and Markdown under 400,000 c
 rule is in ``record.json`` and ``junit.xml`` whatever the page leaves out.
 """
 from __future__ import annotations
-
 import base64
 import html as _html
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-
 import numpy as np
 import pyarrow as pa
+from ..io.results import RESULT_COLUMNS, read_results
+from ..gating.decision import Decision, RuleResult
+from ..gating.stats import class_stats
+from .overlays import GALLERY, _jet, _worst
 
-from ..gate import RESULT_COLUMNS, Decision, RuleResult, class_stats, read_results
-
-GALLERY = 12  # worst images shown with their overlays (HTML) or listed (Markdown)
 MAX_ROWS = {"html": 300, "md": 50}  # rows per table
 WORSE = 10  # images listed as worse than with the champion
 _OPS = {"<=": "≤", ">=": "≥"}
@@ -182,7 +181,7 @@ def _distribution(table: pa.Table, share_ratio: float, figures: bool) -> list:
                             ("excess (ratio − area)", ratio - area))]
     parts: list = [_Table(["over ok images", *(n for n, _ in _QUANTILES)], rows)]
     if figures:
-        from ..plots import ratio_area_png
+        from .plots import ratio_area_png
 
         parts.insert(0, _Figure(ratio_area_png(ratio, area, share_ratio),
                                 "histogram of invalid activation ratios over the invalid area share",
@@ -247,14 +246,14 @@ def _champion(d: Decision, results, baseline, limit: int, figures: bool) -> list
     ])]
     if results is None or baseline is None:
         return parts
-    from ..gate import pair_baseline
+    from ..gating.stats import pair_baseline
 
     pairs = pair_baseline(results, baseline)
     both = pairs[(pairs["status"] == "ok") & (pairs["status_baseline"] == "ok")].copy()
     both["delta"] = both["invalid_activation_ratio"] - both["invalid_activation_ratio_baseline"]
     both = both[np.isfinite(both["delta"])]
     if figures and len(both):
-        from ..plots import paired_png
+        from .plots import paired_png
 
         parts.append(_Figure(paired_png(both["invalid_activation_ratio_baseline"].to_numpy(float),
                                         both["invalid_activation_ratio"].to_numpy(float), worse_by),
@@ -275,16 +274,6 @@ def _champion(d: Decision, results, baseline, limit: int, figures: bool) -> list
     return parts
 
 
-def _worst(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
-    """Positions and rows of the ``top`` ok rows by invalid activation ratio, each row with its
-    ``row`` (the position if absent)."""
-    status = table.column("status").cast(pa.string()).to_numpy(zero_copy_only=False)
-    ratio = table.column("invalid_activation_ratio").cast(pa.float64()).to_numpy()
-    ok = np.flatnonzero((status == "ok") & ~np.isnan(ratio))
-    order = ok[np.argsort(-ratio[ok], kind="stable")][:top]
-    # keyed by `row`: image ids repeat (duplicate rows, one stem in two folders)
-    return order, [{**r, "row": int(r["row"]) if r.get("row") is not None else int(i)}
-                   for i, r in zip(order, table.take(pa.array(order, type=pa.int64())).to_pylist())]
 
 
 def _errors(table: pa.Table, top: int) -> tuple[list[list[str]], int]:
@@ -530,93 +519,3 @@ def html(decision: Decision, results=None, title: str | None = None, top: int = 
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(p.title)}</title><style>{_CSS}</style></head>"
             f'<body class="{state}">\n' + "\n".join(body) + "\n</body></html>\n")
-
-
-# --------------------------------------------------------------------------- heatmap overlays
-
-
-def _jet(x: np.ndarray) -> np.ndarray:
-    """[0, 1] -> RGB in [0, 1], the classic jet ramp (blue = cold, red = hot)."""
-    return np.clip(1.5 - np.abs(4 * x[..., None] - np.array([3.0, 2.0, 1.0])), 0, 1)
-
-
-_TINT = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta: in no heatmap colour, rare in photos
-
-
-def _outline(out: np.ndarray, m: np.ndarray) -> None:
-    """Draw the border of ``m`` in ``out``: white inside, black outside, visible on any picture.
-    Edge padding: the image border itself is no border of the region."""
-    p = np.pad(m, 1, mode="edge")
-    nbrs = (p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:])
-    out[m & ~np.logical_and.reduce(nbrs)] = 1.0
-    out[~m & np.logical_or.reduce(nbrs)] = 0.0
-
-
-def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,
-                width: int = 160) -> bytes:
-    """PNG of two panels, each fitted into ``width`` × ``width``: the model's view of ``image``
-    (``box``) and the heatmap blended into it, both with the invalid region (``mask``: bool array of
-    the box) outlined, and tinted in the first. 256 colours: a third of the bytes of full colour, and
-    the outline stays sharp (JPEG would blur it), so a gallery stays small however large the images."""
-    import io
-
-    import torch
-    from PIL import Image
-
-    from ..cam import normalized
-    from ..data import decode_image
-
-    img = decode_image(image, "overlay").crop(box)
-    w, h = img.size
-    scale = width / max(w, h)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    base = np.asarray(img.resize(size[::-1], Image.BILINEAR), dtype=np.float32) / 255
-    heat = normalized(torch.from_numpy(cam)[None].float(), size)[0].numpy()
-    panels = [base.copy(), 0.55 * base + 0.45 * _jet(heat)]
-    if mask is not None:
-        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
-        panels[0][m] = 0.7 * panels[0][m] + 0.3 * _TINT  # which side of the outline is invalid
-        for panel in panels:
-            _outline(panel, m)
-    gap = np.ones((size[0], 4, 3), dtype=np.float32)
-    out = np.concatenate([panels[0], gap, panels[1]], axis=1)
-    buf = io.BytesIO()
-    pic = Image.fromarray((out * 255).round().astype(np.uint8)).quantize(256, Image.Quantize.FASTOCTREE)
-    pic.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
-_OVERLAY_COLUMNS = ["row", "image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
-                    "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
-                    "cam_width", "image_width", "image_height"]
-
-
-def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
-    """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds).
-
-    An image that cannot be read any more is left out: the report still renders."""
-    from .. import results as res
-    from .. import storage
-    from ..data import MaskSpec, decode_mask, model_view
-    from ..modelspec import InputSpec
-
-    pf = res.open_file(results_uri)
-    # rank on the light columns, then read the maps of the chosen rows only
-    light = pf.read(columns=[c for c in _OVERLAY_COLUMNS if c in pf.schema_arrow.names and c != "cam"])
-    md = res.run_metadata(pf.schema_arrow)
-    spec = InputSpec.from_card(md.get("model", {}).get("input"))
-    mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
-    out: dict[int, bytes] = {}
-    positions, worst = _worst(light, top)
-    cams = pf.read(columns=["cam", "cam_height", "cam_width"]).take(pa.array(positions, type=pa.int64())).to_pylist()
-    for row, cam in zip(worst, cams):
-        try:
-            size = (row["image_width"], row["image_height"])
-            mask = None
-            if row.get("mask"):
-                mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
-                                  spec, size)
-            out[row["row"]] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(cam), spec.box(*size), mask)
-        except (storage.StorageError, ValueError, TypeError):
-            continue  # the image moved or the row has no map: the report goes without this picture
-    return out

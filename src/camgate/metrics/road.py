@@ -66,8 +66,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .cam import upsample
-from .errors import ConfigError
+from ..cam import upsample
+from ..errors import ConfigError
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 TIE_NOISE = 1e-4  # relative to the min-max scaled map, as in the reference

@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__, storage
-from . import results as res
-from .data import SHARD_ERROR, SHARD_STAGE, load_items
-from .errors import ConfigError
+from .. import __version__
+from ..io import storage
+from ..io import results as res
+from ..data.manifest import SHARD_ERROR, SHARD_STAGE, load_items
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     failed attempt committed (KFP ignores task retries inside a ParallelFor). ``model``: a model card
     URI or a :class:`camgate.modelspec.LoadedModel`; ``run_args``: as for :func:`camgate.runner.run`.
     """
-    from .modelspec import LoadedModel, load_model
-    from .runner import run
+    from ..model.load import LoadedModel, load_model
+    from .heatmaps import run
 
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=run_args.pop("device", "auto"))
     part, marker = part_uris(shard)
@@ -195,7 +196,7 @@ def _common_metadata(parts: list[_Part], data: str | None) -> dict:
     def show(v) -> str:
         return json.dumps(v, sort_keys=True, default=str)[:120]
 
-    from .runner import PROVENANCE, manifest_sha256
+    from .identity import PROVENANCE, manifest_sha256
 
     first = parts[0]
     for p in parts[1:]:

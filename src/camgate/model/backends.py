@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 OUTPUTS = ("logits", "probs")
 KINDS = ("torch", "onnx", "callable")
@@ -266,7 +266,7 @@ def load_backend(kind: str, *, num_classes: int, input_size: Sequence[int], weig
         if weights is None:
             raise BackendError("kind 'onnx' needs weights: the .onnx file")
         if isinstance(weights, str) and "://" in weights:
-            from . import storage
+            from ..io import storage
 
             try:
                 weights = storage.read_bytes(weights)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def jpeg_inputs(raws: list[torch.Tensor], boxes: list[tuple[int, int, int, int]]
 
 def _decode_deferred(batch: list, input_spec, device: torch.device) -> None:
     """Fill ``x`` of the samples whose JPEG the loader left undecoded (``raw``), on ``device``."""
-    from .data import decode_deferred
+    from .decode import decode_deferred
 
     todo = [s for s in batch if s.raw is not None and s.error is None]
     if not todo:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cam import upsample
-from .errors import ConfigError
+from ..cam import upsample
+from ..errors import ConfigError
 
 TOPK_DEFAULT = 0.1
 METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import CamgateError, ConfigError
+from ..errors import CamgateError, ConfigError
 
 BANNER = 18  # px of text strip above each panel
 
@@ -248,8 +248,8 @@ def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all"
     ``image``: PIL image / uint8 (H, W, 3) array, or a normalised (3, H, W) input tensor.
     ``mask``: bool (H, W) invalid pixels of ``image``, outlined on every frame.
     """
-    from .cam.layers import layer_maps, plan_layers
-    from .modelspec import InputSpec
+    from ..cam.layers import layer_maps, plan_layers
+    from ..data.geometry import InputSpec
 
     norm_modes(norm)  # a bad option fails before any compute
     net = getattr(model, "model", model)
@@ -290,7 +290,7 @@ def write_animation(view: np.ndarray, maps: Sequence, labels: Sequence[str], out
     ``contact_sheet.png`` and ``layers.json`` under ``out_dir``; returns their paths.
 
     ``view``: the model's view of the image, uint8 (H, W, 3); ``mask``: bool (H, W) invalid pixels of it."""
-    from .cam.layers import normalise
+    from ..cam.layers import normalise
 
     modes = norm_modes(norm)
     raw = [torch.as_tensor(np.asarray(m, np.float32))[None] for m in maps]
@@ -344,9 +344,11 @@ def animate_image(model, image: str, out_dir, *, mask: str | None = None, layers
     stored maps; returns the paths of the Parquet, the MP4, the GIF, the contact sheet and the JSON."""
     import posixpath
 
-    from . import results, runner, storage
-    from .data import DataError, Item, MaskSpec, decode_image, decode_mask
-    from .modelspec import load_model
+    from ..io import results, storage
+    from .. import runner
+    from ..data.manifest import DataError, Item
+    from ..data.decode import MaskSpec, decode_image, decode_mask
+    from ..model.load import load_model
 
     norm_modes(norm)
     mask_spec = mask_spec or MaskSpec()

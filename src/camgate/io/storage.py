@@ -10,6 +10,7 @@ problem, never credentials.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import io
 import logging
@@ -25,7 +26,7 @@ import time
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import CamgateError
+from ..errors import CamgateError
 
 __all__ = [
     "StorageError", "NotFound", "AccessDenied",
@@ -598,3 +599,50 @@ def ensure_bucket(name_or_uri) -> str:
 
     _call("create bucket", uri, make)
     return uri
+
+def read_source(where: str, error: type[Exception], what: str) -> bytes:
+    """The bytes of a local path or a URI; a local path that cannot be read raises ``error`` naming
+    ``what``."""
+    if where.startswith("file://"):
+        where = where[len("file://"):]
+    if "://" in where:
+        return read_bytes(where)
+    try:
+        with open(where, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error(f"{where}: cannot read {what}: {e.strerror or e}") from None
+
+
+def sha256(uri) -> str:
+    """sha256 (hex) of the bytes at ``uri``, read in chunks: weights are hashed without holding them
+    in memory. The one hash of camgate's artifacts: cards, weights, manifests, policies, records."""
+    uri = _fspath(uri)
+    path = _local(uri)
+    if path is None:
+        with tempfile.TemporaryDirectory(prefix="camgate-") as tmp:
+            local = os.path.join(tmp, "blob")
+            download(uri, local)
+            return _sha256_file(local, uri)
+    return _sha256_file(path, uri)
+
+
+def _sha256_file(path: str, uri: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise _local_error(uri, exc) from exc
+    return h.hexdigest()
+
+
+def sha256_or_none(uri) -> str | None:
+    """:func:`sha256`, or None when there is no URI or nothing readable behind it."""
+    if uri is None or not isinstance(uri, (str, os.PathLike)) or not str(uri):
+        return None
+    try:
+        return sha256(uri)
+    except StorageError:
+        return None

@@ -78,7 +78,7 @@ def ybroad_png(road_table, path: str | None = None, layers_table=None) -> bytes:
     fig.tight_layout()
     png = _png(fig)
     if path:
-        from . import storage
+        from ..io import storage
 
         storage.write_bytes(path, png)
     return png

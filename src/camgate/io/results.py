@@ -13,6 +13,7 @@ the file only becomes visible at its destination once complete.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import shutil
 from typing import Iterable
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import ConfigError
 from . import storage
 
 FIELDS = [
@@ -273,3 +275,32 @@ def cam_array(row) -> np.ndarray | None:
     h, w = int(row["cam_height"]), int(row["cam_width"])
     dtype = np.float32 if len(raw) == 4 * h * w else np.float16
     return np.frombuffer(raw, dtype=dtype).reshape(h, w).astype(np.float32)
+
+
+# Columns evaluate() and the reports read; `cam` is deliberately absent (it is the bulk of the file).
+RESULT_COLUMNS = (
+    "row", "image_id", "image", "status", "error", "label", "predicted_class", "predicted_label",
+    "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
+)
+_REQUIRED = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
+
+
+class ResultsError(ConfigError):
+    """The results table lacks a column or holds values outside the results contract."""
+
+
+def read_results(results: pa.Table | str | os.PathLike, columns=RESULT_COLUMNS) -> pa.Table:
+    """The requested columns that exist, from a table, a local Parquet path or a URI."""
+    columns = list(dict.fromkeys(columns))
+    if isinstance(results, pa.Table):
+        return results.select([c for c in columns if c in results.column_names])
+    where = str(results)
+    local = where[len("file://"):] if where.startswith("file://") else where
+    try:
+        if "://" not in local:
+            names = pq.read_schema(local).names
+            return pq.read_table(local, columns=[c for c in columns if c in names])
+        pf = pq.ParquetFile(pa.BufferReader(storage.read_source(where, ResultsError, "results")))
+        return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+    except (OSError, pa.ArrowException) as e:
+        raise ResultsError(f"{where}: cannot read results Parquet: {e}") from None

@@ -1,0 +1,177 @@
+"""Policy + results (+ ROAD, + champion) -> decision: every rule with its value, threshold and
+verdict, and whether the maps were faithful enough to be evidence.
+"""
+from __future__ import annotations
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+import numpy as np
+import pyarrow as pa
+from .policy import DEFAULT_WORSE_BY, Policy, PolicyError, RULES, RUN_WIDE, Rule, load_policy
+from ..io.results import RESULT_COLUMNS, STATUSES, read_results
+from .stats import _Frame, _MEAN_ABS_TOL, _PAIR_COLUMNS, _REL_TOL, _baseline_identity, baseline_stats, road_stats
+
+# --------------------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    rule: str
+    scope: str  # 'all' | 'class=<name>' | '<column>=<value>'
+    value: float | None
+    threshold: float
+    op: str  # '<=' | '>='
+    verdict: str  # 'pass' | 'fail' | 'skip'
+    n: int  # images (basis 'ok') or rows (basis 'rows') behind the value
+    params: dict = field(default_factory=dict)
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "rule": self.rule, "scope": self.scope, "value": _json_float(self.value),
+            "threshold": self.threshold, "op": self.op, "verdict": self.verdict, "n": self.n,
+            "params": dict(self.params), "reason": self.reason,
+        }
+
+
+@dataclass
+class Decision:
+    policy: str
+    passed: bool
+    counts: dict[str, int]
+    overall: dict[str, float]
+    rules: list[RuleResult]
+    scopes: list[dict] = field(default_factory=list)  # stats per class/slice scope evaluated
+    # Whether the heatmaps behind the verdict were shown to be faithful (ROAD beats a random map by
+    # the policy's margin); None when the policy does not ask.
+    trusted: bool | None = None
+    trust_reason: str | None = None
+    # The champion compared with (gate --baseline): its identity and the paired statistics.
+    baseline: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[RuleResult]:
+        return [r for r in self.rules if r.verdict == "fail"]
+
+    def to_dict(self) -> dict:
+        """JSON-able (NaN -> None, since NaN is not JSON)."""
+        verdicts = [r.verdict for r in self.rules]
+        return {
+            "policy": self.policy,
+            "passed": self.passed,
+            "counts": dict(self.counts),
+            "overall": {k: _json_float(v) for k, v in self.overall.items()},
+            "summary": {"rules": len(verdicts), **{v: verdicts.count(v) for v in ("pass", "fail", "skip")}},
+            "rules": [r.to_dict() for r in self.rules],
+            "scopes": [{k: _json_float(v) for k, v in s.items()} for s in self.scopes],
+            "trusted": self.trusted,
+            "trust_reason": self.trust_reason,
+            "baseline": None if self.baseline is None else {k: _json_float(v) for k, v in self.baseline.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+def _json_float(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
+    op, key, basis, _ = RULES[rule.name]
+    n = {"ok": stats["ok"], "rows": stats["rows"], "road": stats.get("road_images", 0),
+         "paired": stats.get("baseline_compared", 0)}[basis]
+    value = float(stats.get(key, math.nan)) if rule.name != "min_images" else stats["ok"]
+    res = dict(rule=rule.name, scope=scope, threshold=rule.threshold, op=op, n=n, params=rule.params)
+    if rule.name != "min_images":
+        if basis == "rows" and n == 0:
+            return RuleResult(value=None, verdict="skip", reason="no rows in scope", **res)
+        if basis == "road" and n == 0:
+            return RuleResult(value=None, verdict="fail", reason=stats.get("road_reason") or "no ROAD scores", **res)
+        if basis == "paired" and "baseline_compared" not in stats:  # a first model has no champion
+            return RuleResult(value=None, verdict="skip", reason="no baseline (champion) results given", **res)
+        if basis == "paired" and n == 0:
+            return RuleResult(value=None, verdict="fail", reason="no image is ok in both the results and the baseline",
+                              **res)
+        if basis == "ok" and stats["ok"] < min_ok:
+            why = "no ok images in scope" if stats["ok"] == 0 else f"{stats['ok']} ok images < {min_ok}"
+            return RuleResult(value=None, verdict="skip", reason=why, **res)
+        if math.isnan(value):
+            return RuleResult(value=value, verdict="fail",
+                              reason="value is NaN: missing per-image values among ok rows", **res)
+    slack = _MEAN_ABS_TOL if key.startswith("mean_") else 0.0
+    close = math.isclose(value, rule.threshold, rel_tol=_REL_TOL, abs_tol=slack)
+    ok = close or (value <= rule.threshold if op == "<=" else value >= rule.threshold)
+    return RuleResult(value=value, verdict="pass" if ok else "fail", **res)
+
+
+def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | str | os.PathLike,
+             road=None, baseline=None) -> Decision:
+    """Apply ``policy`` to a results table (or Parquet path/URI) and decide pass/fail.
+
+    ``road``: ROAD results (table or URI) for the ``faithfulness`` rule; the decision is then marked
+    ``trusted`` or not, with the reason. ``baseline``: the champion's results on the same data, for
+    the baseline rules (the decision then names the champion and the paired statistics)."""
+    policy = load_policy(policy)
+    table = read_results(results, RESULT_COLUMNS + ("target_layer",) + policy.slices)
+    missing = [s for s in policy.slices if s not in table.column_names]
+    if missing:
+        raise PolicyError(f"{policy.source}: slices: column {missing[0]!r} not in results")
+    frame = _Frame.of(table)
+    ratio = policy.share_ratio
+    overall = frame.stats(np.ones(frame.n, dtype=bool), ratio)
+    faith = policy.rule("faithfulness")
+    if faith or road is not None:
+        layers = table.column("target_layer").drop_null().unique().to_pylist() if "target_layer" in table.column_names else []
+        overall.update(road_stats(road, layers[0] if len(layers) == 1 else None))
+    ident, warnings = None, []
+    if baseline is not None:
+        from ..io.results import run_metadata
+
+        worse = policy.rule("baseline_share_worse")
+        base_table = read_results(baseline, _PAIR_COLUMNS)  # read once: pairs and metadata
+        name = str(baseline) if isinstance(baseline, (str, os.PathLike)) else None
+        overall.update(baseline_stats(table, base_table, worse.params["by"] if worse else DEFAULT_WORSE_BY, name))
+        ident, warnings = _baseline_identity(run_metadata(table), run_metadata(base_table), baseline)
+        ident.update({k: v for k, v in overall.items() if k.startswith("baseline_")})
+        if overall["baseline_unpaired"]:
+            warnings.append(f"{overall['baseline_unpaired']} of {frame.n} result rows have no baseline row for the same "
+                            f"image: the comparison covers the other {overall['baseline_paired']}")
+    rules = [_judge(r, overall, "all", 1) for r in policy.rules]
+    trusted = reason = None
+    if faith:
+        verdict = next(r for r in rules if r.rule == "faithfulness")
+        trusted = verdict.verdict == "pass"
+        reason = (f"ROAD beats the random map by {verdict.value:.3f} (margin >= {faith.threshold:g})" if trusted else
+                  verdict.reason or f"ROAD beats the random map by only {verdict.value:.3f} (< {faith.threshold:g}): "
+                                    f"a verdict on heatmaps that do not show what the model uses is not evidence")
+
+    scoped = [r for r in policy.rules if r.name not in RUN_WIDE]
+    groupings: list[tuple[str, str]] = []
+    if policy.per_class:
+        groupings.append((policy.per_class, "class"))
+    groupings += [(s, s) for s in policy.slices]
+    scopes = []
+    for by, prefix in groupings:
+        for shown, mask in frame.groups(by):
+            scope = f"{prefix}={shown}"
+            stats = frame.stats(mask, ratio)
+            scopes.append({"scope": scope, **stats})
+            # A predicted-class scope holds no error rows by construction: rates over rows say nothing.
+            for r in scoped:
+                if by == "predicted" and RULES[r.name][2] == "rows":
+                    continue
+                rules.append(_judge(r, stats, scope, policy.min_scope_images))
+
+    counts = {k: overall[k] for k in ("rows", *STATUSES)}
+    metrics = {k: v for k, v in overall.items() if k not in counts and k != "road_reason"}
+    return Decision(policy.name, all(r.verdict != "fail" for r in rules), counts, metrics, rules, scopes,
+                    trusted, reason, ident, warnings)
+
+
+def gate(results_uri: str | os.PathLike | pa.Table, policy_uri: Policy | Mapping | str | os.PathLike,
+         road=None, baseline=None) -> Decision:
+    """Load the policy (first: a bad policy fails fast, before reading results) and evaluate."""
+    return evaluate(results_uri, load_policy(policy_uri), road, baseline)

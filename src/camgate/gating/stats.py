@@ -1,0 +1,199 @@
+"""Statistics the gate judges: per-scope numbers of a results table (whole run, per class, per
+slice), ROAD faithfulness, and the pairing with a champion's results.
+"""
+from __future__ import annotations
+import os
+from dataclasses import dataclass
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
+from ..io.results import ResultsError, STATUSES, _REQUIRED, read_results
+
+# Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
+_COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "topk")
+_REL_TOL = 1e-9
+_MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
+
+
+class BaselineError(ResultsError):
+    """The baseline results cannot be compared with the results (no image in common)."""
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    # float16/32/bool -> float64; nulls -> NaN so they surface instead of vanishing
+    return table.column(name).cast(pa.float64()).to_numpy()
+
+
+@dataclass
+class _Frame:
+    """Columns of a results table as numpy arrays, validated once."""
+
+    n: int
+    status: np.ndarray  # object array of str
+    ratio: np.ndarray
+    area: np.ndarray
+    peak: np.ndarray
+    table: pa.Table
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Frame:
+        missing = [c for c in _REQUIRED if c not in table.column_names]
+        if missing:
+            raise ResultsError(f"results lack column(s) {missing}")
+        status = table.column("status").cast(pa.string())  # plain, large or dictionary strings
+        bad = [s for s in pc.unique(status).to_pylist() if s not in STATUSES]
+        if bad:
+            raise ResultsError(f"results: status must be one of {STATUSES}, got {bad[0]!r}")
+        return cls(table.num_rows, status.to_numpy(),
+                   _floats(table, "invalid_activation_ratio"), _floats(table, "invalid_area_ratio"),
+                   _floats(table, "peak_in_invalid"), table)
+
+    def stats(self, sel: np.ndarray, share_ratio: float) -> dict:
+        ok = sel & (self.status == "ok")
+        n_rows, n_ok = int(sel.sum()), int(ok.sum())
+        n_noact = int((sel & (self.status == "no_activation")).sum())
+        n_err = int((sel & (self.status == "error")).sum())
+        r, a, p = self.ratio[ok], self.area[ok], self.peak[ok]
+        nan = float("nan")
+        # Any NaN among ok rows makes the statistic NaN (np.mean propagates; the share is
+        # forced), so a missing value fails the rule rather than counting as "not over".
+        share = nan if not n_ok or np.isnan(r).any() else float(np.mean(r > share_ratio))
+        return {
+            "rows": n_rows,
+            "ok": n_ok,
+            "no_activation": n_noact,
+            "error": n_err,
+            "mean_invalid_activation_ratio": float(np.mean(r)) if n_ok else nan,
+            "p95_invalid_activation_ratio": float(np.percentile(r, 95)) if n_ok else nan,
+            "share_images_over": share,
+            "share_over_ratio": share_ratio,
+            "peak_in_invalid_rate": float(np.mean(p)) if n_ok else nan,
+            "mean_invalid_area_ratio": float(np.mean(a)) if n_ok else nan,
+            "mean_excess_over_area": float(np.mean(r - a)) if n_ok else nan,
+            "error_rate": n_err / n_rows if n_rows else nan,
+            "no_activation_rate": n_noact / n_rows if n_rows else nan,
+        }
+
+    def groups(self, by: str) -> list[tuple[str, np.ndarray]]:
+        """(display value, row mask) per distinct value; by = 'predicted' | 'label' | column."""
+        t = self.table
+        col = {"predicted": "predicted_class"}.get(by, by)
+        if col not in t.column_names:
+            raise ResultsError(f"results lack column {col!r} needed to group by {by!r}")
+        arr = t.column(col).combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        enc = pc.dictionary_encode(arr)
+        codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        values = enc.dictionary.to_pylist()
+        names = (t.column("predicted_label").to_pylist()
+                 if by == "predicted" and "predicted_label" in t.column_names else None)
+        out = []
+        for i in _sorted_indices(values):
+            mask = codes == i
+            shown = str(values[i])
+            if names is not None:  # a class id reads better as its name, when the model card has one
+                shown = next((names[j] for j in np.flatnonzero(mask) if names[j] is not None), shown)
+            out.append((shown, mask))
+        if by != "predicted" and (codes == -1).any():
+            # rows without a predicted class (errors) belong to no class; null metadata is a slice
+            out.append(("<null>", codes == -1))
+        return out
+
+
+def _sorted_indices(values: list) -> list[int]:
+    idx = list(range(len(values)))
+    try:
+        return sorted(idx, key=lambda i: values[i])
+    except TypeError:
+        return sorted(idx, key=lambda i: str(values[i]))
+
+
+def road_stats(road, layer: str | None = None) -> dict:
+    """Faithfulness of the maps from a ROAD file (``camgate road``): the mean margin of ROAD over the
+    seeded random map, over the images scored at ``layer`` (when the file holds several layers)."""
+    if road is None:
+        return {"road_images": 0, "road_reason": "the policy asks for faithfulness but no ROAD results were given "
+                                                 "(camgate road ..., then gate --road)"}
+    t = read_results(road, ("layer", "status", "road", "road_random"))
+    missing = [c for c in ("road", "road_random") if c not in t.column_names]
+    if missing:
+        raise ResultsError(f"ROAD results lack column(s) {missing}")
+    keep = np.ones(t.num_rows, dtype=bool)
+    if "layer" in t.column_names and layer and len(set(t.column("layer").to_pylist())) > 1:
+        keep &= np.array([v == layer for v in t.column("layer").to_pylist()])
+    r, rnd = _floats(t, "road")[keep], _floats(t, "road_random")[keep]
+    ok = np.isfinite(r) & np.isfinite(rnd)
+    if not ok.any():
+        return {"road_images": 0, "road_reason": "no image has a finite ROAD score (all-zero maps?)"}
+    return {"road_images": int(ok.sum()), "road_mean": float(r[ok].mean()), "road_random_mean": float(rnd[ok].mean()),
+            "faithfulness_margin": float((r[ok] - rnd[ok]).mean())}
+
+
+_PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",
+                 "predicted_class", "predicted_label", "label")
+
+
+def pair_baseline(results, baseline, name: str | None = None):
+    """Rows of the results and of the baseline for the same images, paired by ``row`` and ``image``
+    (a pandas DataFrame; the baseline's columns end in ``_baseline``). Refuses a baseline that shares
+    no image with the results: comparing other images says nothing about a regression."""
+    cand = read_results(results, _PAIR_COLUMNS).to_pandas()
+    base = read_results(baseline, _PAIR_COLUMNS).to_pandas()
+    for what, df in (("results", cand), ("baseline", base)):
+        missing = [c for c in ("row", "image", "status", "invalid_activation_ratio") if c not in df.columns]
+        if missing:
+            raise ResultsError(f"{what} lack column(s) {missing} needed to pair with the "
+                               f"{'baseline' if what == 'results' else 'results'}")
+    keep = [c for c in ("row", "image", "status", "invalid_activation_ratio", "predicted_class") if c in base.columns]
+    pairs = cand.merge(base[keep], on=["row", "image"], how="inner", suffixes=("", "_baseline"))
+    if pairs.empty:
+        where = name or (baseline if isinstance(baseline, (str, os.PathLike)) else "the baseline")
+        raise BaselineError(f"{where}: no image in common with the results ({len(base)} baseline rows, "
+                            f"{len(cand)} result rows, paired by row and image): a baseline must be the "
+                            f"champion's results on the same data manifest")
+    return pairs.sort_values("row", kind="stable").reset_index(drop=True)
+
+
+def baseline_stats(results, baseline, worse_by: float = DEFAULT_WORSE_BY, name: str | None = None) -> dict:
+    """Paired statistics against the baseline, over images that are ok in both runs."""
+    pairs = pair_baseline(results, baseline, name)
+    both = pairs[(pairs["status"] == "ok") & (pairs["status_baseline"] == "ok")]
+    cand = both["invalid_activation_ratio"].to_numpy(float)
+    base = both["invalid_activation_ratio_baseline"].to_numpy(float)
+    n_rows = read_results(results, ("row",)).num_rows
+    nan = float("nan")
+    return {"baseline_paired": len(pairs), "baseline_unpaired": n_rows - len(pairs),
+            "baseline_compared": len(both),
+            "baseline_mean": float(base.mean()) if len(both) else nan,
+            "baseline_candidate_mean": float(cand.mean()) if len(both) else nan,
+            "baseline_mean_increase": float((cand - base).mean()) if len(both) else nan,
+            "baseline_share_worse": float(np.mean(cand - base > worse_by)) if len(both) else nan,
+            "baseline_worse_by": worse_by}
+
+
+def _baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict, list[str]]:
+    """Who the champion is, and warnings when its ratios were measured differently."""
+    model = base_md.get("model") or {}
+    ident = {"source": str(baseline) if isinstance(baseline, (str, os.PathLike)) else None,
+             "model": model.get("name"), "weights_sha256": base_md.get("weights_sha256"),
+             "method": base_md.get("method"), "target_layer": base_md.get("target_layer")}
+    warnings = []
+    for key in _COMPARABLE:
+        if key in base_md and key in results_md and base_md[key] != results_md[key]:
+            warnings.append(f"baseline computed with {key} {base_md[key]!r}, the results with {results_md[key]!r}: "
+                            f"their invalid activation ratios may not be comparable")
+    if base_md.get("weights_sha256") and base_md.get("weights_sha256") == results_md.get("weights_sha256"):
+        warnings.append("baseline and results come from the same weights (equal sha256): is the baseline the "
+                        "champion?")
+    return ident, warnings
+
+
+def class_stats(results: pa.Table | str | os.PathLike, by: str = "predicted",
+                share_ratio: float = DEFAULT_SHARE_RATIO) -> list[dict]:
+    """Per-class statistics (as in a decision's scopes), whatever the policy's per_class says."""
+    frame = _Frame.of(read_results(results))
+    if by == "predicted" and "predicted_class" not in frame.table.column_names:
+        return []
+    return [{"class": shown, **frame.stats(mask, share_ratio)} for shown, mask in frame.groups(by)]

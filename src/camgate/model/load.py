@@ -1,0 +1,190 @@
+"""Model card -> ``nn.Module`` in eval mode (or a black-box backend), with its weights' hash,
+input preprocessing and resolved target layer(s). Weights load with ``weights_only=True`` or from
+safetensors; full pickled models are refused unless the card allows them.
+"""
+from __future__ import annotations
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+import torch
+from torch import nn
+from ..io import storage
+from .backends import Backend, BackendError, import_object, load_backend
+from ..data.geometry import InputSpec
+from .card import ModelCard
+from ..errors import ModelCardError
+from .layers import _check_layers, _token_kind, default_target_layers, resolve_layers
+
+# --- architectures -------------------------------------------------------------------------
+
+def build_arch(arch: str, num_classes: int) -> nn.Module:
+    """``torchvision/<name>`` or ``package.module:factory`` -> an uninitialised module."""
+    if arch.startswith("torchvision/"):
+        import torchvision.models as tvm
+
+        name = arch.split("/", 1)[1]
+        if name not in tvm.list_models():
+            raise ModelCardError(f"unknown torchvision architecture {name!r}")
+        return tvm.get_model(name, weights=None, num_classes=num_classes)
+    if ":" not in arch:
+        raise ModelCardError(f"arch must be 'torchvision/<name>' or 'package.module:factory', got {arch!r}")
+    factory = import_object(arch, "factory", ModelCardError)
+    try:
+        return factory(num_classes=num_classes)
+    except TypeError:  # factories without a num_classes argument
+        return factory()
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+def load_state(data: bytes, name: str, allow_pickle: bool) -> dict:
+    """Bytes of a safetensors or ``.pt`` file -> state_dict. Full pickled models are refused."""
+    if name.endswith(".safetensors") or data[:8] and _looks_safetensors(data):
+        from safetensors.torch import load as st_load
+
+        return st_load(data)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants
+        if not allow_pickle:
+            raise ModelCardError(
+                f"weights {name} are not a plain state_dict (refused to unpickle arbitrary objects; "
+                f"set allow_pickle: true in the card only for files you trust): {str(e).splitlines()[0]}") from e
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelCardError(f"weights {name} hold a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def _looks_safetensors(data: bytes) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 0 < n < len(data) and data[8:9] == b"{"
+
+
+# --- the loaded model --------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    model: nn.Module | None  # None for black-box kinds: only ``backend`` reaches them
+    target_layers: list[str]
+    weights_sha256: str
+    device: torch.device
+    reshape_transform: Callable | None = None
+    backend: Backend | None = None  # set for black-box kinds; torch cards build one when a method needs it
+
+    @property
+    def input(self) -> InputSpec:
+        return self.card.input
+
+    def layers(self) -> list[nn.Module]:
+        if self.model is None:
+            raise ModelCardError(f"model card kind {self.card.kind!r} is a black box: it has no layers "
+                                 f"(heatmaps from outputs only: methods decam, rise)")
+        return resolve_layers(self.model, self.target_layers)
+
+    def metadata(self) -> dict:
+        md = {"name": self.card.name, "arch": self.card.arch, "num_classes": self.card.num_classes,
+              "classes": self.card.classes, "input": self.card.input.to_dict(),
+              "target_layer": self.target_layers, "reshape": self.card.reshape,
+              "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
+        if self.card.black_box:  # absent = torch: torch runs keep their fingerprint (resume across versions)
+            md.update(kind=self.card.kind, output=self.card.output)
+        return md
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelCardError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequence[str] | str | None = None
+               ) -> LoadedModel:
+    """Build, load weights, freeze, resolve the target layers and check them with one dry forward."""
+    if isinstance(card, str):
+        card = ModelCard.load(card)
+    if card.black_box:
+        return _load_black_box(card, device, target_layer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a card without weights still gives the same model on every load
+        model = build_arch(card.arch, card.num_classes)
+    sha = ""
+    wuri = card.weights_uri()
+    if wuri:
+        try:
+            data = storage.read_bytes(wuri)
+        except storage.StorageError as e:
+            raise ModelCardError(f"cannot read weights: {e}") from e
+        sha = hashlib.sha256(data).hexdigest()
+        state = load_state(data, wuri, card.allow_pickle)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ModelCardError(f"weights {wuri} do not fit {card.arch}: {str(e)[:600]}") from e
+    model.eval().requires_grad_(False)
+    if target_layer:
+        layers = [target_layer] if isinstance(target_layer, str) else list(target_layer)
+    else:
+        layers = card.target_layer or default_target_layers(model, card.arch)
+    resolve_layers(model, layers)  # fail now, before any data is read
+    dev = pick_device(device)
+    model.to(dev)
+    kind = card.reshape or _token_kind(card.arch, layers)
+    # the dry forward finds every configuration problem now (layer, shape, output), not per batch
+    reshape, out = _check_layers(model, list(layers), kind, dev, card.input.size)
+    if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != card.num_classes:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ModelCardError(f"model output has shape {shape}, expected (N, {card.num_classes})")
+    return LoadedModel(card, model, list(layers), sha, dev, reshape)
+
+
+def _load_black_box(card: ModelCard, device: str, target_layer) -> LoadedModel:
+    """ONNX file or scoring function -> a validated backend (one dry call on a zero image)."""
+    if target_layer:
+        raise ModelCardError(f"model card kind {card.kind!r} has no layers: a target layer does not apply "
+                             f"(black boxes take the methods decam and rise)")
+    pick_device(device)  # the same device errors as torch cards
+    data, sha, name = None, "", card.arch
+    if card.kind == "onnx":
+        name = card.weights_uri()
+        try:
+            data = storage.read_bytes(name)
+        except storage.StorageError as e:
+            raise ModelCardError(f"cannot read ONNX model: {e}") from e
+        sha = hashlib.sha256(data).hexdigest()
+    try:
+        backend = load_backend(card.kind, num_classes=card.num_classes, input_size=card.input.size, weights=data,
+                               arch=card.arch, output=card.output, device=device)
+    except BackendError as e:  # the backend names bytes '<bytes>'; say which file the card points to
+        raise ModelCardError(f"model card {card.name}: {str(e).replace('<bytes>', str(name))}") from e
+    return LoadedModel(card, None, [], sha, backend.device, backend=backend)
+
+
+def resolved_card(lm: LoadedModel) -> dict:
+    """The card as loaded, self-contained: ``weights`` as an absolute URI and the target layers
+    filled in, so it loads the same model from any working directory."""
+    card = lm.card.to_dict()
+    weights = lm.card.weights_uri()
+    if weights and "://" not in weights:  # a local path: later readers run in other directories
+        weights = os.path.abspath(weights)
+    card.update(weights=weights, target_layer=lm.target_layers)
+    if lm.card.allow_pickle:
+        card["allow_pickle"] = True
+    return card
+
+
+def card_json(lm: LoadedModel) -> str:
+    return json.dumps(lm.metadata(), sort_keys=True)

@@ -1,0 +1,109 @@
+"""Heatmap overlays: the model's view of an image beside its map, the invalid region outlined.
+The one home of the colour map and the outline, shared with :mod:`.animate`.
+"""
+from __future__ import annotations
+import numpy as np
+import pyarrow as pa
+
+# --------------------------------------------------------------------------- heatmap overlays
+
+
+GALLERY = 12  # worst images shown with their overlays (HTML) or listed (Markdown)
+
+def _worst(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
+    """Positions and rows of the ``top`` ok rows by invalid activation ratio, each row with its
+    ``row`` (the position if absent)."""
+    status = table.column("status").cast(pa.string()).to_numpy(zero_copy_only=False)
+    ratio = table.column("invalid_activation_ratio").cast(pa.float64()).to_numpy()
+    ok = np.flatnonzero((status == "ok") & ~np.isnan(ratio))
+    order = ok[np.argsort(-ratio[ok], kind="stable")][:top]
+    # keyed by `row`: image ids repeat (duplicate rows, one stem in two folders)
+    return order, [{**r, "row": int(r["row"]) if r.get("row") is not None else int(i)}
+                   for i, r in zip(order, table.take(pa.array(order, type=pa.int64())).to_pylist())]
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB in [0, 1], the classic jet ramp (blue = cold, red = hot)."""
+    return np.clip(1.5 - np.abs(4 * x[..., None] - np.array([3.0, 2.0, 1.0])), 0, 1)
+
+
+_TINT = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta: in no heatmap colour, rare in photos
+
+
+def _outline(out: np.ndarray, m: np.ndarray) -> None:
+    """Draw the border of ``m`` in ``out``: white inside, black outside, visible on any picture.
+    Edge padding: the image border itself is no border of the region."""
+    p = np.pad(m, 1, mode="edge")
+    nbrs = (p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:])
+    out[m & ~np.logical_and.reduce(nbrs)] = 1.0
+    out[~m & np.logical_or.reduce(nbrs)] = 0.0
+
+
+def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,
+                width: int = 160) -> bytes:
+    """PNG of two panels, each fitted into ``width`` × ``width``: the model's view of ``image``
+    (``box``) and the heatmap blended into it, both with the invalid region (``mask``: bool array of
+    the box) outlined, and tinted in the first. 256 colours: a third of the bytes of full colour, and
+    the outline stays sharp (JPEG would blur it), so a gallery stays small however large the images."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from ..cam import normalized
+    from ..data.decode import decode_image
+
+    img = decode_image(image, "overlay").crop(box)
+    w, h = img.size
+    scale = width / max(w, h)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    base = np.asarray(img.resize(size[::-1], Image.BILINEAR), dtype=np.float32) / 255
+    heat = normalized(torch.from_numpy(cam)[None].float(), size)[0].numpy()
+    panels = [base.copy(), 0.55 * base + 0.45 * _jet(heat)]
+    if mask is not None:
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+        panels[0][m] = 0.7 * panels[0][m] + 0.3 * _TINT  # which side of the outline is invalid
+        for panel in panels:
+            _outline(panel, m)
+    gap = np.ones((size[0], 4, 3), dtype=np.float32)
+    out = np.concatenate([panels[0], gap, panels[1]], axis=1)
+    buf = io.BytesIO()
+    pic = Image.fromarray((out * 255).round().astype(np.uint8)).quantize(256, Image.Quantize.FASTOCTREE)
+    pic.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+_OVERLAY_COLUMNS = ["row", "image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
+                    "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
+                    "cam_width", "image_width", "image_height"]
+
+
+def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
+    """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds).
+
+    An image that cannot be read any more is left out: the report still renders."""
+    from ..io import results as res
+    from ..io import storage
+    from ..data.decode import MaskSpec, decode_mask, model_view
+    from ..data.geometry import InputSpec
+
+    pf = res.open_file(results_uri)
+    # rank on the light columns, then read the maps of the chosen rows only
+    light = pf.read(columns=[c for c in _OVERLAY_COLUMNS if c in pf.schema_arrow.names and c != "cam"])
+    md = res.run_metadata(pf.schema_arrow)
+    spec = InputSpec.from_card(md.get("model", {}).get("input"))
+    mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
+    out: dict[int, bytes] = {}
+    positions, worst = _worst(light, top)
+    cams = pf.read(columns=["cam", "cam_height", "cam_width"]).take(pa.array(positions, type=pa.int64())).to_pylist()
+    for row, cam in zip(worst, cams):
+        try:
+            size = (row["image_width"], row["image_height"])
+            mask = None
+            if row.get("mask"):
+                mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
+                                  spec, size)
+            out[row["row"]] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(cam), spec.box(*size), mask)
+        except (storage.StorageError, ValueError, TypeError):
+            continue  # the image moved or the row has no map: the report goes without this picture
+    return out
