@@ -208,6 +208,7 @@ def test_explain_input_forms_agree_and_bad_input_is_named(tmp_path, one_thread):
         "numpy batch": imgs,
         "PIL list": [Image.fromarray(a) for a in imgs],
         "tensor list": list(as_tensor(imgs)),
+        "float64 tensor": as_tensor(imgs).double(),
         "paths": paths,
         "str URIs": [str(p) for p in paths],
     }

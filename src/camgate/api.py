@@ -352,7 +352,7 @@ def _images(images) -> list:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ConfigError(f"images: a tensor must be (B, 3, H, W) (or (B, 1, H, W)), got shape "
                               f"{tuple(images.shape)}" + ("; for one image use x[None]" if images.ndim == 3 else ""))
-        images = list(images.detach().cpu().permute(0, 2, 3, 1).numpy())
+        images = list(_host(images).permute(0, 2, 3, 1).numpy())
     elif isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[3] not in (1, 3):
             raise ConfigError(f"images: an array must be (B, H, W, 3), got shape {images.shape}; "
@@ -376,7 +376,7 @@ def _image(x, i: int):
     if torch.is_tensor(x):
         if x.ndim != 3 or x.shape[0] not in (1, 3):
             raise ConfigError(f"images[{i}]: a tensor must be (3, H, W), got shape {tuple(x.shape)}")
-        x = x.detach().cpu().permute(1, 2, 0).numpy()
+        x = _host(x).permute(1, 2, 0).numpy()
     if not isinstance(x, np.ndarray):
         raise ConfigError(f"images[{i}]: expected a PIL image, an array, a tensor or a URI, got {type(x).__name__}")
     if x.ndim == 3 and x.shape[2] == 1:
@@ -396,6 +396,12 @@ def _image(x, i: int):
         raise ConfigError(f"images[{i}]: pixels must be uint8 or float in [0, 1], got {x.dtype}")
     img = Image.fromarray(np.ascontiguousarray(a))
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on the CPU, half/bfloat16 widened to float32 (numpy has no bfloat16)."""
+    t = t.detach().cpu()
+    return t.float() if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 def _rgb(img: Image.Image, i: int) -> Image.Image:
