@@ -16,9 +16,10 @@ import yaml
 from PIL import Image
 
 import camgate
-from camgate import results as res
+from camgate.io import results as res
 from camgate.cli import main
 from camgate.errors import ConfigError
+from camgate.model import load_model
 
 SIZE = 64
 LAYER = "layer3"  # 4x4 maps at 64 px
@@ -264,15 +265,13 @@ def test_evaluate_mask_options_and_errors_per_image(tmp_path, one_thread):
     assert not decision.passed and any(r.rule == "error_rate" and r.verdict == "fail" for r in decision.rules)
 
 
-def test_package_exports_and_gate_module():
+def test_package_exports():
     assert {"explain", "evaluate", "run", "analyze", "gate", "read_results", "load_model"} <= set(camgate.__all__)
     from camgate import gate
-    from camgate.gate import evaluate, load_policy  # the module stays importable as before
+    from camgate.gating import gate as gate_function
 
-    import camgate.gate as gate_module
-    assert gate is gate_module is sys.modules["camgate.gate"] and callable(gate)
-    assert callable(evaluate) and callable(load_policy)
-    assert camgate.read_results is res.read and camgate.run.__module__ == "camgate.runner"
+    assert gate is gate_function and camgate.run.__module__ == "camgate.runner.heatmaps"
+    assert camgate.read_results is res.read and camgate.load_model is load_model
     # import camgate stays cheap: torch only on first use of the API
     code = "import sys, camgate; assert 'torch' not in sys.modules; camgate.gate; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -305,7 +304,7 @@ def test_readme_python_api_example(one_thread):
 def test_module_layout_change_is_undone(monkeypatch, one_thread):
     """On CUDA the runner converts a conv model to channels_last in place: forced here on the CPU,
     the module's own tensors (same storage, same layout) come back after the call."""
-    from camgate import gpu
+    from camgate.data import device as gpu
 
     force = gpu.channels_last
     monkeypatch.setattr(gpu, "channels_last", lambda model, device, force_=None: force(model, device, True))

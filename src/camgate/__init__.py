@@ -10,18 +10,12 @@ The public API, for notebooks and test suites (details in each function's docstr
     decision = camgate.gate("results.parquet", "policy.yaml")          # the `camgate gate` step
     df = camgate.read_results("results.parquet")
 
-``explain``, ``evaluate`` (:mod:`camgate.api`), ``run``, ``analyze`` (:mod:`camgate.runner`),
-``read_results`` (:func:`camgate.results.read`) and ``load_model`` (:mod:`camgate.modelspec`) are
-imported on first use, so ``import camgate`` does not import torch.
-
-``camgate.gate`` is both the module (``from camgate.gate import evaluate, load_policy`` and every
-other import of it work as before) and callable as the gate function: ``camgate.gate(results,
-policy)`` is ``camgate.gate.gate(results, policy)``. A plain function bound to the name would be
-replaced by the module as soon as something imports ``camgate.gate``, or would hide the module from
-``import camgate.gate as m`` and ``mock.patch('camgate.gate....')``; a callable module breaks neither.
+Everything is imported on first use, so ``import camgate`` does not import torch. The
+implementation lives in subpackages by job: ``io`` (storage, results files), ``data``, ``model``,
+``cam``, ``metrics``, ``runner`` (the run verbs), ``gating`` (policy, statistics, decision),
+``report``, ``kfp``; :mod:`camgate.steps` is what the KFP components call.
 """
 import importlib
-import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -29,31 +23,15 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
-
-class _CallableModule(types.ModuleType):
-    """A module that calls its function of the same name (``camgate.gate(...)`` = ``camgate.gate.gate(...)``)."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
-
-
-def _callable_module(name: str) -> types.ModuleType:
-    module = importlib.import_module(f"{__name__}.{name}")
-    if not isinstance(module, _CallableModule):
-        module.__class__ = _CallableModule
-    return module
-
-
-gate = _callable_module("gate")  # no torch: numpy, pyarrow, yaml
-
 _LAZY = {
     "Explanation": ("api", "Explanation"),
     "explain": ("api", "explain"),
     "evaluate": ("api", "evaluate"),
     "run": ("runner", "run"),
     "analyze": ("runner", "analyze"),
-    "read_results": ("results", "read"),
-    "load_model": ("modelspec", "load_model"),
+    "gate": ("gating", "gate"),
+    "read_results": ("io.results", "read"),
+    "load_model": ("model", "load_model"),
 }
 
 __all__ = ["Explanation", "__version__", "analyze", "evaluate", "explain", "gate", "load_model", "read_results",
@@ -71,4 +49,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-

@@ -47,17 +47,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import __version__, storage
-from . import results as res
-from .analysis import TOPK_DEFAULT, check_topk
-from .data import (DataError, Item, MaskSpec, Sample, decode_image, decode_mask, load_sample, model_view,
-                   storage_error_kind)
+from . import __version__
+from .io import storage
+from .io import results as res
+from .metrics.invalid import TOPK_DEFAULT, check_topk
+from .data.manifest import DataError, Item
+from .data.decode import MaskSpec, Sample, decode_image, decode_mask, load_sample, model_view, storage_error_kind
 from .errors import ConfigError
-from .gate import Decision, load_policy
-from .gate import evaluate as judge
-from .modelspec import (InputSpec, LoadedModel, ModelCard, _check_layers, default_target_layers, load_model,
-                        pick_device, resolve_layers)
-from .runner import Runner, triage
+from .gating.decision import Decision
+from .gating.policy import load_policy
+from .gating.decision import evaluate as judge
+from .data.geometry import InputSpec
+from .model.load import LoadedModel, load_model, pick_device
+from .model.card import ModelCard
+from .model.layers import _check_layers, default_target_layers, resolve_layers
+from .runner.heatmaps import Runner
+from .runner.common import triage
 
 __all__ = ["Explanation", "evaluate", "explain"]
 
@@ -532,7 +537,7 @@ def _batch_size(batch_size) -> int:
 
 def _explain_batch(runner: Runner, batch: list[Sample]) -> tuple[torch.Tensor, ...]:
     """One batch through the engine as ``Runner`` computes it -> (maps, pred, score, target, logits) on the CPU."""
-    from . import gpu
+    from .data import device as gpu
 
     _, targets, failed = triage(batch, runner.target, runner.lm.card, need_mask=False)
     if failed:
