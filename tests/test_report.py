@@ -152,7 +152,7 @@ def test_failing_scopes_are_marked_and_listed_first_when_capped():
     assert 0 < len(failing) < 300
     md = report.markdown(d, t).split("## Per slice: camera")[1].split("\n## ")[0]
     lines = [line for line in md.splitlines() if line.startswith("| cam\\|")]
-    assert len(lines) == report.render.MAX_ROWS["md"]
+    assert len(lines) == report.page.MAX_ROWS["md"]
     marked = {line.split(" | ")[0][2:].replace("\\|", "|") for line in lines if "✗ FAIL: mean_invalid" in line}
     assert marked == failing or (len(failing) > len(lines) and marked <= failing)
     page = report.html(d, t)

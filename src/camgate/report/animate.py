@@ -29,20 +29,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CamgateError, ConfigError
+from .overlays import boundary, colormap, resized_mask
 
 BANNER = 18  # px of text strip above each panel
 
 
 class EncodeError(CamgateError, RuntimeError):
     """The video encoder failed (bad codec, unwritable path, ffmpeg crash)."""
-
-
-@lru_cache(maxsize=4)
-def colormap(name: str = "jet") -> np.ndarray:
-    """(256, 3) uint8 lookup table sampled once from a matplotlib colour map."""
-    import matplotlib
-
-    return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 @lru_cache(maxsize=1)
@@ -59,14 +52,6 @@ def _resize_map(heat, size: tuple[int, int]) -> np.ndarray:
     if tuple(t.shape[-2:]) != tuple(size):
         t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
     return t[0, 0].cpu().numpy()
-
-
-def _outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Boundary pixels of a bool mask resized (nearest) to ``size`` = (H, W)."""
-    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
-    p = np.pad(m, 1, mode="edge")
-    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~inner
 
 
 def render_panel(base: np.ndarray, heat, title: str, note: str = "", edge: np.ndarray | None = None,
@@ -94,7 +79,7 @@ def render_frames(view: np.ndarray, normed: dict[str, list], labels: Sequence[st
     panels side by side in the dict's order; ``mask`` bool (H, W) invalid pixels of the view."""
     size = (max(1, round(view.shape[0] * width / view.shape[1])), width)
     base = np.asarray(Image.fromarray(view).resize(size[::-1], Image.BILINEAR), dtype=np.float32)
-    edge = _outline(np.asarray(mask, bool), size) if mask is not None else None
+    edge = boundary(resized_mask(mask, size)) if mask is not None else None
     n = len(labels)
     for i, label in enumerate(labels):
         panels = []

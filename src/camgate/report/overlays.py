@@ -2,13 +2,41 @@
 The one home of the colour map and the outline, shared with :mod:`.animate`.
 """
 from __future__ import annotations
+
+from functools import lru_cache
+
 import numpy as np
 import pyarrow as pa
-
-# --------------------------------------------------------------------------- heatmap overlays
-
+from PIL import Image
 
 GALLERY = 12  # worst images shown with their overlays (HTML) or listed (Markdown)
+
+
+@lru_cache(maxsize=4)
+def colormap(name: str = "jet") -> np.ndarray:
+    """(256, 3) uint8 lookup table sampled once from a matplotlib colour map."""
+    import matplotlib
+
+    return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def colours(x: np.ndarray, name: str = "jet") -> np.ndarray:
+    """Values in [0, 1] -> RGB in [0, 1] from :func:`colormap` (jet: blue = cold, red = hot)."""
+    idx = (np.clip(np.asarray(x, dtype=np.float32), 0, 1) * 255).round().astype(np.intp)
+    return colormap(name)[idx].astype(np.float32) / 255
+
+
+def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized (nearest, as masks are everywhere) to ``size`` = (H, W)."""
+    return np.asarray(Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255).resize(
+        size[::-1], Image.NEAREST)) > 0
+
+
+def boundary(m: np.ndarray) -> np.ndarray:
+    """Pixels of ``m`` with a 4-neighbour outside it. Edge padding: the picture's own border is no
+    border of the region."""
+    p = np.pad(m, 1, mode="edge")
+    return m & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
 def _worst(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
     """Positions and rows of the ``top`` ok rows by invalid activation ratio, each row with its
@@ -22,21 +50,14 @@ def _worst(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
                    for i, r in zip(order, table.take(pa.array(order, type=pa.int64())).to_pylist())]
 
 
-def _jet(x: np.ndarray) -> np.ndarray:
-    """[0, 1] -> RGB in [0, 1], the classic jet ramp (blue = cold, red = hot)."""
-    return np.clip(1.5 - np.abs(4 * x[..., None] - np.array([3.0, 2.0, 1.0])), 0, 1)
-
-
 _TINT = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta: in no heatmap colour, rare in photos
 
 
 def _outline(out: np.ndarray, m: np.ndarray) -> None:
     """Draw the border of ``m`` in ``out``: white inside, black outside, visible on any picture.
     Edge padding: the image border itself is no border of the region."""
-    p = np.pad(m, 1, mode="edge")
-    nbrs = (p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:])
-    out[m & ~np.logical_and.reduce(nbrs)] = 1.0
-    out[~m & np.logical_or.reduce(nbrs)] = 0.0
+    out[boundary(m)] = 1.0
+    out[boundary(~m)] = 0.0
 
 
 def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,
@@ -48,7 +69,6 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
     import io
 
     import torch
-    from PIL import Image
 
     from ..cam import normalized
     from ..data.decode import decode_image
@@ -59,9 +79,9 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     base = np.asarray(img.resize(size[::-1], Image.BILINEAR), dtype=np.float32) / 255
     heat = normalized(torch.from_numpy(cam)[None].float(), size)[0].numpy()
-    panels = [base.copy(), 0.55 * base + 0.45 * _jet(heat)]
+    panels = [base.copy(), 0.55 * base + 0.45 * colours(heat)]
     if mask is not None:
-        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+        m = resized_mask(mask, size)
         panels[0][m] = 0.7 * panels[0][m] + 0.3 * _TINT  # which side of the outline is invalid
         for panel in panels:
             _outline(panel, m)
