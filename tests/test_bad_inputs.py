@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from camgate.io import results, storage
-from test_run import CAMGATE
+from helpers import CAMGATE
 
 
 def enc(img: Image.Image, fmt="PNG", **kw) -> bytes:

@@ -19,7 +19,7 @@ from camgate.errors import ModelCardError
 from camgate.model.load import load_model
 from camgate.runner.heatmaps import Runner, run
 from camgate.runner.analysis import analyze
-from test_run import make_set
+from helpers import make_set
 from zoo import tiny_cnn
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # legacy TorchScript exporter

@@ -8,8 +8,8 @@ import yaml
 
 from camgate.io import results
 from camgate.cli import main
-from test_run import make_set
-from test_trust import zoo_card
+from helpers import make_set
+from helpers import zoo_card
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from camgate.kfp import (IMAGE, analyze_invalid_activation, compute_heatmaps, ga
                          load_model, promote)
 from camgate.kfp.compile import compile_all  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
-from test_faults import computed  # noqa: E402
-from test_run import make_set  # noqa: E402
+from helpers import computed
+from helpers import make_set
+from helpers import tiny_card
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "plan_shards", "shard_worker",
@@ -27,18 +28,6 @@ COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation
                    "road_faithfulness"]
 
 
-def tiny_card(folder: Path, name="card.yaml", **extra) -> Path:
-    """A zoo:tiny_cnn card next to safetensors weights referenced by a relative path."""
-    from safetensors.torch import save
-
-    from zoo import tiny_cnn
-
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    (folder / "models" / "w.safetensors").write_bytes(save(tiny_cnn().state_dict()))
-    card = {"name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3, "classes": ["a", "b", "c"],
-            "weights": "models/w.safetensors", "input": {"size": [32, 32]}, **extra}
-    (folder / name).write_text(yaml.safe_dump(card))
-    return folder / name
 
 
 def policy(folder: Path, name: str, max_ratio: float) -> str:

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from camgate.io import results as res
 from camgate.cli import main
@@ -19,9 +18,6 @@ from camgate.gating.policy import RULES
 from camgate.gating.stats import BaselineError
 from camgate.gating.decision import evaluate
 from camgate.report import MAX_METRICS, artifacts, metrics
-from camgate.runner.heatmaps import run
-from test_run import make_set
-from zoo import tiny_cnn
 
 
 def table(ratio, status=None, rows=None, images=None, md=None):
@@ -126,25 +122,6 @@ def test_baseline_rule_parameters_are_checked(spec, msg):
 # --------------------------------------------------------------------------- record, JUnit, metrics
 
 
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """A run with real files: card + safetensors weights, manifest, policy, results, baseline results."""
-    tmp = tmp_path_factory.mktemp("rec")
-    _, manifest = make_set(tmp, n=10)
-    torch.manual_seed(0)
-    save_file(tiny_cnn(3).state_dict(), str(tmp / "w.safetensors"))
-    card = tmp / "tiny.yaml"
-    card.write_text(yaml.safe_dump({"name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3,
-                                    "input": {"size": [32, 32]}, "weights": "w.safetensors"}))
-    policy = tmp / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"name": "p", "per_class": True, "rules": {
-        "mean_invalid_activation_ratio": {"max": 0.05}, "baseline_mean_increase": {"max": 0.5},
-        "error_rate": {"max": 0.0}}}))
-    out, base = str(tmp / "results.parquet"), str(tmp / "base.parquet")
-    run(str(card), manifest, out, progress=False)
-    run(str(card), manifest, base, method="gradcam++", progress=False)
-    return {"card": card, "weights": tmp / "w.safetensors", "manifest": manifest, "policy": policy,
-            "results": out, "baseline": base, "tmp": tmp}
 
 
 def sha(path) -> str:

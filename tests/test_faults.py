@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from camgate.io import results, storage
-from test_run import CAMGATE, make_set
+from helpers import CAMGATE, make_set
+from helpers import computed, counting_env
 
 HERE = os.path.dirname(__file__)
 
@@ -28,19 +29,10 @@ def _parts(folder):
     return [u for u in storage.list_uris(str(folder)) if "part-" in u]
 
 
-def counting_env(tmp_path, name):
-    """The zoo's counting model appends the images of each forward to this file."""
-    count = tmp_path / name
-    return count, dict(os.environ, PYTHONPATH=HERE, CAMGATE_TEST_COUNT=str(count))
 
 
-def computed(count) -> int:
-    return sum(int(line.split()[0]) for line in count.read_text().splitlines()) if count.exists() else 0
 
 
-def processes(count) -> set[str]:
-    """The processes that computed images."""
-    return {line.split()[1] for line in count.read_text().splitlines()} if count.exists() else set()
 
 
 def counting_card(tmp_path):

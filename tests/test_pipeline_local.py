@@ -1,6 +1,5 @@
 """The compiled heatmap-gate pipeline under kfp.local's SubprocessRunner, against the real S3 server."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,47 +10,14 @@ pytest.importorskip("kfp")
 from camgate.io import storage  # noqa: E402
 from camgate.kfp import PipelineFailed, local_run  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
-from test_run import make_set  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-COMPILED = str(ROOT / "pipelines" / "heatmap_gate.yaml")
-EXPORTS = ["decision.json", "junit.xml", "record.json", "report.html", "results.parquet", "summary.md"]
+from helpers import COMPILED, EXPORTS, ROOT, args, exported
 
 
-@pytest.fixture
-def s3_set(s3_bucket, tmp_path, monkeypatch):
-    """6 images + masks + a zoo:tiny_cnn card with weights + two policies, all on S3."""
-    from safetensors.torch import save
-
-    from zoo import tiny_cnn
-
-    # the tasks are child processes: they import the card's `zoo` factory from tests/
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    prefix = storage.join(s3_bucket, "set")
-    card, manifest = make_set(tmp_path, n=6, prefix=prefix)
-    storage.write_bytes(storage.join(prefix, "models", "w.safetensors"), save(tiny_cnn().state_dict()))
-    storage.write_bytes(card, yaml.safe_dump({
-        "name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3, "classes": ["a", "b", "c"],
-        "weights": "models/w.safetensors", "input": {"size": [32, 32]}}).encode())
-    policies = {}
-    for name, limit in (("loose", 1.0), ("strict", 0.0)):
-        policies[name] = storage.join(s3_bucket, "policies", f"{name}.yaml")
-        storage.write_bytes(policies[name], yaml.safe_dump(
-            {"name": name, "rules": {"mean_invalid_activation_ratio": {"max": limit}}}).encode())
-    return {"bucket": s3_bucket, "card": card, "data": manifest, "policies": policies,
-            "root": str(tmp_path / "kfp")}
 
 
-def args(s, policy: str, out: str, **extra) -> dict:
-    return {"model_card": s["card"], "data": s["data"], "policy": s["policies"][policy],
-            "output_prefix": storage.join(s["bucket"], out), "batch_size": 4, **extra}
 
 
-def exported(s, out: str) -> list[str]:
-    """The files directly under the output prefix (shards/ holds the shards' manifests, parts and markers)."""
-    prefix = storage.join(s["bucket"], out) + "/"
-    return [u[len(prefix):] for u in storage.list_uris(prefix[:-1]) if "/" not in u[len(prefix):]]
+
 
 
 def test_pass_promotes_and_exports(s3_set, s3_server, capfd):

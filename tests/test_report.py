@@ -10,7 +10,6 @@ import yaml
 
 from camgate import report
 from camgate.gating.decision import evaluate
-from test_evidence import real_run  # noqa: F401  (a real model's run with a champion: a fixture)
 
 NAN = float("nan")
 EVIL = "<script>alert(1)</script>"
@@ -118,7 +117,7 @@ def test_the_report_of_a_large_run_stays_small():
     import re
 
     from camgate.report import GALLERY, overlay_png
-    from test_run import png as png_bytes
+    from helpers import png as png_bytes
 
     n = 50_000
     t, base = big_results(n, 0), big_results(n, 1)
@@ -247,7 +246,7 @@ def test_an_overlay_shows_the_model_view_and_the_heatmap_with_the_mask_outlined(
     from PIL import Image
 
     from camgate.report import overlay_png
-    from test_run import png as png_bytes
+    from helpers import png as png_bytes
 
     grey = png_bytes(np.full((50, 100, 3), 128, np.uint8))
     mask = np.zeros((50, 100), bool)

@@ -2,7 +2,6 @@
 import json
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,38 +12,12 @@ from camgate.io import results, storage
 from camgate.cli import main
 from camgate.runner.analysis import analyze
 from camgate.runner.heatmaps import run
-
-CAMGATE = [sys.executable, "-m", "camgate.cli"]
-
-
-def make_set(root, n=20, prefix=None, bad=()):
-    """n small images + per-image masks + manifest (+ a model card); files local or under an s3 prefix."""
-    rng = np.random.default_rng(0)
-    put = (lambda rel, b: storage.write_bytes(storage.join(prefix, rel), b)) if prefix else \
-          (lambda rel, b: (root / rel).parent.mkdir(parents=True, exist_ok=True) or (root / rel).write_bytes(b))
-    lines = ["image,mask,label,camera"]
-    for i in range(n):
-        img = rng.integers(0, 255, (48 + i, 64, 3), dtype=np.uint8)
-        mask = np.zeros((24, 32), np.uint8)
-        mask[: 4 + i % 8] = 255
-        put(f"images/{i:03d}.png", png(img))
-        put(f"masks/{i:03d}.png", png(mask))
-        lines.append(f"images/{i:03d}.png,masks/{i:03d}.png,{i % 3},cam{i % 2}")
-    lines += list(bad)
-    put("manifest.csv", ("\n".join(lines) + "\n").encode())
-    put("card.yaml", yaml.safe_dump({"name": "t", "arch": "torchvision/resnet18", "num_classes": 3,
-                                     "classes": ["a", "b", "c"], "input": {"size": [64, 64]},
-                                     "target_layer": "layer3"}).encode())
-    base = prefix or str(root)
-    return storage.join(base, "card.yaml"), storage.join(base, "manifest.csv")
+from helpers import CAMGATE, make_set, png
 
 
-def png(a):
-    import io
 
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
+
+
 
 
 def test_run_local_rows_in_order_with_errors(tmp_path):

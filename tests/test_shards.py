@@ -12,9 +12,8 @@ from camgate.io import results, storage
 from camgate.cli import main
 from camgate.data.manifest import load_items
 from camgate.runner.shards import MergeError, merge, plan, run_shard
-from test_faults import computed, counting_env, processes
-from test_pipeline_local import s3_set  # noqa: F401 - the fixture
-from test_run import make_set
+from helpers import computed, counting_env, processes
+from helpers import make_set
 
 HERE = os.path.dirname(__file__)
 BAD = ["images/nope.png,masks/000.png,1,cam0", "../outside.png,masks/001.png,2,cam1"]
@@ -202,7 +201,7 @@ def test_shard_worker_skips_a_finished_shard(tmp_path, monkeypatch, zoo_path):
 
 def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_shard(s3_set, tmp_path, monkeypatch):
     pytest.importorskip("kfp")
-    from test_pipeline_local import COMPILED, EXPORTS, args, exported
+    from helpers import COMPILED, EXPORTS, args, exported
 
     from camgate.kfp import local_run
 
@@ -254,7 +253,7 @@ def test_components_plan_work_and_merge(tmp_path, zoo_path):
     from kfp import dsl
 
     from camgate.kfp import load_model, merge_results, plan_shards, shard_worker
-    from test_components import tiny_card as weighted_card
+    from helpers import tiny_card as weighted_card
 
     _, manifest = make_set(tmp_path, n=5, bad=BAD[:1])
     model = dsl.Model(uri=str(tmp_path / "model"))
@@ -314,7 +313,7 @@ def test_a_killed_pipeline_run_resumes_and_computes_only_unfinished_shards(s3_se
     import sys
     import time
 
-    from test_pipeline_local import COMPILED, args
+    from helpers import COMPILED, args
 
     from camgate.kfp import local_run
 

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from camgate.io import results, storage
-from test_run import CAMGATE
+from helpers import CAMGATE
 
 N = 5000
 

@@ -7,23 +7,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from camgate.io import results
 from camgate.cli import main
 from camgate.data.manifest import DataError
 from camgate.runner.analysis import analyze
 from camgate.runner.heatmaps import run
-from test_run import make_set, png
+from helpers import make_set, png
+from helpers import zoo_card
 
 METRICS = ["invalid_activation_ratio", "invalid_area_ratio", "topk_invalid_share"]
 
 
-def zoo_card(folder, factory, size=32, **extra):
-    path = folder / f"{factory}.yaml"
-    path.write_text(yaml.safe_dump({"name": factory, "arch": f"zoo:{factory}", "num_classes": 3,
-                                    "input": {"size": [size, size]}, **extra}))
-    return str(path)
 
 
 def split(card, manifest, tmp_path, **analyze_kw):

@@ -2,16 +2,16 @@
 
 Two calls for notebooks and test suites, on the code paths ``camgate run`` and ``camgate gate`` use
 (:class:`camgate.runner.Runner`, the CAM engine, :func:`camgate.runner.apply_metrics`, the mask
-decoding and :func:`camgate.data.model_view`), so their numbers equal the command line's:
+decoding and :func:`camgate.data.decode.model_view`), so their numbers equal the command line's:
 
 - :func:`explain` -> :class:`Explanation`: raw maps (what the results' ``cam`` column stores) and
   the model's predictions;
 - :func:`evaluate` -> ``(results, decision)``: the results table as a pandas DataFrame (the columns
-  and statuses ``camgate run`` writes) and the policy's :class:`camgate.gate.Decision`.
+  and statuses ``camgate run`` writes) and the policy's :class:`camgate.gating.Decision`.
 
 **Model**: an ``nn.Module`` (with ``input``, ``target_layer``, optional ``num_classes``, ``classes``,
-``reshape``), a model card (path/URI, dict or :class:`~camgate.modelspec.ModelCard`) or a
-:class:`~camgate.modelspec.LoadedModel` (:func:`camgate.load_model`; load a card once and pass that
+``reshape``), a model card (path/URI, dict or :class:`~camgate.model.ModelCard`) or a
+:class:`~camgate.model.LoadedModel` (:func:`camgate.load_model`; load a card once and pass that
 to call repeatedly without reloading the weights).
 
 **Images are pixels, not model inputs**: camgate preprocesses them as it does an image file
@@ -60,7 +60,7 @@ from .gating.decision import evaluate as judge
 from .data.geometry import InputSpec
 from .model.load import LoadedModel, load_model, pick_device
 from .model.card import ModelCard
-from .model.layers import _check_layers, default_target_layers, resolve_layers
+from .model.layers import check_layers, default_target_layers, resolve_layers
 from .runner.heatmaps import Runner
 from .runner.common import triage
 
@@ -159,13 +159,13 @@ def evaluate(model, images, masks, *, policy=None, method: str = "gradcam", targ
     ``label``, ``predicted_class``, ``predicted_score``, ``target_class``, ``method``, ``target_layer``,
     ``invalid_activation_ratio``, ``invalid_area_ratio``, ``peak_in_invalid``, ``topk_invalid_share``,
     ``cam_height``, ``cam_width``, ``cam``, ... plus the ``metadata`` columns); the run's metadata is in
-    ``results.attrs['camgate']``, a row's map is ``camgate.results.cam_array(results.iloc[i])``. ``image``
+    ``results.attrs['camgate']``, a row's map is ``camgate.io.results.cam_array(results.iloc[i])``. ``image``
     and ``mask`` hold the URIs given, None for in-memory ones. As in ``run``, a problem of one image (a
     file that cannot be read, the model's NaN) is that row's ``error``; problems of the call raise
     :class:`camgate.errors.ConfigError`.
 
-    ``decision``: :class:`camgate.gate.Decision` of ``policy`` (a dict, a
-    :class:`camgate.gate.Policy` or a path/URI of a policy YAML; None = the default rules) on those
+    ``decision``: :class:`camgate.gating.Decision` of ``policy`` (a dict, a
+    :class:`camgate.gating.Policy` or a path/URI of a policy YAML; None = the default rules) on those
     results. ``labels``/``image_ids``/``metadata`` (a DataFrame, a list of dicts or a dict of lists,
     one value per image) are the manifest's ``label``, ``image_id`` and metadata columns: for
     ``target='label'``, per-class rules and slices. ``invert``/``invalid_ids`` (or a ``mask_spec``):
@@ -300,7 +300,7 @@ def _module_model(module: nn.Module, dev: torch.device, input, target_layer, num
     resolve_layers(module, layers)
     if reshape not in (None, "vit", "swin"):
         raise ConfigError(f"reshape must be 'vit' or 'swin', got {reshape!r}")
-    fn, out = _check_layers(module, layers, reshape, dev, spec.size)
+    fn, out = check_layers(module, layers, reshape, dev, spec.size)
     if not torch.is_tensor(out) or out.ndim != 2:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ConfigError(f"model: output has shape {shape}, expected logits (N, num_classes)")
@@ -321,7 +321,7 @@ def _with_layers(lm: LoadedModel, target_layer) -> LoadedModel:
     if lm.model is None:
         raise ConfigError(f"target_layer: model card kind {lm.card.kind!r} is a black box, it has no layers")
     resolve_layers(lm.model, layers)
-    fn, _ = _check_layers(lm.model, layers, lm.card.reshape, lm.device, lm.input.size)
+    fn, _ = check_layers(lm.model, layers, lm.card.reshape, lm.device, lm.input.size)
     return replace(lm, target_layers=layers, reshape_transform=fn)
 
 

@@ -136,7 +136,7 @@ def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str
                invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, card_sha256: str = "",
                attempts: int = 3, amp: str = "off") -> dict:
     """Resolved card + one shard manifest -> the shard's results part beside it (heatmaps and metrics in
-    one pass); a shard already done is skipped. See :func:`camgate.shards.run_shard`."""
+    one pass); a shard already done is skipped. See :func:`camgate.runner.shards.run_shard`."""
     from .model.card import ModelCard
     from .model.load import load_model
     from .runner.shards import run_shard

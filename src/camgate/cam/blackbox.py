@@ -1,7 +1,7 @@
 """Black-box saliency: DE-CAM and RISE, from the model's output probabilities only.
 
 Both methods show the model masked copies of each image and turn (mask, target probability) pairs
-into a map. They need only a :class:`camgate.backends.Backend` (``probs(x)``), so they work for ONNX
+into a map. They need only a :class:`camgate.model.backends.Backend` (``probs(x)``), so they work for ONNX
 exports and vendor models. The forward-pass budget is exact: each method evaluates ``budget``
 masked images per image, no more (``backend.calls`` grows by ``budget * B``; resolving targets
 given as -1 costs one extra pass per such image).

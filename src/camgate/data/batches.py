@@ -18,7 +18,7 @@ def iter_batches(items: Iterable[Item], input_spec: InputSpec, mask_spec: MaskSp
     model's compute. At most ``batch_size * (prefetch + 1)`` items are submitted but not yet handed
     out, so memory stays flat however many items there are. Error samples are yielded like the rest.
     ``overlap=False`` loads a batch only when the consumer asks for it (a model on the CPU needs the
-    cores while it computes, see :func:`camgate.gpu.cpu_budget`). ``defer_jpeg``: see :func:`load_sample`.
+    cores while it computes, see :func:`camgate.data.device.cpu_budget`). ``defer_jpeg``: see :func:`load_sample`.
     An unreadable static mask raises :class:`DataError` here, before anything is loaded.
     """
     if batch_size < 1 or workers < 1 or prefetch < 0:

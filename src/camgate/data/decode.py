@@ -64,7 +64,7 @@ class Sample:
     mask: torch.Tensor | None
     error: str | None
     size: tuple[int, int] | None = None  # original image (width, height)
-    error_kind: str | None = None  # 'input' | 'storage' (see camgate.results.ERROR_KINDS)
+    error_kind: str | None = None  # 'input' | 'storage' (see camgate.io.results.ERROR_KINDS)
     raw: torch.Tensor | None = None  # JPEG bytes left for the GPU to decode (then ``x`` is None)
 
 
@@ -205,7 +205,7 @@ def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
 
     ``with_mask=False`` (heatmaps only) leaves the item's mask unread: it is analysed later.
     ``defer_jpeg``: a colour or grey JPEG is only checked (header, size limit) and handed on as
-    ``Sample.raw`` for the GPU to decode (:mod:`camgate.gpu`); other images decode here."""
+    ``Sample.raw`` for the GPU to decode (:mod:`camgate.data.device`); other images decode here."""
     if item.error:
         return Sample(item, None, None, item.error, error_kind="input")
     what, uri = "image", item.image

@@ -165,7 +165,7 @@ def jpeg_inputs(raws: list[torch.Tensor], boxes: list[tuple[int, int, int, int]]
                 device: torch.device) -> list[torch.Tensor]:
     """JPEG bytes -> model inputs (C, H, W) float32 on ``device``: nvJPEG on CUDA, libjpeg on CPU.
 
-    Preprocessing follows :meth:`camgate.modelspec.InputSpec.image_tensor`: crop to the box, resize
+    Preprocessing follows :meth:`camgate.model.InputSpec.image_tensor`: crop to the box, resize
     bilinearly with antialiasing (PIL's filter), round to 8 bit as PIL does, normalise. On the CPU
     (libjpeg) inputs differ from PIL's by at most one 8-bit step (rounding in the resize); nvJPEG's
     IDCT may differ from libjpeg's by a step more (measure with ``run --decode cpu`` on a GPU)."""

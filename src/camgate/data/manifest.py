@@ -32,7 +32,7 @@ MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parq
                     ".pq": "parquet"}
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(0|[1-9]\d*)?(\.\d+)?([eE][+-]?\d+)?")  # no leading zeros, no nan/inf
-# Shard manifests (Parquet written by camgate.shards.plan, marked by this stage in their metadata) hold
+# Shard manifests (Parquet written by camgate.runner.shards.plan, marked by this stage in their metadata) hold
 # items as loaded: URIs already resolved against the original manifest, and each item's known error here.
 SHARD_STAGE = "shard"
 SHARD_ERROR = "_item_error"

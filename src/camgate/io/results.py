@@ -282,7 +282,7 @@ RESULT_COLUMNS = (
     "row", "image_id", "image", "status", "error", "label", "predicted_class", "predicted_label",
     "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
 )
-_REQUIRED = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
+REQUIRED_COLUMNS = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
 
 
 class ResultsError(ConfigError):

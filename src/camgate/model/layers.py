@@ -95,7 +95,7 @@ def vit_grid(model: nn.Module, n_tokens: int, input_size: tuple[int, int]) -> tu
     raise ModelCardError(f"cannot tell the patch grid of {n_tokens} tokens for a {H}x{W} input")
 
 
-def _token_kind(arch: str, layers: Sequence[str]) -> str | None:
+def token_kind(arch: str, layers: Sequence[str]) -> str | None:
     """torchvision ViT/Swin target layers emit tokens, not maps: pick the reshape for them."""
     name = arch.split("/")[-1] if arch.startswith("torchvision/") else ""
     if name.startswith("vit_") and all(l.startswith("encoder.") for l in layers):
@@ -126,7 +126,7 @@ def spatial_layers(model: nn.Module, device, size) -> list[str]:
     return [n for n in names if len(seen[n]) == 1 and torch.is_tensor(seen[n][0]) and seen[n][0].ndim == 4]
 
 
-def _check_layers(model: nn.Module, layers: list[str], kind: str | None, device, size):
+def check_layers(model: nn.Module, layers: list[str], kind: str | None, device, size):
     """Validate every target layer with one dry forward; -> (the token reshape they need or None, output).
 
     A layer must run once per forward and give a tensor that is (or reshapes to) a spatial map; any

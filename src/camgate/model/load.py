@@ -16,7 +16,7 @@ from .backends import Backend, BackendError, import_object, load_backend
 from ..data.geometry import InputSpec
 from .card import ModelCard
 from ..errors import ModelCardError
-from .layers import _check_layers, _token_kind, default_target_layers, resolve_layers
+from .layers import check_layers, token_kind, default_target_layers, resolve_layers
 
 # --- architectures -------------------------------------------------------------------------
 
@@ -142,9 +142,9 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     resolve_layers(model, layers)  # fail now, before any data is read
     dev = pick_device(device)
     model.to(dev)
-    kind = card.reshape or _token_kind(card.arch, layers)
+    kind = card.reshape or token_kind(card.arch, layers)
     # the dry forward finds every configuration problem now (layer, shape, output), not per batch
-    reshape, out = _check_layers(model, list(layers), kind, dev, card.input.size)
+    reshape, out = check_layers(model, list(layers), kind, dev, card.input.size)
     if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != card.num_classes:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ModelCardError(f"model output has shape {shape}, expected (N, {card.num_classes})")

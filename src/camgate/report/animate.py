@@ -228,7 +228,7 @@ def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all"
     """Plan, compute and write ``layers.mp4``, ``layers.gif``, ``contact_sheet.png`` and ``layers.json``
     (frame list, skipped modules with reasons, unreached layers) under ``out_dir``; returns their paths.
 
-    ``model``: a ``camgate.modelspec.LoadedModel`` (its input spec prepares the image and cuts the
+    ``model``: a ``camgate.model.LoadedModel`` (its input spec prepares the image and cuts the
     mask to the model's view) or a plain ``nn.Module`` (ImageNet normalisation, image size as is).
     ``image``: PIL image / uint8 (H, W, 3) array, or a normalised (3, H, W) input tensor.
     ``mask``: bool (H, W) invalid pixels of ``image``, outlined on every frame.

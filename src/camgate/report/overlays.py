@@ -38,7 +38,7 @@ def boundary(m: np.ndarray) -> np.ndarray:
     p = np.pad(m, 1, mode="edge")
     return m & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
-def _worst(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
+def worst_rows(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
     """Positions and rows of the ``top`` ok rows by invalid activation ratio, each row with its
     ``row`` (the position if absent)."""
     status = table.column("status").cast(pa.string()).to_numpy(zero_copy_only=False)
@@ -114,7 +114,7 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
     spec = InputSpec.from_card(md.get("model", {}).get("input"))
     mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
     out: dict[int, bytes] = {}
-    positions, worst = _worst(light, top)
+    positions, worst = worst_rows(light, top)
     cams = pf.read(columns=["cam", "cam_height", "cam_width"]).take(pa.array(positions, type=pa.int64())).to_pylist()
     for row, cam in zip(worst, cams):
         try:

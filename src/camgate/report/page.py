@@ -9,7 +9,7 @@ import pyarrow as pa
 from ..io.results import RESULT_COLUMNS, read_results
 from ..gating.decision import Decision, RuleResult
 from ..gating.stats import class_stats
-from .overlays import _worst
+from .overlays import worst_rows
 
 MAX_ROWS = {"html": 300, "md": 50}  # rows per table
 WORSE = 10  # images listed as worse than with the champion
@@ -339,7 +339,7 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
     if d.baseline:
         p.sections.append(("Champion vs challenger", _champion(d, results, ctx.get("baseline"), limit, html)))
     if table is not None:
-        rows = _worst(table, top)[1]
+        rows = worst_rows(table, top)[1]
         classes = ((rec or {}).get("model") or {}).get("classes")
         p.sections.append((f"Top {len(rows) or int(top)} images by invalid activation ratio",
                            _top_parts(rows, images if html else None, classes) if rows else ["(no ok images)"]))

@@ -13,7 +13,7 @@ from ..metrics.invalid import TOPK_DEFAULT, check_topk
 from ..data.manifest import DataError, load_items
 from ..data.decode import MaskSpec, StaticMask, storage_error_kind
 from ..data.geometry import InputSpec
-from .common import RunSummary, _count, _progress, apply_metrics
+from .common import RunSummary, count_statuses, progress_bar, apply_metrics
 
 def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: str | None = None,
             mask_spec: MaskSpec | None = None, input_spec: InputSpec | None = None,
@@ -44,7 +44,7 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
     schema = pf.schema_arrow.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
     summary = RunSummary(out)
     dev = torch.device(device)
-    with res.ResultsWriter(out, schema) as w, _progress(n, progress) as bar, \
+    with res.ResultsWriter(out, schema) as w, progress_bar(n, progress) as bar, \
             ThreadPoolExecutor(workers, thread_name_prefix="camgate-mask") as pool:
         position = 0
         for batch in pf.iter_batches(batch_size=batch_size):  # the file is never held as Python rows
@@ -58,7 +58,7 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
                     r["mask"] = masks[r["row"]]
             _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool)
             w.write(rows)
-            _count(summary, [r["status"] for r in rows])
+            count_statuses(summary, [r["status"] for r in rows])
             summary.computed += len(rows)
             bar.update(len(rows))
     summary.seconds = time.perf_counter() - t0

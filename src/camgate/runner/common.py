@@ -134,13 +134,13 @@ def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.
             row.update(status="no_activation", peak_in_invalid=None)
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
-def _count(summary: RunSummary, statuses: Iterable[str]) -> None:
+def count_statuses(summary: RunSummary, statuses: Iterable[str]) -> None:
     for st in statuses:
         summary.rows += 1
         summary.counts[st] += 1

@@ -19,8 +19,8 @@ from ..data.decode import MaskSpec, Sample, StaticMask
 from ..data.batches import iter_batches
 from ..errors import ConfigError
 from ..model.load import LoadedModel, load_model
-from .common import RunSummary, _count, _progress, apply_metrics, guarded, parse_target, row_seed, triage
-from .identity import _fingerprint, _provenance
+from .common import RunSummary, count_statuses, progress_bar, apply_metrics, guarded, parse_target, row_seed, triage
+from .identity import fingerprint, provenance
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,10 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
     the static mask stay in the file for :func:`analyze`). Rows are committed every
     ``checkpoint_rows`` rows under ``checkpoint`` (default ``<out>.parts``); re-running the same
     command after a crash resumes from there and computes again only the rows that are missing or
-    failed on the storage service (see :class:`camgate.results.ResultsWriter`). ``budget`` and ``seed``:
+    failed on the storage service (see :class:`camgate.io.results.ResultsWriter`). ``budget`` and ``seed``:
     forward passes per image and the base seed of the black-box methods (decam, rise).
 
-    Device path (:mod:`camgate.gpu`): ``amp`` ``off|bf16|fp16`` runs the model's forward and backward
+    Device path (:mod:`camgate.data.device`): ``amp`` ``off|bf16|fp16`` runs the model's forward and backward
     in that precision (maps and metrics stay float32); ``batch_size='auto'`` sizes batches to the free
     GPU memory (a fixed default on CPU); a batch that runs out of GPU memory is retried in halves.
     ``decode='auto'`` decodes JPEGs on the GPU when the model runs on CUDA, ``'cpu'`` always with PIL.
@@ -187,7 +187,7 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
           **({"budget": budget, "seed": seed} if runner.black_box else {}),
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk, "policy": policy,
           "policy_sha256": storage.sha256_or_none(policy), "amp": amp, "jpeg_decode": "gpu" if gpu_jpeg else "cpu"}
-    schema = res.schema(meta_cols, {**md, **_provenance(lm, data)})
+    schema = res.schema(meta_cols, {**md, **provenance(lm, data)})
     summary = RunSummary(out)
     # full-precision CPU-decoded runs keep the fingerprint they had before these keys: they resume
     same = {k: v for k, v in md.items() if (k, v) not in (("amp", "off"), ("jpeg_decode", "cpu"))}
@@ -197,21 +197,21 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam
                                          with_masks=analyze, overlap=overlap, defer_jpeg=gpu_jpeg),
                             dev, lm.input)
 
-    with res.ResultsWriter(out, schema, checkpoint_rows, _fingerprint(same, items), checkpoint) as w, \
-            _progress(len(items), progress) as bar:
+    with res.ResultsWriter(out, schema, checkpoint_rows, fingerprint(same, items), checkpoint) as w, \
+            progress_bar(len(items), progress) as bar:
         # rows committed by an interrupted run of the same command are not computed again, except
         # those that failed on the storage service: that may have been a passing outage
         if w.retry:
             redo = [r for batch in batches([items[i] for i in w.retry]) for r in runner.process(batch)]
             w.replace(w.retry, redo)
             summary.computed += len(redo)
-        _count(summary, w.resumed_status)
+        count_statuses(summary, w.resumed_status)
         summary.resumed = w.resumed - len(w.retry)
         bar.update(w.resumed)
         for batch in batches(items[w.resumed:]):
             rows = runner.process(batch)
             w.write(rows)
-            _count(summary, [r["status"] for r in rows])
+            count_statuses(summary, [r["status"] for r in rows])
             summary.computed += len(rows)
             bar.update(len(rows))
     runner.engine.close()

@@ -8,10 +8,10 @@ from ..io import storage
 from ..data.manifest import Item
 from ..model.load import LoadedModel
 
-PROVENANCE = ("environment", "started_at", "data_sha256")  # the keys _provenance adds
+PROVENANCE = ("environment", "started_at", "data_sha256")  # the keys provenance adds
 
 
-def _provenance(lm: LoadedModel, data: str) -> dict:
+def provenance(lm: LoadedModel, data: str) -> dict:
     """What a test record needs beyond the settings: when and where the maps were computed and the
     manifest's hash. Kept out of the resume fingerprint: a run resumed elsewhere is the same run."""
     import datetime
@@ -37,7 +37,7 @@ def manifest_sha256(data) -> str | None:
     return storage.sha256_or_none(str(data))
 
 
-def _fingerprint(md: dict, items: list[Item]) -> str:
+def fingerprint(md: dict, items: list[Item]) -> str:
     """Everything that determines the rows: run settings, model hashes and the items themselves."""
     import hashlib
     import json

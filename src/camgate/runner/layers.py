@@ -12,7 +12,7 @@ from ..data.decode import MaskSpec, Sample, StaticMask
 from ..data.batches import iter_batches
 from ..errors import ConfigError
 from ..model.load import LoadedModel, load_model
-from .common import RunSummary, _count, _progress, apply_metrics, guarded, parse_target, triage
+from .common import RunSummary, count_statuses, progress_bar, apply_metrics, guarded, parse_target, triage
 
 def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | list[str] = "all",
                method: str = "gradcam", target: str | int = "predicted", static_mask: str | None = None,
@@ -50,13 +50,13 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk}
     summary = RunSummary(out)
     sm = StaticMask(static_mask) if static_mask else None
-    with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS)) as w, _progress(len(items), progress) as bar:
+    with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS)) as w, progress_bar(len(items), progress) as bar:
         loaders, overlap = gpu.cpu_budget(workers, lm.device)
         for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=loaders, static_mask=sm,
                                   with_masks=with_masks, overlap=overlap):
             rows = _layer_rows(lm, plan, method, target, batch, topk, with_masks)
             w.write(rows)
-            _count(summary, [r["status"] for r in rows])
+            count_statuses(summary, [r["status"] for r in rows])
             summary.computed += len(batch)
             bar.update(len(batch))
     summary.seconds = time.perf_counter() - t0

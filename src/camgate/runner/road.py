@@ -14,12 +14,12 @@ from ..data.manifest import load_items
 from ..data.decode import MaskSpec
 from ..data.batches import iter_batches
 from ..model.load import LoadedModel, load_model
-from .common import RunSummary, _count, _progress, parse_target, row_seed, triage
+from .common import RunSummary, count_statuses, progress_bar, parse_target, row_seed, triage
 
 def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam", layers: str = "final",
              percentiles=None, sample: int = 0, seed: int = 0, target: str | int = "predicted",
              batch_size: int = 8, device: str = "auto", workers: int = 4, progress: bool = True) -> RunSummary:
-    """ROAD faithfulness of the maps (:mod:`camgate.faithfulness`) -> ROAD Parquet, one row per (image, layer).
+    """ROAD faithfulness of the maps (:mod:`camgate.metrics.road`) -> ROAD Parquet, one row per (image, layer).
 
     ``layers``: ``final`` (the card's target layer, the maps the gate judges), ``all``, or names as
     for :func:`run_layers`. ``sample`` > 0 scores a seeded random sample of that many items (in
@@ -64,7 +64,7 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gr
     per_layer: dict[str, list[float]] = {n: [] for n in names}
     summary = RunSummary(out)
     rows_all: list[dict] = []
-    with _progress(len(items), progress) as bar:
+    with progress_bar(len(items), progress) as bar:
         loaders, overlap = gpu.cpu_budget(workers, lm.device)
         for batch in iter_batches(items, lm.input, MaskSpec(), batch_size, workers=loaders, with_masks=False,
                                   overlap=overlap):
@@ -77,7 +77,7 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gr
                                   for n, v in ((n, np.array(per_layer[n], dtype=float)) for n in names)])
     with res.ResultsWriter(out, res.schema(None, md, fields)) as w:
         w.write(rows_all)
-    _count(summary, [r["status"] for r in rows_all])
+    count_statuses(summary, [r["status"] for r in rows_all])
     summary.seconds = time.perf_counter() - t0
     return summary
 

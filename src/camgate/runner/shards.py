@@ -115,7 +115,7 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     is not computed again (a re-submitted pipeline redoes only the shards that did not finish). A
     failure other than the user's is retried up to ``attempts`` times, resuming from the rows the
     failed attempt committed (KFP ignores task retries inside a ParallelFor). ``model``: a model card
-    URI or a :class:`camgate.modelspec.LoadedModel`; ``run_args``: as for :func:`camgate.runner.run`.
+    URI or a :class:`camgate.model.LoadedModel`; ``run_args``: as for :func:`camgate.runner.run`.
     """
     from ..model.load import LoadedModel, load_model
     from .heatmaps import run
