@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import settings
+
 VARIANTS = ("inference", "camgate", "floor", "pytorch_grad_cam")
 # numerator, denominator: ratios of medians and their spread over rounds
 RATIOS = (("camgate", "inference"), ("floor", "inference"), ("camgate", "floor"),
@@ -39,7 +41,7 @@ RATIOS = (("camgate", "inference"), ("floor", "inference"), ("camgate", "floor")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="resnet50", help="torchvision architecture (random weights)")
-    p.add_argument("--method", default="gradcam", help="gradcam (with the floor), gradcam++, layercam, "
+    p.add_argument("--method", default=settings.default("method"), help="gradcam (with the floor), gradcam++, layercam, "
                    "xgradcam or hirescam (without)")
     p.add_argument("--layers", default="layer4,layer3", help="target layers, each timed on its own")
     p.add_argument("--batch-size", type=int, default=16)

@@ -33,13 +33,6 @@ def _add_model_data_out(p, out_help: str):
     p.add_argument("--out", required=True, help=out_help)
 
 
-def _add_mask_args(p):
-    p.add_argument("--static-mask", help="one mask for every image (fixed camera)")
-    p.add_argument("--mask-marks-valid", action="store_true", help="masks mark the VALID region")
-    p.add_argument("--invalid-ids", help="label-map masks: comma-separated invalid label ids")
-    p.add_argument("--topk", type=float, default=0.1, help="fraction of hottest pixels for topk_invalid_share")
-
-
 def cmd_run(args) -> int:
     from . import runner
 
@@ -190,7 +183,8 @@ def cmd_compile(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    """The ``camgate`` parser; the run settings' options come from :mod:`camgate.settings`."""
+    from . import __version__, settings
 
     p = argparse.ArgumentParser(prog="camgate", description="Heatmap test gates for vision models.")
     p.add_argument("--version", action="version", version=f"camgate {__version__}")
@@ -199,38 +193,16 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="compute heatmaps and invalid-pixel metrics -> results Parquet")
     _add_model_data_out(r, "results Parquet (local or s3://)")
-    r.add_argument("--method", default="gradcam")
-    r.add_argument("--target-layer", action="append", help="dotted module path (repeat for several)")
-    r.add_argument("--target", default="predicted", help="predicted | label | <class index>")
-    r.add_argument("--batch-size", default="16", help="images per batch, or 'auto' (from free GPU memory; "
-                   "16 on CPU); halved on GPU out-of-memory")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    r.add_argument("--amp", default="off", help="off | bf16 | fp16: the model's precision (maps and metrics "
-                   "stay float32; recorded in the results)")
-    r.add_argument("--decode", default="auto", help="auto (JPEGs on the GPU when running on CUDA) | cpu")
-    r.add_argument("--workers", type=int, default=4, help="threads fetching and decoding images (on CPU at "
-                   "most torch's thread count, between batches)")
     r.add_argument("--heatmaps-only", action="store_true", help="skip masks and metrics (see 'analyze')")
     r.add_argument("--policy", help="policy to record in the results' metadata")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--checkpoint-rows", type=int, default=256,
-                   help="commit rows every N rows; re-running after a crash resumes from there")
-    r.add_argument("--checkpoint", help="folder (local or s3://) for the committed rows (default: OUT.parts)")
-    r.add_argument("--budget", type=int, default=1024, help="decam/rise: forward passes per image")
-    r.add_argument("--seed", type=int, default=0, help="decam/rise: base seed (each image: seed and its row)")
-    _add_mask_args(r)
+    settings.add_arguments(r, "run")
     r.set_defaults(fn=cmd_run)
 
     lay = sub.add_parser("layers", help="every layer's map in one pass per batch -> layers Parquet")
     _add_model_data_out(lay, "layers Parquet: one row per (image, layer)")
-    lay.add_argument("--layers", default="all", help="all | comma-separated module names (name#k: k-th call)")
-    lay.add_argument("--method", default="gradcam", help="a native method (gradcam, gradcam++, layercam, ...)")
-    lay.add_argument("--target", default="predicted", help="predicted | label | <class index>")
-    lay.add_argument("--batch-size", type=int, default=8)
-    lay.add_argument("--device", default="auto")
-    lay.add_argument("--workers", type=int, default=4)
     lay.add_argument("--quiet", action="store_true")
-    _add_mask_args(lay)
+    settings.add_arguments(lay, "layers")
     lay.set_defaults(fn=cmd_layers)
 
     an = sub.add_parser("animate", help="one image's maps through every layer: MP4, GIF, contact sheet, Parquet")
@@ -239,31 +211,16 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--mask", help="its invalid-pixel mask, outlined on every frame")
     an.add_argument("--out", required=True, help="local folder for layers.mp4, layers.gif, contact_sheet.png, "
                                                  "layers.json and layers.parquet")
-    an.add_argument("--layers", default="all", help="all | comma-separated module names")
-    an.add_argument("--method", default="gradcam")
-    an.add_argument("--target", default="predicted", help="predicted | <class index>")
-    an.add_argument("--norm", default="both", help="global (one range over all layers) | layer | both")
-    an.add_argument("--fps", type=float, default=8)
-    an.add_argument("--device", default="auto")
-    an.add_argument("--mask-marks-valid", action="store_true", help="the mask marks the VALID region")
-    an.add_argument("--invalid-ids", help="label-map mask: comma-separated invalid label ids")
+    settings.add_arguments(an, "animate")
     an.set_defaults(fn=cmd_animate)
 
     rd = sub.add_parser("road", help="ROAD faithfulness of the heatmaps (per layer: ybROAD) -> ROAD Parquet")
     _add_model_data_out(rd, "ROAD Parquet: one row per (image, layer)")
-    rd.add_argument("--method", default="gradcam")
-    rd.add_argument("--layers", default="final", help="final (the card's target layer) | all | names")
-    rd.add_argument("--percentiles", help="%% of pixels removed, comma-separated (default 10,20,...,90)")
-    rd.add_argument("--sample", type=int, default=0, help="score a seeded random sample of N images (0 = all)")
-    rd.add_argument("--seed", type=int, default=0)
-    rd.add_argument("--target", default="predicted", help="predicted | label | <class index>")
-    rd.add_argument("--batch-size", type=int, default=8)
-    rd.add_argument("--device", default="auto")
-    rd.add_argument("--workers", type=int, default=4)
     rd.add_argument("--plot", help="write the ybROAD curve (and, with --layers-file, the per-layer invalid "
                                    "activation) as a PNG here")
     rd.add_argument("--layers-file", help="a `camgate layers` Parquet of the same images, for the plot")
     rd.add_argument("--quiet", action="store_true")
+    settings.add_arguments(rd, "road")
     rd.set_defaults(fn=cmd_road)
 
     a = sub.add_parser("analyze", help="heatmaps Parquet + masks -> results Parquet")
@@ -272,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--data", help="manifest to take masks from (paired by row and image); "
                                   "default: the masks recorded in the heatmaps file")
     a.add_argument("--quiet", action="store_true")
-    _add_mask_args(a)
+    settings.add_arguments(a, "analyze")
     a.set_defaults(fn=cmd_analyze)
 
     g = sub.add_parser("gate", help="results + policy -> decision (JSON on stdout)")
@@ -311,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("data", help="manifest (csv/jsonl/parquet) or prefix with images/ (+ masks/)")
     sh.add_argument("--shards", required=True, type=int, help="number of shards (contiguous rows, sizes within one)")
     sh.add_argument("--out", required=True, help="folder or prefix (local or s3://) for shard-K-of-N.parquet")
-    sh.add_argument("--static-mask", help="one mask for every image (a prefix data set then needs no masks/)")
+    settings.add_arguments(sh, "shard")
     sh.set_defaults(fn=cmd_shard)
 
     mg = sub.add_parser("merge", help="shard results -> one results Parquet in manifest order")

@@ -1,8 +1,9 @@
 """One function per pipeline step: what each KFP component body calls.
 
 Everything a component does lives here, so it runs (and is tested) without kfp: the component
-bodies in ``camgate.kfp.components`` only pass paths and parameters through and copy the return
-values onto their output artifacts.
+bodies in ``camgate.kfp.components`` only pass paths and parameters through (by keyword) and copy
+the return values onto their output artifacts. Run settings are keyword-only, with the defaults of
+:mod:`camgate.settings`.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import re
 from . import report
 from .io import storage
 from .data.decode import MaskSpec
+from .settings import default
 
 __all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "plan_step", "shard_step",
-           "merge_step", "baseline_step", "gate_step", "promote_step", "gate_outputs"]
+           "merge_step", "layers_step", "animate_step", "road_step", "baseline_step", "gate_step", "promote_step",
+           "gate_outputs"]
 
 _MAX_LISTED_RULES = 20
 
@@ -47,7 +50,7 @@ def _rule_text(r) -> str:
 # --------------------------------------------------------------------------- load_model
 
 
-def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict:
+def load_model_step(model_card: str, out_path: str, *, device: str = default("device", "load_model_step")) -> dict:
     """Validate a model card and write it, resolved, to ``out_path``; return the model's metadata.
 
     Validation is the real thing: weights are read and loaded strictly, one dummy forward runs and
@@ -55,7 +58,7 @@ def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict
     The resolved card is a valid model card (JSON) with ``weights`` as an absolute URI and the
     target layer filled in, so later steps need nothing but this file.
     """
-    from .model.load import load_model, resolved_card
+    from .model import load_model, resolved_card
 
     lm = load_model(model_card, device=device)
     card = resolved_card(lm)
@@ -66,10 +69,11 @@ def load_model_step(model_card: str, out_path: str, device: str = "cpu") -> dict
 # --------------------------------------------------------------------------- heatmaps
 
 
-def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "gradcam",
-                  target: str = "predicted", batch_size: int = 16, device: str = "auto",
-                  card_sha256: str = "", checkpoint: str = "", static_mask: str = "",
-                  checkpoint_rows: int = 256, budget: int = 1024) -> dict:
+def heatmaps_step(model_path: str, data: str, out_path: str, *, method: str = default("method"),
+                  target: str = default("target"), batch_size: int = default("batch_size"),
+                  device: str = default("device"), card_sha256: str = "", checkpoint: str = default("checkpoint"),
+                  static_mask: str = default("static_mask"), checkpoint_rows: int = default("checkpoint_rows"),
+                  budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp")) -> dict:
     """Resolved card + data -> heatmaps Parquet (predictions and raw maps; masks are not read).
 
     ``card_sha256`` (the original card's hash, from the model artifact's metadata) is recorded
@@ -77,9 +81,8 @@ def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "grad
     ``checkpoint``: where rows are committed as they come (e.g. under the run's output prefix on
     S3): a restarted task resumes there instead of beside its pod-local output path.
     """
-    from .model.card import ModelCard
-    from .model.load import load_model
-    from .runner.heatmaps import run
+    from .model import ModelCard, load_model
+    from .runner import run
 
     card = ModelCard.load(model_path)
     if card_sha256:
@@ -87,14 +90,16 @@ def heatmaps_step(model_path: str, data: str, out_path: str, method: str = "grad
     lm = load_model(card, device=device)
     summary = run(lm, data, out_path, method=method, target=target, batch_size=int(batch_size),
                   analyze=False, progress=False, checkpoint=_tidy(checkpoint) or None,
-                  static_mask=static_mask or None, checkpoint_rows=int(checkpoint_rows), budget=int(budget))
+                  static_mask=static_mask or None, checkpoint_rows=int(checkpoint_rows), budget=int(budget),
+                  seed=int(seed), amp=amp)
     return {**summary.to_dict(), "device": str(lm.device), "method": method}
 
 
 # --------------------------------------------------------------------------- analyze
 
 
-def mask_spec(mask_marks_valid: bool = False, invalid_ids: str = "") -> MaskSpec:
+def mask_spec(mask_marks_valid: bool = default("mask_marks_valid"), invalid_ids: str = default("invalid_ids")
+              ) -> MaskSpec:
     """Component parameters -> MaskSpec; ``invalid_ids`` is a comma-separated list ('' = none)."""
     return MaskSpec.parse(mask_marks_valid, invalid_ids)
 
@@ -104,11 +109,11 @@ def _tidy(uri: str) -> str:
     return re.sub(r"(?<!:)/{2,}", "/", uri)
 
 
-def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask: str = "",
-                 mask_marks_valid: bool = False, invalid_ids: str = "", topk: float = 0.1,
-                 export_uri: str = "") -> dict:
+def analyze_step(heatmaps_path: str, out_path: str, *, data: str = "", static_mask: str = default("static_mask"),
+                 mask_marks_valid: bool = default("mask_marks_valid"), invalid_ids: str = default("invalid_ids"),
+                 topk: float = default("topk"), export_uri: str = "") -> dict:
     """Heatmaps Parquet + masks -> results Parquet; also copied to ``export_uri`` when given."""
-    from .runner.analysis import analyze
+    from .runner import analyze
 
     spec = mask_spec(mask_marks_valid, invalid_ids) if (mask_marks_valid or invalid_ids) else None
     summary = analyze(heatmaps_path, out_path, data=data or None, static_mask=static_mask or None,
@@ -124,21 +129,22 @@ def analyze_step(heatmaps_path: str, out_path: str, data: str = "", static_mask:
 # --------------------------------------------------------------------------- shards
 
 
-def plan_step(data: str, shards: int, out_prefix: str, static_mask: str = "") -> list[str]:
+def plan_step(data: str, shards: int, out_prefix: str, *, static_mask: str = default("static_mask")) -> list[str]:
     """Data set -> shard manifests under ``out_prefix``; returns their URIs (the pipeline's loop items)."""
     from .runner.shards import plan
 
     return plan(data, int(shards), _tidy(out_prefix), static_mask=static_mask or None)
 
 
-def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str = "predicted",
-               batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
-               invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, card_sha256: str = "",
-               attempts: int = 3, amp: str = "off") -> dict:
+def shard_step(model_path: str, shard: str, *, method: str = default("method"), target: str = default("target"),
+               batch_size: int = default("batch_size"), device: str = default("device"),
+               static_mask: str = default("static_mask"), mask_marks_valid: bool = default("mask_marks_valid"),
+               invalid_ids: str = default("invalid_ids"), topk: float = default("topk"),
+               budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
+               card_sha256: str = "", attempts: int = default("attempts")) -> dict:
     """Resolved card + one shard manifest -> the shard's results part beside it (heatmaps and metrics in
     one pass); a shard already done is skipped. See :func:`camgate.runner.shards.run_shard`."""
-    from .model.card import ModelCard
-    from .model.load import load_model
+    from .model import ModelCard, load_model
     from .runner.shards import run_shard
 
     card = ModelCard.load(model_path)
@@ -147,11 +153,11 @@ def shard_step(model_path: str, shard: str, method: str = "gradcam", target: str
     lm = load_model(card, device=device)
     out = run_shard(lm, shard, attempts=int(attempts), method=method, target=target, batch_size=int(batch_size),
                     static_mask=static_mask or None, mask_spec=mask_spec(mask_marks_valid, invalid_ids),
-                    topk=float(topk), budget=int(budget), amp=amp)
+                    topk=float(topk), budget=int(budget), seed=int(seed), amp=amp)
     return {**out, "device": str(lm.device), "method": method}
 
 
-def merge_step(parts: list[str], out_path: str, data: str = "", export_uri: str = "") -> dict:
+def merge_step(parts: list[str], out_path: str, *, data: str = "", export_uri: str = "") -> dict:
     """Shard parts -> one results Parquet, after checking they cover ``data`` exactly once; also copied
     to ``export_uri`` when given."""
     from .runner.shards import merge
@@ -167,43 +173,45 @@ def merge_step(parts: list[str], out_path: str, data: str = "", export_uri: str 
 # --------------------------------------------------------------------------- layers, animation, ROAD
 
 
-def layers_step(model_path: str, data: str, out_path: str, layers: str = "all", method: str = "gradcam",
-                static_mask: str = "", batch_size: int = 8, device: str = "auto") -> dict:
+def layers_step(model_path: str, data: str, out_path: str, *, layers: str = default("layers"),
+                method: str = default("method"), target: str = default("target"),
+                static_mask: str = default("static_mask"), batch_size: int = default("batch_size", "layers_step"),
+                device: str = default("device")) -> dict:
     """Resolved card + data -> layers Parquet (every selected layer's map per image, with metrics
     when masks are known)."""
-    from .model.card import ModelCard
-    from .model.load import load_model
-    from .runner.layers import run_layers
+    from .model import ModelCard, load_model
+    from .runner import run_layers
 
     lm = load_model(ModelCard.load(model_path), device=device)
-    s = run_layers(lm, data, out_path, layers=layers, method=method, static_mask=static_mask or None,
-                   batch_size=int(batch_size), progress=False)
+    s = run_layers(lm, data, out_path, layers=layers, method=method, target=target,
+                   static_mask=static_mask or None, batch_size=int(batch_size), progress=False)
     return {**s.to_dict(), "device": str(lm.device), "method": method}
 
 
-def animate_step(model_path: str, image: str, out_dir: str, mask: str = "", layers: str = "all",
-                 method: str = "gradcam", norm: str = "both", fps: float = 8, device: str = "auto") -> str:
+def animate_step(model_path: str, image: str, out_dir: str, *, mask: str = "", layers: str = default("layers"),
+                 method: str = default("method"), target: str = default("target", "animate_step"),
+                 norm: str = default("norm"), fps: float = default("fps"), device: str = default("device")) -> str:
     """One image through every layer -> animation files under ``out_dir``; returns a self-contained
     HTML page with the GIF (or, when that is too large for KFP's viewer, the contact sheet) and the
     per-layer invalid activation curve."""
     from .report.animate import animate_image, animation_html
 
-    animate_image(model_path, image, out_dir, mask=mask or None, layers=layers, method=method, norm=norm,
-                  fps=float(fps), device=device)
+    animate_image(model_path, image, out_dir, mask=mask or None, layers=layers, method=method, target=target,
+                  norm=norm, fps=float(fps), device=device)
     return animation_html(out_dir, image)
 
 
-def road_step(model_path: str, data: str, out_path: str, method: str = "gradcam", layers: str = "final",
-              sample: int = 0, seed: int = 0, device: str = "auto") -> dict:
+def road_step(model_path: str, data: str, out_path: str, *, method: str = default("method"),
+              layers: str = default("layers", "road_step"), sample: int = default("sample"),
+              seed: int = default("seed"), target: str = default("target"), device: str = default("device")) -> dict:
     """ROAD faithfulness of the maps on a seeded sample -> ROAD Parquet; returns flat metrics.
 
     ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded)."""
     from .io import results
     from .metrics.road import PERCENTILES
-    from .gating.stats import road_stats
-    from .model.card import ModelCard
-    from .model.load import load_model
-    from .runner.road import run_road
+    from .gating import road_stats
+    from .model import ModelCard, load_model
+    from .runner import run_road
 
     if int(sample) <= 0:
         schema = results.schema(None, {"stage": "road", "sample": 0}, results.road_fields(PERCENTILES))
@@ -211,7 +219,8 @@ def road_step(model_path: str, data: str, out_path: str, method: str = "gradcam"
             pass
         return {"road_images": 0}
     lm = load_model(ModelCard.load(model_path), device=device)
-    run_road(lm, data, out_path, method=method, layers=layers, sample=int(sample), seed=int(seed), progress=False)
+    run_road(lm, data, out_path, method=method, layers=layers, sample=int(sample), seed=int(seed), target=target,
+             progress=False)
     stats = {k: v for k, v in road_stats(out_path).items() if isinstance(v, (int, float))}
     md = results.run_metadata(out_path)
     if "ybroad" in md:
@@ -224,15 +233,17 @@ def road_step(model_path: str, data: str, out_path: str, method: str = "gradcam"
 NO_BASELINE = "no-baseline"  # stage of the empty file the baseline task writes when there is no champion
 
 
-def baseline_step(out_path: str, data: str, model_card: str = "", results_uri: str = "", method: str = "gradcam",
-                  target: str = "predicted", batch_size: int = 16, static_mask: str = "",
-                  mask_marks_valid: bool = False, invalid_ids: str = "", device: str = "auto",
-                  checkpoint: str = "") -> dict:
+def baseline_step(out_path: str, data: str, *, model_card: str = "", results_uri: str = "",
+                  method: str = default("method"), target: str = default("target"),
+                  batch_size: int = default("batch_size"), static_mask: str = default("static_mask"),
+                  mask_marks_valid: bool = default("mask_marks_valid"), invalid_ids: str = default("invalid_ids"),
+                  device: str = default("device"), checkpoint: str = default("checkpoint"),
+                  budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp")) -> dict:
     """The champion's results on the same data: computed from ``model_card`` with the challenger's
     settings, or copied from ``results_uri``; with neither, an empty file marked as no baseline (the
     pipeline's switch: the gate then skips the baseline rules)."""
     from .io import results
-    from .runner.heatmaps import run
+    from .runner import run
 
     if model_card and results_uri:
         from .errors import ConfigError
@@ -242,7 +253,7 @@ def baseline_step(out_path: str, data: str, model_card: str = "", results_uri: s
         spec = mask_spec(mask_marks_valid, invalid_ids)
         summary = run(model_card, data, out_path, method=method, target=target, batch_size=int(batch_size),
                       static_mask=static_mask or None, mask_spec=spec, device=device, progress=False,
-                      checkpoint=_tidy(checkpoint) or None)
+                      checkpoint=_tidy(checkpoint) or None, budget=int(budget), seed=int(seed), amp=amp)
         return {**summary.to_dict(), "source": model_card}
     if results_uri:
         storage.write_bytes(out_path, storage.read_bytes(results_uri))
@@ -261,7 +272,7 @@ def _baseline_or_none(path: str) -> str | None:
 # --------------------------------------------------------------------------- gate
 
 
-def gate_step(results_path: str, policy: str, fail_on_violation: bool = False, export_prefix: str = "",
+def gate_step(results_path: str, policy: str, *, fail_on_violation: bool = False, export_prefix: str = "",
               summary_path: str | None = None, report_path: str | None = None, road: str = "",
               baseline: str = "", record_path: str | None = None, junit_path: str | None = None):
     """Results + policy -> ``(decision, files, metrics)``; ``files`` maps the names in
@@ -300,7 +311,7 @@ def gate_outputs(decision) -> dict:
 # --------------------------------------------------------------------------- promote
 
 
-def promote_step(model_path: str, passed: bool, record: str = "", promote_to: str = "",
+def promote_step(model_path: str, passed: bool, *, record: str = "", promote_to: str = "",
                  registry_address: str = "", registry_port: int = 0, registry_author: str = "camgate") -> dict:
     """The promote component's work: :func:`camgate.promote.promote` with its parameters, where ''
     and 0 stand for 'not given' (KFP parameters have no None)."""

@@ -1,8 +1,12 @@
 """The camgate KFP components: thin bodies over ``camgate.steps``.
 
 Each body imports camgate inside the function (it runs in the component image, not here) and
-calls one step function. ``install_kfp_package=False`` and no ``packages_to_install``: the image
-already holds camgate and kfp at matching versions, so a task never pip-installs at start-up.
+calls one step function, by keyword. ``install_kfp_package=False`` and no ``packages_to_install``: the
+image already holds camgate and kfp at matching versions, so a task never pip-installs at start-up.
+
+Run settings (method, target, batch_size, ...) are defined in :mod:`camgate.settings`: their input
+descriptions come from there (``@documented``). Their defaults are written out as literals because KFP
+copies each function's source into its task; ``tests/test_settings.py`` holds them to the table.
 """
 
 import os
@@ -12,6 +16,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from .. import __version__
+from ..settings import documented
 
 DEFAULT_REGISTRY = "ghcr.io/camgate"
 # Read at import (compile) time; the fixed default keeps the checked-in YAML reproducible.
@@ -24,51 +29,46 @@ __all__ = ["IMAGE", "REGISTRY", "DEFAULT_REGISTRY", "COMPONENTS", "load_model", 
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def load_model(model_card: str, model: Output[Model], device: str = "cpu"):
     """Validate a model card (weights, one dummy forward, target layer) and emit it resolved.
 
     Args:
         model_card: Model card URI (YAML/JSON, s3:// or local path).
-        device: Device for the validation forward pass (cpu | cuda | auto).
 
     Returns:
         model: The resolved model card (JSON, weights as an absolute URI); metadata carries arch, classes, input preprocessing, target layer and weights sha256.
     """
     from camgate.steps import load_model_step
 
-    model.metadata.update(load_model_step(model_card, model.path, device))
+    model.metadata.update(load_model_step(model_card, model.path, device=device))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], method: str = "gradcam",
                      target: str = "predicted", batch_size: int = 16, device: str = "auto",
                      checkpoint: str = "", static_mask: str = "", checkpoint_rows: int = 256,
-                     budget: int = 1024):
+                     budget: int = 1024, seed: int = 0, amp: str = "off"):
     """Compute a CAM heatmap and the prediction for every image (no masks read; their URIs are kept).
 
     Args:
         model: Resolved model card from load_model.
         data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
-        method: CAM method (gradcam, gradcam++, layercam, ...), or a black-box method (decam, rise): the only ones for ONNX/callable model cards.
-        target: Class to explain: predicted | label | <class index>.
-        batch_size: Images per forward/backward pass.
-        device: auto | cpu | cuda[:N].
-        budget: decam/rise: forward passes per image.
-        checkpoint: Folder (s3:// or path) where rows are committed as they come; a restarted task resumes from it. '' = beside the output artifact (lost with the pod).
-        static_mask: One mask for every image (fixed camera), recorded for the analysis; '' = per-image masks.
-        checkpoint_rows: Commit rows every this many rows.
 
     Returns:
         heatmaps: Heatmaps Parquet (one row per data item, raw low-resolution maps, mask URIs).
     """
     from camgate.steps import heatmaps_step
 
-    heatmaps.metadata.update(heatmaps_step(model.path, data, heatmaps.path, method, target, batch_size,
-                                           device, model.metadata.get("card_sha256", ""), checkpoint,
-                                           static_mask, checkpoint_rows, budget))
+    heatmaps.metadata.update(heatmaps_step(
+        model.path, data, heatmaps.path, method=method, target=target, batch_size=batch_size, device=device,
+        card_sha256=model.metadata.get("card_sha256", ""), checkpoint=checkpoint, static_mask=static_mask,
+        checkpoint_rows=checkpoint_rows, budget=budget, seed=seed, amp=amp))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def analyze_invalid_activation(heatmaps: Input[Dataset], results: Output[Dataset], data: str = "",
                                static_mask: str = "", mask_marks_valid: bool = False, invalid_ids: str = "",
                                topk: float = 0.1, export_uri: str = ""):
@@ -77,10 +77,6 @@ def analyze_invalid_activation(heatmaps: Input[Dataset], results: Output[Dataset
     Args:
         heatmaps: Heatmaps Parquet from compute_heatmaps.
         data: A manifest to take masks from, paired with the heatmaps by row and image (a manifest that does not match is refused); '' = the masks recorded in the heatmaps file.
-        static_mask: One mask for every image (fixed camera); overrides per-image masks.
-        mask_marks_valid: Masks mark the VALID region instead of the invalid one.
-        invalid_ids: Label-map masks: comma-separated invalid label ids ('' = any non-zero pixel is invalid).
-        topk: Fraction of hottest pixels for topk_invalid_share.
         export_uri: Also copy the results Parquet here (s3:// or path); '' = do not.
 
     Returns:
@@ -88,40 +84,37 @@ def analyze_invalid_activation(heatmaps: Input[Dataset], results: Output[Dataset
     """
     from camgate.steps import analyze_step
 
-    results.metadata.update(analyze_step(heatmaps.path, results.path, data, static_mask, mask_marks_valid,
-                                         invalid_ids, topk, export_uri))
+    results.metadata.update(analyze_step(heatmaps.path, results.path, data=data, static_mask=static_mask,
+                                         mask_marks_valid=mask_marks_valid, invalid_ids=invalid_ids, topk=topk,
+                                         export_uri=export_uri))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def champion_results(data: str, baseline: Output[Dataset], model_card: str = "", results_uri: str = "",
                      method: str = "gradcam", target: str = "predicted", batch_size: int = 16, static_mask: str = "",
                      mask_marks_valid: bool = False, invalid_ids: str = "", device: str = "auto",
-                     checkpoint: str = ""):
-    """The champion (production model) on the same data, for the gate's baseline rules.
+                     checkpoint: str = "", budget: int = 1024, seed: int = 0, amp: str = "off"):
+    """The champion (production model) on the same data, for the gate's baseline rules; computed with the challenger's settings, so the ratios compare.
 
     Args:
         data: The challenger's manifest (csv/jsonl/parquet) or prefix.
         model_card: The champion's model card: its results are computed here with the settings below. '' = none.
         results_uri: Or the champion's results Parquet on this data, computed earlier. '' = none.
-        method: CAM method (the challenger's, so the ratios compare).
-        target: Class to explain: predicted | label | <class index>.
-        batch_size: Images per batch.
-        static_mask: One mask for every image; '' = per-image masks.
-        mask_marks_valid: Masks mark the valid region instead of the invalid one.
-        invalid_ids: Label-map masks: comma-separated invalid label ids.
-        device: auto | cpu | cuda[:N].
-        checkpoint: Folder where rows are committed as they come (resume after a restart).
 
     Returns:
         baseline: The champion's results Parquet; with neither card nor results, an empty file the gate reads as 'no baseline'.
     """
     from camgate.steps import baseline_step
 
-    baseline.metadata.update(baseline_step(baseline.path, data, model_card, results_uri, method, target, batch_size,
-                                           static_mask, mask_marks_valid, invalid_ids, device, checkpoint))
+    baseline.metadata.update(baseline_step(
+        baseline.path, data, model_card=model_card, results_uri=results_uri, method=method, target=target,
+        batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid, invalid_ids=invalid_ids,
+        device=device, checkpoint=checkpoint, budget=budget, seed=seed, amp=amp))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def plan_shards(data: str, shards: int, out_prefix: str, static_mask: str = "") -> List[str]:
     """Split a data set into shard manifests (contiguous rows, sizes within one; each keeps its full-manifest row).
 
@@ -129,45 +122,36 @@ def plan_shards(data: str, shards: int, out_prefix: str, static_mask: str = "") 
         data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
         shards: Number of shards (more than items: one item each).
         out_prefix: Where shard-K-of-N.parquet are written (s3:// or path).
-        static_mask: One mask for every image (fixed camera); '' = per-image masks.
 
     Returns:
         The shard manifests' URIs, in row order.
     """
     from camgate.steps import plan_step
 
-    return plan_step(data, shards, out_prefix, static_mask)
+    return plan_step(data, shards, out_prefix, static_mask=static_mask)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", target: str = "predicted",
                  batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
                  invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, attempts: int = 3,
-                 amp: str = "off") -> str:
+                 amp: str = "off", seed: int = 0) -> str:
     """Heatmaps and invalid-pixel metrics of one shard, written beside its manifest with a completion marker.
 
     Args:
         model: Resolved model card from load_model.
         shard: A shard manifest from plan_shards.
-        method: CAM method, or a black-box method (decam, rise).
-        target: Class to explain: predicted | label | <class index>.
-        batch_size: Images per forward/backward pass.
-        device: auto | cpu | cuda[:N].
-        static_mask: One mask for every image (fixed camera); '' = per-image masks.
-        mask_marks_valid: Masks mark the VALID region instead of the invalid one.
-        invalid_ids: Label-map masks: comma-separated invalid label ids ('' = any non-zero pixel is invalid).
-        topk: Fraction of hottest pixels for topk_invalid_share.
-        budget: decam/rise: forward passes per image.
-        attempts: Tries before the task fails; each resumes from the rows the last one committed (KFP does not retry tasks inside a ParallelFor).
-        amp: off | bf16 | fp16: the model's precision on the GPU (maps and metrics stay float32; recorded in the results).
 
     Returns:
         The shard's results part (<shard>.results.parquet); a shard whose part and marker exist for the same model, data and settings is not computed again.
     """
     from camgate.steps import shard_step
 
-    out = shard_step(model.path, shard, method, target, batch_size, device, static_mask, mask_marks_valid,
-                     invalid_ids, topk, budget, model.metadata.get("card_sha256", ""), attempts, amp)
+    out = shard_step(model.path, shard, method=method, target=target, batch_size=batch_size, device=device,
+                     static_mask=static_mask, mask_marks_valid=mask_marks_valid, invalid_ids=invalid_ids, topk=topk,
+                     budget=budget, seed=seed, amp=amp, card_sha256=model.metadata.get("card_sha256", ""),
+                     attempts=attempts)
     print(out)
     return out["part"]
 
@@ -186,7 +170,7 @@ def merge_results(parts: List[str], results: Output[Dataset], data: str = "", ex
     """
     from camgate.steps import merge_step
 
-    results.metadata.update(merge_step(parts, results.path, data, export_uri))
+    results.metadata.update(merge_step(parts, results.path, data=data, export_uri=export_uri))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -219,9 +203,11 @@ def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary
 
     from camgate.steps import gate_outputs, gate_step
 
-    decision, _, scalars = gate_step(results.path, policy, fail_on_violation, export_prefix, summary.path,
-                                     report.path, road.path if road is not None else "",
-                                     baseline.path if baseline is not None else "", record.path, junit.path)
+    decision, _, scalars = gate_step(results.path, policy, fail_on_violation=fail_on_violation,
+                                     export_prefix=export_prefix, summary_path=summary.path, report_path=report.path,
+                                     road=road.path if road is not None else "",
+                                     baseline=baseline.path if baseline is not None else "",
+                                     record_path=record.path, junit_path=junit.path)
     for name, value in scalars.items():
         metrics.log_metric(name, value)
     out = gate_outputs(decision)
@@ -229,43 +215,37 @@ def gate(results: Input[Dataset], policy: str, metrics: Output[Metrics], summary
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def layer_maps(model: Input[Model], data: str, layers_out: Output[Dataset], layers: str = "all",
-               method: str = "gradcam", static_mask: str = "", batch_size: int = 8, device: str = "auto"):
+               method: str = "gradcam", static_mask: str = "", batch_size: int = 8, device: str = "auto",
+               target: str = "predicted"):
     """Every layer's CAM for every image in one forward and one backward pass per batch (CAManim).
 
     Args:
         model: Resolved model card from load_model.
         data: Manifest (csv/jsonl/parquet) or prefix holding images/ (and masks/).
-        layers: all | comma-separated module names (name#k for the k-th call of a module).
-        method: A native CAM method (gradcam, gradcam++, layercam, ...).
-        static_mask: One mask for every image (fixed camera); '' = per-image masks.
-        batch_size: Images per forward/backward pass.
-        device: auto | cpu | cuda[:N].
 
     Returns:
         layers_out: Layers Parquet: one row per (image, layer) with the raw map and, with masks, the invalid activation ratio; skipped modules and their reasons in its metadata.
     """
     from camgate.steps import layers_step
 
-    layers_out.metadata.update(layers_step(model.path, data, layers_out.path, layers, method, static_mask,
-                                           batch_size, device))
+    layers_out.metadata.update(layers_step(model.path, data, layers_out.path, layers=layers, method=method,
+                                           target=target, static_mask=static_mask, batch_size=batch_size,
+                                           device=device))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def animate_layers(model: Input[Model], image: str, animation: Output[HTML], files: Output[Dataset],
                    mask: str = "", layers: str = "all", method: str = "gradcam", norm: str = "both",
-                   fps: float = 8.0, device: str = "auto"):
+                   fps: float = 8.0, device: str = "auto", target: str = "predicted"):
     """Animate one image's CAMs through every layer: where in the network the decision forms.
 
     Args:
         model: Resolved model card from load_model.
         image: Image URI (s3:// or path).
         mask: Its invalid-pixel mask, outlined on every frame; '' = none.
-        layers: all | comma-separated module names.
-        method: A native CAM method.
-        norm: global (one range over all layers) | layer | both (side by side).
-        fps: Frames per second of the MP4 and GIF.
-        device: auto | cpu | cuda[:N].
 
     Returns:
         animation: HTML page with the animation (or its contact sheet) and the per-layer invalid activation ratio.
@@ -273,25 +253,22 @@ def animate_layers(model: Input[Model], image: str, animation: Output[HTML], fil
     """
     from camgate.steps import animate_step
 
-    page = animate_step(model.path, image, files.path, mask, layers, method, norm, fps, device)
+    page = animate_step(model.path, image, files.path, mask=mask, layers=layers, method=method, target=target,
+                        norm=norm, fps=fps, device=device)
     with open(animation.path, "w", encoding="utf-8") as f:
         f.write(page)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+@documented
 def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], metrics: Output[Metrics],
                       method: str = "gradcam", layers: str = "final", sample: int = 0, seed: int = 0,
-                      device: str = "auto"):
+                      device: str = "auto", target: str = "predicted"):
     """ROAD faithfulness of the heatmaps on a seeded sample: do they point at what the model uses?
 
     Args:
         model: Resolved model card from load_model.
         data: Manifest (csv/jsonl/parquet) or prefix holding images/.
-        method: CAM method whose maps are scored.
-        layers: final (the card's target layer) | all (ybROAD) | comma-separated module names.
-        sample: Images scored (a seeded random sample); 0 = none: an empty ROAD file, no model loaded.
-        seed: Seed of the sample and of the imputation noise.
-        device: auto | cpu | cuda[:N].
 
     Returns:
         road: ROAD Parquet: per (image, layer) MoRF/LeRF curves, road and road_random; ybROAD summary in its metadata.
@@ -299,7 +276,8 @@ def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], met
     """
     from camgate.steps import road_step
 
-    for name, value in road_step(model.path, data, road.path, method, layers, sample, seed, device).items():
+    for name, value in road_step(model.path, data, road.path, method=method, layers=layers, sample=sample,
+                                 seed=seed, target=target, device=device).items():
         metrics.log_metric(name, float(value))
 
 
@@ -325,8 +303,9 @@ def promote(model: Input[Model], passed: bool, record: Input[Artifact] = None, p
 
     from camgate.steps import promote_step
 
-    out = promote_step(model.path, passed, record.path if record is not None else "", promote_to,
-                       registry_address, registry_port, registry_author)
+    out = promote_step(model.path, passed, record=record.path if record is not None else "", promote_to=promote_to,
+                       registry_address=registry_address, registry_port=registry_port,
+                       registry_author=registry_author)
     print(out["message"])
     return namedtuple("Outputs", ["destination"])(out["destination"] or "")
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Input, Markdown, Model
 
+from ..settings import documented
 from .components import (champion_results, gate, load_model, merge_results, plan_shards, promote, road_faithfulness,
                          shard_worker)
 
@@ -64,30 +65,26 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
     @dsl.pipeline(name="heatmap-gate",
                   description="Heatmap test gate: CAMs of a vision model on a data set with invalid-pixel masks, "
                               "judged by a policy; promotes the model only when the gate passes.")
+    @documented
     def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
                      method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
                      mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
-                     shards: int = 1, amp: str = "off", baseline_model_card: str = "", baseline_results: str = "",
+                     shards: int = 1, amp: str = "off", seed: int = 0, budget: int = 1024,
+                     baseline_model_card: str = "", baseline_results: str = "",
                      promote_to: str = "", registry_address: str = "", s3_secret: str = "camgate-s3",
                      s3_config: str = "camgate-s3",
                      ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
                                      n_images=int, summary=Markdown, report=HTML):
-        """Heatmap test gate.
+        """Heatmap test gate (run settings: see camgate.settings).
 
         Args:
             model_card: Model card URI (YAML/JSON).
             data: Manifest (csv/jsonl/parquet) or prefix holding images/ and masks/.
             policy: Policy YAML URI.
             output_prefix: Where results.parquet, decision.json, record.json, junit.xml, summary.md and report.html are exported, and the shards' manifests, results parts and completion markers kept (shards/).
-            static_mask: One mask for every image (fixed camera); '' = per-image masks.
-            method: CAM method.
-            batch_size: Images per batch on the GPU.
-            target: Class to explain: predicted | label | <class index>.
-            mask_marks_valid: Masks mark the valid region instead of the invalid one.
             fail_on_violation: Fail the run when the gate fails (hard gate); otherwise the run succeeds and promote is skipped.
             road_sample: Score the heatmaps' ROAD faithfulness on a seeded sample of this many images and hand it to the gate (the policy's faithfulness rule); 0 = off (the task then only writes an empty ROAD file).
             shards: Split the data set into this many shards, each computed by its own GPU task (tens to a few hundred; at most the compiled parallelism run at once); the results equal one shard's.
-            amp: off | bf16 | fp16: the model's precision in the shard workers (maps and metrics stay float32); off = bit-identical to a run without autocast.
             baseline_model_card: The champion (production model) card: its results on the same data are computed in this run for the policy's baseline rules; '' = none.
             baseline_results: Or the champion's results Parquet on the same data, computed earlier; '' = none (the baseline rules are then skipped).
             promote_to: Where a model that passed is promoted (s3:// prefix or path): card, weights and test record, atomically; '' = the promote step only says what it would promote.
@@ -104,7 +101,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
         with dsl.ParallelFor(planned.output, parallelism=parallelism, name="shards") as shard:
             worker = shard_worker(model=loaded.outputs["model"], shard=shard, method=method, target=target,
                                   batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid,
-                                  amp=amp)
+                                  amp=amp, seed=seed, budget=budget)
             worker.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             # decoding threads + a pinned-memory batch queue beside the GPU
             worker.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
@@ -116,13 +113,14 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
         # Always a task, so the gate always has its input (kfp.local cannot pass an output out of a dsl.If);
         # with road_sample=0 it writes an empty file without loading the model. On the GPU: ROAD is
         # 36 forwards per image.
-        faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, sample=road_sample)
+        faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, target=target,
+                                  sample=road_sample, seed=seed)
         faith.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         faith.set_cpu_request("2").set_memory_request("8Gi")
         # Always a task too (an empty 'no baseline' file when no champion is named); on the GPU when it computes.
         champion = champion_results(data=data, model_card=baseline_model_card, results_uri=baseline_results,
                                     method=method, target=target, batch_size=batch_size, static_mask=static_mask,
-                                    mask_marks_valid=mask_marks_valid,
+                                    mask_marks_valid=mask_marks_valid, amp=amp, seed=seed, budget=budget,
                                     checkpoint=f"{output_prefix}/checkpoints/baseline")
         champion.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         champion.set_cpu_request("4").set_memory_request("16Gi")

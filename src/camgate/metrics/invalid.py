@@ -21,8 +21,9 @@ import torch
 
 from ..cam import upsample
 from ..errors import ConfigError
+from ..settings import default
 
-TOPK_DEFAULT = 0.1
+TOPK_DEFAULT = default("topk")  # the one definition: camgate.settings
 METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share")
 
 

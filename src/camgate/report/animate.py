@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CamgateError, ConfigError
 from .overlays import boundary, colormap, resized_mask
+from ..settings import default
 
 BANNER = 18  # px of text strip above each panel
 
@@ -321,9 +322,9 @@ def animation_html(out_dir, title: str) -> str:
             f"<th>invalid activation ratio</th></tr>{cells}</table></body></html>\n")
 
 
-def animate_image(model, image: str, out_dir, *, mask: str | None = None, layers: str = "all",
-                  method: str = "gradcam", target="predicted", norm: str = "both", fps: float = 8,
-                  mask_spec=None, device: str = "auto") -> dict:
+def animate_image(model, image: str, out_dir, *, mask: str | None = None, layers: str = default("layers"),
+                  method: str = default("method"), target=default("target"), norm: str = default("norm"),
+                  fps: float = default("fps"), mask_spec=None, device: str = default("device")) -> dict:
     """``camgate animate``: one image (URI) through every layer. The maps are computed once into
     ``out_dir/layers.parquet`` (as ``camgate layers`` would) and the frames are rendered from those
     stored maps; returns the paths of the Parquet, the MP4, the GIF, the contact sheet and the JSON."""
