@@ -40,9 +40,9 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from camgate.io import results
     from camgate.gating.decision import evaluate
     from camgate.gating.policy import load_policy
+    from camgate.io import results
     from camgate.runner.heatmaps import run
 
     threshold = args.threshold
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         if policy is not None:
             dec = {k: evaluate(t, policy) for k, t in out.items()}
             report["gate_passed"] = {k: d.passed for k, d in dec.items()}
-            report["rule_verdict_flips"] = [f"{r.rule} ({r.scope})" for r, q in zip(dec["off"].rules, dec[args.amp].rules)
+            pairs = zip(dec["off"].rules, dec[args.amp].rules)
+            report["rule_verdict_flips"] = [f"{r.rule} ({r.scope})" for r, q in pairs
                                             if r.verdict != q.verdict]
             report["rule_values"] = {f"{r.rule} ({r.scope})": [r.value, q.value]
                                      for r, q in zip(dec["off"].rules, dec[args.amp].rules)}

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from scipy.stats import wilcoxon
 from torch import nn
 
-from camgate.model.backends import TorchBackend
 from camgate.cam.blackbox import decam, fill_image, random_search, rise
 from camgate.cam.maps import minmax, upsample
+from camgate.model.backends import TorchBackend
 
 SIZE, SQ, K = 32, 8, 4
 

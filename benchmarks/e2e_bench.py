@@ -83,10 +83,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from camgate.data import device as gpu
     from camgate.bench import machine_info
-    from camgate.data.decode import MaskSpec, StaticMask
+    from camgate.data import device as gpu
     from camgate.data.batches import iter_batches
+    from camgate.data.decode import MaskSpec, StaticMask
     from camgate.data.manifest import load_items
     from camgate.model.load import load_model, pick_device
     from camgate.runner.heatmaps import Runner, run

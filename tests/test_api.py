@@ -16,9 +16,9 @@ import yaml
 from PIL import Image
 
 import camgate
-from camgate.io import results as res
 from camgate.cli import main
 from camgate.errors import ConfigError
+from camgate.io import results as res
 from camgate.model import load_model
 
 SIZE = 64

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from camgate.io import storage
 from camgate.cli import main
+from camgate.io import storage
 from camgate.model.load import load_model
 from camgate.promote import PromoteError, RegistryError, promote, promoted
 
@@ -25,7 +25,6 @@ def sha(data: bytes) -> str:
 def make_model(folder: Path, nudge: float = 0.0, classes=("a", "b", "c")) -> dict:
     """A zoo:tiny_cnn card next to its safetensors weights (relative path), and a passing record."""
     from safetensors.torch import save
-
     from zoo import tiny_cnn
 
     model = tiny_cnn()
@@ -351,9 +350,9 @@ def test_cli_exit_codes(tmp_path, capsys):
 
 def test_component_promotes_with_the_record(tmp_path, capsys):
     pytest.importorskip("kfp")
+    from camgate.kfp import load_model as load_component
+    from camgate.kfp import promote as promote_component
     from kfp import dsl
-
-    from camgate.kfp import load_model as load_component, promote as promote_component
 
     src = make_model(tmp_path / "src")
     model = dsl.Model(uri=str(tmp_path / "a" / "model"))

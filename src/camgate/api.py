@@ -48,21 +48,21 @@ from PIL import Image
 from torch import nn
 
 from . import __version__
-from .io import storage
-from .io import results as res
-from .metrics.invalid import TOPK_DEFAULT, check_topk
-from .data.manifest import DataError, Item
 from .data.decode import MaskSpec, Sample, decode_image, decode_mask, load_sample, model_view, storage_error_kind
+from .data.geometry import InputSpec
+from .data.manifest import DataError, Item
 from .errors import ConfigError
 from .gating.decision import Decision
-from .gating.policy import load_policy
 from .gating.decision import evaluate as judge
-from .data.geometry import InputSpec
-from .model.load import LoadedModel, load_model, pick_device
+from .gating.policy import load_policy
+from .io import results as res
+from .io import storage
+from .metrics.invalid import TOPK_DEFAULT, check_topk
 from .model.card import ModelCard
 from .model.layers import check_layers, default_target_layers, resolve_layers
-from .runner.heatmaps import Runner
+from .model.load import LoadedModel, load_model, pick_device
 from .runner.common import triage
+from .runner.heatmaps import Runner
 
 __all__ = ["Explanation", "evaluate", "explain"]
 

@@ -35,7 +35,6 @@ def _add_model_data_out(p, out_help: str):
 
 def cmd_run(args) -> int:
     from . import runner
-
     from .data.decode import MaskSpec
 
     s = runner.run(args.model, args.data, args.out, method=args.method, target=args.target,
@@ -84,9 +83,8 @@ def cmd_road(args) -> int:
                         progress=not args.quiet)
     out = s.to_dict()
     if args.plot:
-        from .report.plots import ybroad_png
-
         from .io import results
+        from .report.plots import ybroad_png
 
         layers = results.read_table(args.layers_file) if args.layers_file else None
         ybroad_png(results.read_table(args.out), args.plot, layers)
@@ -124,8 +122,8 @@ def cmd_gate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import artifacts
     from .io.results import run_metadata
+    from .report import artifacts
 
     # the policy the results were run with, else the default rules: a report needs a verdict to explain
     policy = args.policy or run_metadata(args.results).get("policy") or {"name": "default"}

@@ -26,8 +26,8 @@ import tempfile
 from datetime import datetime, timezone
 
 from . import __version__
-from .io import storage
 from .errors import ConfigError
+from .io import storage
 
 __all__ = ["PromoteError", "RegistryError", "promote", "promoted", "CARD", "RECORD", "MARKER"]
 

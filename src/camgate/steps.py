@@ -12,8 +12,8 @@ import math
 import re
 
 from . import report
-from .io import storage
 from .data.decode import MaskSpec
+from .io import storage
 from .settings import default
 
 __all__ = ["GateFailed", "load_model_step", "heatmaps_step", "analyze_step", "plan_step", "shard_step",
@@ -207,9 +207,9 @@ def road_step(model_path: str, data: str, out_path: str, *, method: str = defaul
     """ROAD faithfulness of the maps on a seeded sample -> ROAD Parquet; returns flat metrics.
 
     ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded)."""
+    from .gating import road_stats
     from .io import results
     from .metrics.road import PERCENTILES
-    from .gating import road_stats
     from .model import ModelCard, load_model
     from .runner import run_road
 

@@ -11,14 +11,18 @@ is caught, by autograd's refusal or by the activation's version counter, and tha
 batch and hands on a copy from then on.
 """
 from __future__ import annotations
+
 from typing import Callable, Sequence
+
 import torch
 from torch import nn
+
 from ..errors import ConfigError
 from . import adapter
 from .blackbox import METHODS as BLACKBOX
-from .methods import ALIASES, NATIVE
 from .maps import CamBatch, minmax, upsample
+from .methods import ALIASES, NATIVE
+
 
 class MethodError(ConfigError):
     """Unknown method, or a target layer the method cannot use."""

@@ -4,9 +4,12 @@ Kept apart from the engine so black-box methods (:mod:`.blackbox`) and the engin
 ``CamBatch`` without importing each other.
 """
 from __future__ import annotations
+
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
 
 @dataclass
 class CamBatch:

@@ -1,12 +1,15 @@
 """Items -> batches of decoded samples, loaded by a bounded pool in manifest order."""
 from __future__ import annotations
+
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
+
 from ..errors import ConfigError
+from .decode import MaskSpec, Sample, StaticMask, load_sample
 from .geometry import InputSpec
 from .manifest import Item
-from .decode import MaskSpec, Sample, StaticMask, load_sample
+
 
 def iter_batches(items: Iterable[Item], input_spec: InputSpec, mask_spec: MaskSpec, batch_size: int,
                  workers: int = 4, prefetch: int = 2, static_mask: str | StaticMask | None = None,

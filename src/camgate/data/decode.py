@@ -4,16 +4,19 @@ A problem with one item (unreadable, too large, wrong size) ends up in ``Sample.
 goes on; masks are resized to the image with nearest-neighbour and cut to the region the model sees.
 """
 from __future__ import annotations
+
 import io
 import os
 import threading
 import zlib
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from ..io import storage
+
 from ..errors import ConfigError
+from ..io import storage
 from .geometry import InputSpec
 from .manifest import DataError, Item
 

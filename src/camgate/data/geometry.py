@@ -2,10 +2,13 @@
 normalised (:class:`InputSpec`). Model loading, data decoding and report overlays share it.
 """
 from __future__ import annotations
+
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
+
 from ..errors import ModelCardError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -15,6 +15,7 @@ Problems of the whole run raise :class:`DataError`; problems of one item end up 
 ``Item.error`` / ``Sample.error`` so the caller can write an error row and go on.
 """
 from __future__ import annotations
+
 import csv
 import io
 import json
@@ -23,10 +24,12 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
-from ..io import storage
+
 from ..errors import ConfigError
+from ..io import storage
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
                     ".pq": "parquet"}

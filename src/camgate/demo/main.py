@@ -155,9 +155,9 @@ def _regression(decision: dict) -> str | None:
 def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, float]]:
     """Per-layer mean invalid activation ratio over the first test images (one pass per batch), and
     the animation of the first pedestrian image: where in the network attention lands on the wall."""
+    from ..data.manifest import load_items
     from ..io import results
     from ..report.animate import animate_image
-    from ..data.manifest import load_items
     from ..runner.layers import run_layers
 
     out.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,18 @@
 verdict, and whether the maps were faithful enough to be evidence.
 """
 from __future__ import annotations
+
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 import numpy as np
 import pyarrow as pa
-from .policy import DEFAULT_WORSE_BY, Policy, PolicyError, RULES, RUN_WIDE, Rule, load_policy
+
 from ..io.results import RESULT_COLUMNS, STATUSES, read_results
-from .stats import Frame, MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, baseline_identity, baseline_stats, road_stats
+from .policy import DEFAULT_WORSE_BY, RULES, RUN_WIDE, Policy, PolicyError, Rule, load_policy
+from .stats import MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, Frame, baseline_identity, baseline_stats, road_stats
 
 # --------------------------------------------------------------------------- decision
 
@@ -124,7 +127,8 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     overall = frame.stats(np.ones(frame.n, dtype=bool), ratio)
     faith = policy.rule("faithfulness")
     if faith or road is not None:
-        layers = table.column("target_layer").drop_null().unique().to_pylist() if "target_layer" in table.column_names else []
+        layers = (table.column("target_layer").drop_null().unique().to_pylist()
+                  if "target_layer" in table.column_names else [])
         overall.update(road_stats(road, layers[0] if len(layers) == 1 else None))
     ident, warnings = None, []
     if baseline is not None:
@@ -137,8 +141,8 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
         ident, warnings = baseline_identity(run_metadata(table), run_metadata(base_table), baseline)
         ident.update({k: v for k, v in overall.items() if k.startswith("baseline_")})
         if overall["baseline_unpaired"]:
-            warnings.append(f"{overall['baseline_unpaired']} of {frame.n} result rows have no baseline row for the same "
-                            f"image: the comparison covers the other {overall['baseline_paired']}")
+            warnings.append(f"{overall['baseline_unpaired']} of {frame.n} result rows have no baseline row "
+                            f"for the same image: the comparison covers the other {overall['baseline_paired']}")
     rules = [_judge(r, overall, "all", 1) for r in policy.rules]
     trusted = reason = None
     if faith:

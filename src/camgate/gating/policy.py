@@ -20,7 +20,8 @@ A policy is a small YAML file (local path or s3://)::
 
 Defaults: a rule left out is not checked, except ``error_rate`` (default ``max: 0.0``: every
 image must be judged), ``no_activation_rate`` (default ``max: 0.05``: at most 5 % all-zero maps) and
-``min_images`` (default ``1``: an empty run never passes). Set any of them to ``null`` to turn it off. ``{max: x}`` may be written as a bare number. ``min_images`` applies to the
+``min_images`` (default ``1``: an empty run never passes). Set any of them to ``null`` to turn it
+off. ``{max: x}`` may be written as a bare number. ``min_images`` applies to the
 whole run only; in class/slice scopes ``min_scope_images`` decides whether a scope is judged at all,
 so a rarely predicted class is skipped (with a reason) rather than failing the gate on no evidence.
 
@@ -37,13 +38,16 @@ reason (a first model has no champion); a baseline sharing no image with the res
 one computed with another method, layer or mask setting is compared but warned about.
 """
 from __future__ import annotations
+
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 import yaml
+
 from ..errors import ConfigError
 from ..io.storage import read_source
 

@@ -2,13 +2,16 @@
 slice), ROAD faithfulness, and the pairing with a champion's results.
 """
 from __future__ import annotations
+
 import os
 from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from ..io.results import REQUIRED_COLUMNS, STATUSES, ResultsError, read_results
 from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
-from ..io.results import ResultsError, STATUSES, REQUIRED_COLUMNS, read_results
 
 # Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
 _COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "topk")

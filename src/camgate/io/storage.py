@@ -252,8 +252,8 @@ def _delays(attempts: int, backoff: float) -> list[float]:
 
 
 def _describe(exc: BaseException) -> str:
-    from minio.error import S3Error
     import urllib3
+    from minio.error import S3Error
 
     if isinstance(exc, S3Error):
         return f"{exc.code}: {exc.message}"

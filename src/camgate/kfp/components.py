@@ -12,8 +12,9 @@ copies each function's source into its task; ``tests/test_settings.py`` holds th
 import os
 from typing import List, NamedTuple
 
-from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from kfp import dsl
 
 from .. import __version__
 from ..settings import documented

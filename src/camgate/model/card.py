@@ -18,13 +18,17 @@ Black boxes (heatmaps from outputs only: methods ``decam``, ``rise``)::
     output: probs                       # what the model returns: logits (default) or probs
 """
 from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass, field
+
 import yaml
-from ..io import storage
-from .backends import KINDS, OUTPUTS
+
 from ..data.geometry import InputSpec
 from ..errors import ModelCardError
+from ..io import storage
+from .backends import KINDS, OUTPUTS
+
 
 @dataclass
 class ModelCard:

@@ -2,11 +2,15 @@
 transformers, and the dry forward that checks a layer gives one spatial map per forward.
 """
 from __future__ import annotations
+
 import math
 from typing import Callable, Sequence
+
 import torch
 from torch import nn
+
 from ..errors import ModelCardError
+
 
 def _last_conv_name(model: nn.Module) -> str:
     last = None

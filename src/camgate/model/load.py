@@ -3,20 +3,23 @@ input preprocessing and resolved target layer(s). Weights load with ``weights_on
 safetensors; full pickled models are refused unless the card allows them.
 """
 from __future__ import annotations
+
 import hashlib
 import io
 import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
 import torch
 from torch import nn
+
+from ..data.geometry import InputSpec
+from ..errors import ModelCardError
 from ..io import storage
 from .backends import Backend, BackendError, import_object, load_backend
-from ..data.geometry import InputSpec
 from .card import ModelCard
-from ..errors import ModelCardError
-from .layers import check_layers, token_kind, default_target_layers, resolve_layers
+from .layers import check_layers, default_target_layers, resolve_layers, token_kind
 
 # --- architectures -------------------------------------------------------------------------
 

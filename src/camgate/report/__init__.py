@@ -12,8 +12,8 @@ import json
 from . import record
 from .junit import junit
 from .metrics import MAX_METRICS, metrics
-from .render import GALLERY, html, markdown
 from .overlays import overlay_png, overlays
+from .render import GALLERY, html, markdown
 
 __all__ = ["artifacts", "html", "markdown", "metrics", "junit", "overlays", "overlay_png", "record", "MAX_METRICS",
            "FILES", "GALLERY"]

@@ -29,8 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CamgateError, ConfigError
-from .overlays import boundary, colormap, resized_mask
 from ..settings import default
+from .overlays import boundary, colormap, resized_mask
 
 BANNER = 18  # px of text strip above each panel
 
@@ -330,10 +330,10 @@ def animate_image(model, image: str, out_dir, *, mask: str | None = None, layers
     stored maps; returns the paths of the Parquet, the MP4, the GIF, the contact sheet and the JSON."""
     import posixpath
 
-    from ..io import results, storage
     from .. import runner
-    from ..data.manifest import DataError, Item
     from ..data.decode import MaskSpec, decode_image, decode_mask
+    from ..data.manifest import DataError, Item
+    from ..io import results, storage
     from ..model.load import load_model
 
     norm_modes(norm)

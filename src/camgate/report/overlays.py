@@ -102,10 +102,10 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
     """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds).
 
     An image that cannot be read any more is left out: the report still renders."""
-    from ..io import results as res
-    from ..io import storage
     from ..data.decode import MaskSpec, decode_mask, model_view
     from ..data.geometry import InputSpec
+    from ..io import results as res
+    from ..io import storage
 
     pf = res.open_file(results_uri)
     # rank on the light columns, then read the maps of the chosen rows only

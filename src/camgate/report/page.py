@@ -1,14 +1,17 @@
 """The report's page model: a decision and its results as one list of sections (verdict, rules,
 scopes, distribution, champion, worst images, errors) that :mod:`.render` writes as Markdown or HTML."""
 from __future__ import annotations
+
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+
 import numpy as np
 import pyarrow as pa
-from ..io.results import RESULT_COLUMNS, read_results
+
 from ..gating.decision import Decision, RuleResult
 from ..gating.stats import class_stats
+from ..io.results import RESULT_COLUMNS, read_results
 from .overlays import worst_rows
 
 MAX_ROWS = {"html": 300, "md": 50}  # rows per table

@@ -1,7 +1,7 @@
 """Human-readable views of a gate decision: Markdown and self-contained HTML.
 
-Both are built from one list of sections (:func:`camgate.report.page.build_page`), so they say the same; the HTML adds the
-figures and the gallery of overlays. Every piece of text that comes from data (image ids, class
+Both are built from one list of sections (:func:`camgate.report.page.build_page`), so they say the
+same; the HTML adds the figures and the gallery of overlays. Every piece of text that comes from data (image ids, class
 names, errors, scope values, URIs, the policy name) is escaped: a results file is input, and a
 report is opened in a browser. The Markdown holds no HTML at all (KFP's viewer disables it).
 
@@ -10,9 +10,12 @@ so a run of any size gives an HTML page under 10 MB and Markdown under 400,000 c
 rule is in ``record.json`` and ``junit.xml`` whatever the page leaves out.
 """
 from __future__ import annotations
+
 import base64
 import html as _html
+
 import numpy as np
+
 from ..gating.decision import Decision
 from .overlays import GALLERY, colours
 from .page import Figure, Gallery, Sub, Table, build_page

@@ -2,18 +2,22 @@
 ``image``, never by position alone.
 """
 from __future__ import annotations
+
 import time
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
+
 from .. import __version__
-from ..io import storage
-from ..io import results as res
-from ..metrics.invalid import TOPK_DEFAULT, check_topk
-from ..data.manifest import DataError, load_items
 from ..data.decode import MaskSpec, StaticMask, storage_error_kind
 from ..data.geometry import InputSpec
-from .common import RunSummary, count_statuses, progress_bar, apply_metrics
+from ..data.manifest import DataError, load_items
+from ..io import results as res
+from ..io import storage
+from ..metrics.invalid import TOPK_DEFAULT, check_topk
+from .common import RunSummary, apply_metrics, count_statuses, progress_bar
+
 
 def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: str | None = None,
             mask_spec: MaskSpec | None = None, input_spec: InputSpec | None = None,

@@ -2,17 +2,21 @@
 compute and items that failed, isolating the item that breaks a batch, and writing metrics into rows.
 """
 from __future__ import annotations
+
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable
+
 import numpy as np
 import torch
+
 from ..data import device as gpu
+from ..data.decode import Sample
+from ..data.manifest import Item
+from ..errors import ConfigError
 from ..io import results as res
 from ..metrics.invalid import invalid_metrics
-from ..data.manifest import Item
-from ..data.decode import Sample
-from ..errors import ConfigError
+
 
 @dataclass
 class RunSummary:

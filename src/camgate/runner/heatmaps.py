@@ -5,21 +5,24 @@ With ``analyze=False`` it writes the heatmaps only (predictions + raw maps, no m
 KFP pipeline runs as separate tasks.
 """
 from __future__ import annotations
+
 import logging
 import time
+
 import torch
+
 from .. import __version__
+from ..cam import CamEngine, MethodError, canonical
 from ..data import device as gpu
+from ..data.batches import iter_batches
+from ..data.decode import MaskSpec, Sample, StaticMask
+from ..data.manifest import Item, load_items
+from ..errors import ConfigError
 from ..io import results as res
 from ..io import storage
 from ..metrics.invalid import TOPK_DEFAULT, check_topk
-from ..cam import CamEngine, MethodError, canonical
-from ..data.manifest import Item, load_items
-from ..data.decode import MaskSpec, Sample, StaticMask
-from ..data.batches import iter_batches
-from ..errors import ConfigError
 from ..model.load import LoadedModel, load_model
-from .common import RunSummary, count_statuses, progress_bar, apply_metrics, guarded, parse_target, row_seed, triage
+from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, row_seed, triage
 from .identity import fingerprint, provenance
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,8 @@ class Runner:
     def __init__(self, lm: LoadedModel, method: str = "gradcam", target: str | int = "predicted",
                  analyze: bool = True, topk: float = TOPK_DEFAULT, meta_types: dict | None = None,
                  budget: int = 1024, seed: int = 0, amp: str = "off", max_batch: int = 1 << 30):
-        from ..model.backends import TorchBackend
         from ..cam import BLACKBOX
+        from ..model.backends import TorchBackend
 
         self.lm, self.analyze, self.topk = lm, analyze, topk
         self.amp = gpu.check_amp(amp)

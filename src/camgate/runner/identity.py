@@ -2,10 +2,13 @@
 and the resume fingerprint (settings, model hashes and the items themselves).
 """
 from __future__ import annotations
+
 import os
+
 import torch
-from ..io import storage
+
 from ..data.manifest import Item
+from ..io import storage
 from ..model.load import LoadedModel
 
 PROVENANCE = ("environment", "started_at", "data_sha256")  # the keys provenance adds
@@ -23,7 +26,8 @@ def provenance(lm: LoadedModel, data: str) -> dict:
            "cudnn_benchmark": torch.backends.cudnn.benchmark}
     if lm.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(lm.device)
-    return {"environment": env, "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"environment": env, "started_at": now.isoformat(timespec="seconds"),
             "data_sha256": manifest_sha256(data)}
 
 

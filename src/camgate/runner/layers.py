@@ -1,18 +1,22 @@
 """``camgate layers``: every selected layer's map for every image, one row per (image, layer)."""
 from __future__ import annotations
+
 import time
+
 import torch
+
 from .. import __version__
+from ..cam import NATIVE, MethodError, canonical
 from ..data import device as gpu
+from ..data.batches import iter_batches
+from ..data.decode import MaskSpec, Sample, StaticMask
+from ..data.manifest import Item, load_items
+from ..errors import ConfigError
 from ..io import results as res
 from ..metrics.invalid import TOPK_DEFAULT, check_topk
-from ..cam import NATIVE, MethodError, canonical
-from ..data.manifest import Item, load_items
-from ..data.decode import MaskSpec, Sample, StaticMask
-from ..data.batches import iter_batches
-from ..errors import ConfigError
 from ..model.load import LoadedModel, load_model
-from .common import RunSummary, count_statuses, progress_bar, apply_metrics, guarded, parse_target, triage
+from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, triage
+
 
 def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | list[str] = "all",
                method: str = "gradcam", target: str | int = "predicted", static_mask: str | None = None,

@@ -2,19 +2,23 @@
 (image, layer), with the ybROAD summary over several layers.
 """
 from __future__ import annotations
+
 import math
 import time
+
 import numpy as np
 import torch
+
 from .. import __version__
-from ..data import device as gpu
-from ..io import results as res
 from ..cam import NATIVE, CamEngine, MethodError, canonical
-from ..data.manifest import load_items
-from ..data.decode import MaskSpec
+from ..data import device as gpu
 from ..data.batches import iter_batches
+from ..data.decode import MaskSpec
+from ..data.manifest import load_items
+from ..io import results as res
 from ..model.load import LoadedModel, load_model
-from .common import RunSummary, count_statuses, progress_bar, parse_target, row_seed, triage
+from .common import RunSummary, count_statuses, parse_target, progress_bar, row_seed, triage
+
 
 def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam", layers: str = "final",
              percentiles=None, sample: int = 0, seed: int = 0, target: str | int = "predicted",
@@ -28,8 +32,8 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gr
     (per-layer mean ROAD: ``ybroad_max``, ``ybroad_mean``, ``best_layer``, ``curve``)."""
     import random
 
-    from ..metrics import road as fa
     from ..cam.layers import plan_layers
+    from ..metrics import road as fa
 
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
@@ -84,8 +88,8 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gr
 
 def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, std, percentiles, seed,
                per_layer) -> list[dict]:
-    from ..metrics import road as fa
     from ..cam.layers import layer_maps
+    from ..metrics import road as fa
 
     def base(s, j):
         return {"row": s.item.index, "image_id": s.item.image_id, "image": s.item.image, "layer": names[j],

@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from ..io import storage
-from ..io import results as res
 from ..data.manifest import SHARD_ERROR, SHARD_STAGE, load_items
 from ..errors import ConfigError
+from ..io import results as res
+from ..io import storage
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,8 @@ def test_module_factory_card(tmp_path):
 
 @pytest.mark.parametrize("arch, layer", [("resnet50", "layer4.2"), ("densenet121", "features"),
                                          ("mobilenet_v3_small", "features.12"), ("vgg11", "features.20"),
-                                         ("convnext_tiny", "features.7"), ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1")])
+                                         ("convnext_tiny", "features.7"),
+                                          ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1")])
 def test_default_target_layers(arch, layer):
     m = torchvision.models.get_model(arch, weights=None, num_classes=3)
     assert default_target_layers(m, f"torchvision/{arch}") == [layer]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "demo" / "cache"  # shared with `make demo`: trained models are reused
 N = 60  # test images per model (DE-CAM costs `budget` forward passes each)
 BUDGET = 256
@@ -24,10 +24,10 @@ def test_decam_on_onnx_exports_agrees_with_gradcam_on_the_demo_models(tmp_path):
     import torch
     from scipy.stats import spearmanr
 
-    from camgate.io import results
     from camgate.demo.main import POLICY
     from camgate.demo.train import train
     from camgate.gating.decision import gate
+    from camgate.io import results
     from camgate.model.load import load_model
     from camgate.runner.heatmaps import run
 

@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from camgate.model.backends import Backend, CallableBackend, OnnxBackend, TorchBackend, load_backend
 from camgate.errors import ConfigError
+from camgate.model.backends import Backend, CallableBackend, OnnxBackend, TorchBackend, load_backend
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # legacy TorchScript exporter
               pytest.mark.usefixtures("one_thread")]  # many small ops: one torch thread

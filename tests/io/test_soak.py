@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import yaml
+from helpers import CAMGATE, HERE
 from PIL import Image
 
 from camgate.io import results, storage
-from helpers import CAMGATE
 
 N = 5000
 
@@ -36,7 +36,7 @@ def test_soak_5000_images_from_s3_constant_memory(s3_bucket, tmp_path):
         storage.write_bytes(storage.join(base, f"m{n}.csv"), ("image,shift\n" + rows).encode())
     storage.write_bytes(storage.join(base, "card.yaml"), yaml.safe_dump(
         {"name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3, "input": {"size": [32, 32]}}).encode())
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    env = dict(os.environ, PYTHONPATH=HERE)
     summaries = {}
     for n in (500, N):
         out = storage.join(base, f"out{n}.parquet")

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from camgate.io import results as res
 from camgate.cli import main
+from camgate.gating.decision import evaluate
 from camgate.gating.policy import RULES
 from camgate.gating.stats import BaselineError
-from camgate.gating.decision import evaluate
+from camgate.io import results as res
 from camgate.report import MAX_METRICS, artifacts, metrics
 
 

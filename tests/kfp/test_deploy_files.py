@@ -12,7 +12,7 @@ import yaml
 
 import camgate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
 MANIFESTS = ROOT / "manifests"
 KUSTOMIZATIONS = [MANIFESTS / "base", MANIFESTS / "overlays" / "kubeflow-minio", MANIFESTS / "overlays" / "external-s3"]
@@ -76,7 +76,8 @@ def test_dockerfile_structure(path):
         name, _, tag = image.rpartition(":")
         assert name and tag and tag != "latest" and re.search(r"\d+\.\d+", tag), f"unpinned base image {image}"
     # the image is built at the version the compiled components name in their tag
-    assert args["CAMGATE_VERSION"] == camgate.__version__, f"set ARG CAMGATE_VERSION={camgate.__version__} in {path.name}"
+    assert args["CAMGATE_VERSION"] == camgate.__version__, \
+        f"set ARG CAMGATE_VERSION={camgate.__version__} in {path.name}"
     kfp = pytest.importorskip("kfp")
     # the executor in the image matches the SDK that compiled the YAML
     assert args["KFP_VERSION"] == kfp.__version__, f"set ARG KFP_VERSION={kfp.__version__} in {path.name}"
@@ -134,7 +135,8 @@ def test_dockerfile_installs_the_tested_versions(path):
     for arg, value in args.items():  # KFP_VERSION=... names the kfp pin
         m = re.fullmatch(r"([A-Z0-9_]+)_VERSION", arg)
         if m and _norm(m.group(1).replace("_", "-")) in pinned:
-            assert value == pinned[_norm(m.group(1).replace("_", "-"))], f"ARG {arg}={value} disagrees with constraints.txt"
+            assert value == pinned[_norm(m.group(1).replace("_", "-"))], \
+                f"ARG {arg}={value} disagrees with constraints.txt"
     base = _expand(next(rest for word, rest in instr if word == "FROM").split()[0], args)
     m = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-\w+", base)
     assert m, f"base image {base}: a Python base, so pip installs the pinned torch (no torch of the base's own)"
@@ -284,7 +286,8 @@ def test_names_and_run_arguments_match_the_pipeline():
     assert {p for p, d in params.items() if not d.get("isOptional")} <= set(args)
     assert args["s3_secret"] == params["s3_secret"]["defaultValue"] == "camgate-s3"
     assert args["s3_config"] == params["s3_config"]["defaultValue"] == "camgate-s3"
-    assert all(str(v).startswith("s3://") for k, v in args.items() if k in ("model_card", "data", "policy", "output_prefix"))
+    uris = ("model_card", "data", "policy", "output_prefix")
+    assert all(str(v).startswith("s3://") for k, v in args.items() if k in uris)
     # nothing that looks like a credential in the example
     text = (MANIFESTS / "base" / "run-arguments.yaml").read_text()
     assert not re.search(r"(?i)aws_|secret_access|access_key", text)

@@ -7,15 +7,19 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
+from helpers import (
+    HERE,  # noqa: E402 - tests/, where zoo.py lives
+    computed,
+    counting_env,
+    make_set,
+    processes,
+)
 
-from camgate.io import results, storage
 from camgate.cli import main
 from camgate.data.manifest import load_items
+from camgate.io import results, storage
 from camgate.runner.shards import MergeError, merge, plan, run_shard
-from helpers import computed, counting_env, processes
-from helpers import make_set
 
-HERE = os.path.dirname(__file__)
 BAD = ["images/nope.png,masks/000.png,1,cam0", "../outside.png,masks/001.png,2,cam1"]
 
 
@@ -68,7 +72,8 @@ def test_shard_run_each_merge_equals_one_run(tmp_path, capsys, zoo_path):
         assert cli(capsys, "run", "--model", card, "--data", uri, "--out", parts[-1], "--batch-size", "2",
                    "--quiet")[0] == 0
     whole = str(tmp_path / "whole.parquet")
-    assert cli(capsys, "run", "--model", card, "--data", manifest, "--out", whole, "--batch-size", "4", "--quiet")[0] == 0
+    assert cli(capsys, "run", "--model", card, "--data", manifest, "--out", whole, "--batch-size", "4",
+               "--quiet")[0] == 0
     merged = str(tmp_path / "merged.parquet")
     code, out, err = cli(capsys, "merge", *reversed(parts), "--out", merged, "--data", manifest)
     assert code == 0, err
@@ -250,10 +255,10 @@ def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_sha
 
 def test_components_plan_work_and_merge(tmp_path, zoo_path):
     pytest.importorskip("kfp")
-    from kfp import dsl
+    from helpers import tiny_card as weighted_card
 
     from camgate.kfp import load_model, merge_results, plan_shards, shard_worker
-    from helpers import tiny_card as weighted_card
+    from kfp import dsl
 
     _, manifest = make_set(tmp_path, n=5, bad=BAD[:1])
     model = dsl.Model(uri=str(tmp_path / "model"))

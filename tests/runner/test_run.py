@@ -6,18 +6,13 @@ import subprocess
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
+from helpers import CAMGATE, make_set, png
 from PIL import Image
 
-from camgate.io import results, storage
 from camgate.cli import main
+from camgate.io import results, storage
 from camgate.runner.analysis import analyze
 from camgate.runner.heatmaps import run
-from helpers import CAMGATE, make_set, png
-
-
-
-
-
 
 
 def test_run_local_rows_in_order_with_errors(tmp_path):
@@ -92,7 +87,8 @@ def test_report_overlays_show_the_top_images(tmp_path):
 def test_nan_model_gives_error_rows_only_where_it_fails(tmp_path):
     card, manifest = make_set(tmp_path, n=4)
     (tmp_path / "nan.yaml").write_text(yaml.safe_dump({"name": "n", "arch": "zoo:nan_net", "num_classes": 3,
-                                                       "input": {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}))
+                                                       "input": {"size": [32, 32], "mean": [0.5] * 3,
+                                                                 "std": [0.5] * 3}}))
     img = np.zeros((32, 32, 3), np.uint8)  # black -> mean -1 after normalisation -> NaN
     (tmp_path / "images" / "black.png").write_bytes(png(img))
     with open(tmp_path / "manifest.csv", "a") as f:
@@ -106,7 +102,8 @@ def test_nan_model_gives_error_rows_only_where_it_fails(tmp_path):
 def test_model_raising_on_one_image_fails_only_that_row(tmp_path):
     card, manifest = make_set(tmp_path, n=5)
     (tmp_path / "picky.yaml").write_text(yaml.safe_dump({"name": "p", "arch": "zoo:picky_net", "num_classes": 3,
-                                                         "input": {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}))
+                                                         "input": {"size": [32, 32], "mean": [0.5] * 3,
+                                                                   "std": [0.5] * 3}}))
     (tmp_path / "images" / "white.png").write_bytes(png(np.full((32, 32, 3), 255, np.uint8)))
     lines = (tmp_path / "manifest.csv").read_text().splitlines()
     lines.insert(3, "images/white.png,masks/000.png,0,cam0")  # in the middle of the first batch

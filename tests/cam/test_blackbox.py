@@ -3,10 +3,10 @@ exact forward-pass budgets, per-image seeding (batch-independent, bit-identical 
 import pytest
 import torch
 
-from camgate.model.backends import CallableBackend, TorchBackend
 from camgate.cam.blackbox import METHODS, decam, explain, random_search, rise
 from camgate.cam.maps import CamBatch, minmax, upsample
 from camgate.errors import ConfigError
+from camgate.model.backends import CallableBackend, TorchBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
 

@@ -116,8 +116,9 @@ def test_the_report_of_a_large_run_stays_small():
     worst-case pictures (noise does not compress), Markdown < 400,000 characters and free of HTML."""
     import re
 
-    from camgate.report import GALLERY, overlay_png
     from helpers import png as png_bytes
+
+    from camgate.report import GALLERY, overlay_png
 
     n = 50_000
     t, base = big_results(n, 0), big_results(n, 1)
@@ -243,10 +244,10 @@ def test_the_report_of_a_real_run_renders_in_a_browser(real_run, tmp_path):
 def test_an_overlay_shows_the_model_view_and_the_heatmap_with_the_mask_outlined():
     import io
 
+    from helpers import png as png_bytes
     from PIL import Image
 
     from camgate.report import overlay_png
-    from helpers import png as png_bytes
 
     grey = png_bytes(np.full((50, 100, 3), 128, np.uint8))
     mask = np.zeros((50, 100), bool)

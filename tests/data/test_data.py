@@ -21,11 +21,11 @@ from PIL import Image
 from camgate import data as D
 from camgate.data import batches as batches_module
 from camgate.data import decode as decode_module
-from camgate.io import storage
-from camgate.data.manifest import DataError, Item, load_items
-from camgate.data.decode import MaskSpec, decode_image, decode_mask, load_sample
 from camgate.data.batches import iter_batches
+from camgate.data.decode import MaskSpec, decode_image, decode_mask, load_sample
 from camgate.data.geometry import InputSpec
+from camgate.data.manifest import DataError, Item, load_items
+from camgate.io import storage
 
 SPEC = InputSpec(size=(8, 8))
 RNG = np.random.default_rng(0)

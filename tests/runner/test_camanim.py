@@ -5,11 +5,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import make_set, zoo_card
 
-from camgate.io import results
 from camgate.cli import main
-from helpers import make_set
-from helpers import zoo_card
+from camgate.io import results
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import zlib
 import numpy as np
 import pytest
 import yaml
+from helpers import CAMGATE
 from PIL import Image
 
 from camgate.io import results, storage
-from helpers import CAMGATE
 
 
 def enc(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -45,7 +45,8 @@ BROKEN = {
     "zero_bytes": (b"", enc(MASK), "error", ["zero_bytes", "empty file"]),
     "truncated_jpeg": (enc(rgb(200, 160), "JPEG")[:900], enc(MASK), "error", ["truncated_jpeg", "truncated"]),
     "truncated_png": (enc(rgb(200, 160))[:2000], enc(MASK), "error", ["truncated_png", "truncated"]),
-    "not_an_image": (b"%PDF-1.4 definitely not pixels" * 10, enc(MASK), "error", ["not_an_image", "not a recognised image"]),
+    "not_an_image": (b"%PDF-1.4 definitely not pixels" * 10, enc(MASK), "error",
+                     ["not_an_image", "not a recognised image"]),
     "decompression_bomb": (bomb_png(), enc(MASK), "error", ["decompression_bomb", "decompression bomb"]),
 }
 WORKS = {
@@ -148,7 +149,8 @@ def test_run_level_problems_fail_fast_with_exit_2(tmp_path):
         (["--data", str(tmp_path / "ok.csv"), "--target", "7"], "outside"),
     ]
     for extra, words in cases:
-        p = subprocess.run(CAMGATE + ["run", "--model", str(tmp_path / "card.yaml"), "--out", str(tmp_path / "o.parquet")]
+        p = subprocess.run(CAMGATE + ["run", "--model", str(tmp_path / "card.yaml"),
+                                      "--out", str(tmp_path / "o.parquet")]
                            + extra, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
     (tmp_path / "bad.yaml").write_text("name: [unclosed")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKDIR = ROOT / ".cache" / "demo"  # shared with `make demo`: trained models are reused
 
 

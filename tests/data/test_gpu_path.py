@@ -9,15 +9,15 @@ import torch
 import yaml
 from PIL import Image
 
-from camgate.data import device as gpu
-from camgate.io import results
 from camgate.cam import CamEngine
 from camgate.cli import main
-from camgate.data.decode import MaskSpec
+from camgate.data import device as gpu
 from camgate.data.batches import iter_batches
+from camgate.data.decode import MaskSpec
+from camgate.data.geometry import InputSpec
 from camgate.data.manifest import load_items
 from camgate.errors import ConfigError
-from camgate.data.geometry import InputSpec
+from camgate.io import results
 from camgate.model.load import load_model
 from camgate.runner.heatmaps import run
 

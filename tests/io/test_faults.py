@@ -1,19 +1,20 @@
 """Faults for real: the process killed mid-run, the S3 server restarted mid-run."""
+import json
 import os
 import signal
 import subprocess
 import time
 
-import json
-
 import pyarrow.parquet as pq
 import yaml
+from helpers import (
+    CAMGATE,
+    computed,
+    counting_env,
+    make_set,
+)
 
 from camgate.io import results, storage
-from helpers import CAMGATE, make_set
-from helpers import computed, counting_env
-
-HERE = os.path.dirname(__file__)
 
 
 def _wait_for(pred, timeout, what):

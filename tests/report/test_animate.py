@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from camgate.report.animate import BANNER, EncodeError, animate, contact_sheet, render_frames, write_gif, write_mp4
 from camgate.errors import ConfigError
-
+from camgate.report.animate import BANNER, EncodeError, animate, contact_sheet, render_frames, write_gif, write_mp4
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
 

@@ -10,15 +10,14 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-import torchvision
-from torch import nn
-
 import pytorch_grad_cam as pgc
 import pytorch_grad_cam.eigen_cam as pgc_eigen
 import pytorch_grad_cam.eigen_grad_cam as pgc_eigengrad
+import torch
+import torchvision
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+from torch import nn
 
 from camgate.cam import normalized
 from camgate.cam.layers import LayerPlan, LayerRef, layer_maps, normalise, plan_layers

@@ -7,17 +7,11 @@ import yaml
 
 pytest.importorskip("kfp")
 
+from helpers import COMPILED, EXPORTS, ROOT, args, exported
+
 from camgate.io import storage  # noqa: E402
 from camgate.kfp import PipelineFailed, local_run  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
-from helpers import COMPILED, EXPORTS, ROOT, args, exported
-
-
-
-
-
-
-
 
 
 def test_pass_promotes_and_exports(s3_set, s3_server, capfd):

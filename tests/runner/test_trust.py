@@ -7,14 +7,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import make_set, png, zoo_card
 
-from camgate.io import results
 from camgate.cli import main
 from camgate.data.manifest import DataError
+from camgate.io import results
 from camgate.runner.analysis import analyze
 from camgate.runner.heatmaps import run
-from helpers import make_set, png
-from helpers import zoo_card
 
 METRICS = ["invalid_activation_ratio", "invalid_area_ratio", "topk_invalid_share"]
 
@@ -187,8 +186,8 @@ def test_internal_errors_exit_3_and_say_it_is_a_bug(tmp_path, monkeypatch, capsy
 
 def test_report_overlays_are_keyed_by_row_not_image_id(tmp_path):
     from camgate import report
-    from camgate.io import storage
     from camgate.data.geometry import InputSpec
+    from camgate.io import storage
 
     rng = np.random.default_rng(3)
     lines = ["image,mask"]

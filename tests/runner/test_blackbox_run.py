@@ -11,16 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-
-from camgate.io import results
-from camgate.cli import main
-from camgate.model.card import ModelCard
-from camgate.errors import ModelCardError
-from camgate.model.load import load_model
-from camgate.runner.heatmaps import Runner, run
-from camgate.runner.analysis import analyze
 from helpers import make_set
 from zoo import tiny_cnn
+
+from camgate.cli import main
+from camgate.errors import ModelCardError
+from camgate.io import results
+from camgate.model.card import ModelCard
+from camgate.model.load import load_model
+from camgate.runner.analysis import analyze
+from camgate.runner.heatmaps import Runner, run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # legacy TorchScript exporter
               pytest.mark.usefixtures("one_thread")]  # many small ops: one torch thread
@@ -101,7 +101,8 @@ def test_heatmaps_only_then_analyze_equals_fused(bb, tmp_path):
 
 def test_maps_depend_on_seed_and_row_only(bb, tmp_path):
     """Same seed: identical maps, whatever the batch size (each image is seeded from its row)."""
-    run(bb["onnx"], bb["manifest"], str(tmp_path / "b6.parquet"), method="decam", analyze=False, batch_size=6, progress=False)
+    run(bb["onnx"], bb["manifest"], str(tmp_path / "b6.parquet"), method="decam", analyze=False, batch_size=6,
+        progress=False)
     run(bb["onnx"], bb["manifest"], str(tmp_path / "b6again.parquet"), method="decam", analyze=False,
         batch_size=6, progress=False)
     run(bb["onnx"], bb["manifest"], str(tmp_path / "b2.parquet"), method="decam", analyze=False, batch_size=2,
@@ -116,8 +117,8 @@ def test_maps_depend_on_seed_and_row_only(bb, tmp_path):
 def test_runner_budget_and_seed(bb):
     """Runner(budget=, seed=): exactly budget masked passes per image plus one clean pass; another seed,
     another map; a per-row seed makes an image's map independent of its batch mates."""
-    from camgate.data.decode import MaskSpec
     from camgate.data.batches import iter_batches
+    from camgate.data.decode import MaskSpec
     from camgate.data.manifest import load_items
 
     lm = load_model(bb["onnx"])
@@ -223,10 +224,9 @@ def test_torch_card_with_rise(bb, tmp_path):
 
 def test_kfp_components_on_an_onnx_card(bb, tmp_path):
     pytest.importorskip("kfp")
-    from kfp import dsl
-
     from camgate.kfp import analyze_invalid_activation, compute_heatmaps
     from camgate.kfp import load_model as load_component
+    from kfp import dsl
 
     model = dsl.Model(uri=str(tmp_path / "model"))
     load_component.python_func(model_card=bb["onnx"], model=model)

@@ -5,12 +5,11 @@ align_corners=False, min-max), must equal pytorch-grad-cam's output within 1e-4.
 """
 import numpy as np
 import pytest
-import torch
-import torchvision
-
 import pytorch_grad_cam as pgc
 import pytorch_grad_cam.eigen_cam as pgc_eigen
 import pytorch_grad_cam.eigen_grad_cam as pgc_eigengrad
+import torch
+import torchvision
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 
 from camgate.cam import CamEngine, normalized

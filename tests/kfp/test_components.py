@@ -11,18 +11,15 @@ import yaml
 
 pytest.importorskip("kfp")
 
-from kfp import dsl  # noqa: E402
+from helpers import HERE, computed, make_set, tiny_card
 
 import camgate  # noqa: E402
-from camgate.kfp import (IMAGE, analyze_invalid_activation, compute_heatmaps, gate,  # noqa: E402
-                         load_model, promote)
+from camgate.kfp import IMAGE, analyze_invalid_activation, compute_heatmaps, gate, load_model, promote  # noqa: E402
 from camgate.kfp.compile import compile_all  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
-from helpers import computed
-from helpers import make_set
-from helpers import tiny_card
+from kfp import dsl  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "plan_shards", "shard_worker",
                    "merge_results", "champion_results", "gate", "promote", "layer_maps", "animate_layers",
                    "road_faithfulness"]
@@ -266,10 +263,11 @@ def test_heatmaps_task_killed_and_restarted_resumes_from_its_checkpoint_on_s3(s3
     (tmp_path / "model.json").write_text(json.dumps(model.metadata))
     ckpt = storage.join(s3_bucket, "runs", "r1", "checkpoints", "heatmaps")
     task = ("import json, sys\nfrom kfp import dsl\nfrom camgate.kfp import compute_heatmaps\n"
-            f"m = dsl.Model(uri={str(tmp_path / 'model')!r}); m.metadata = json.load(open({str(tmp_path / 'model.json')!r}))\n"
+            f"m = dsl.Model(uri={str(tmp_path / 'model')!r})\n"
+            f"m.metadata = json.load(open({str(tmp_path / 'model.json')!r}))\n"
             "compute_heatmaps.python_func(model=m, data=sys.argv[1], heatmaps=dsl.Dataset(uri=sys.argv[2]), "
             f"batch_size=2, checkpoint={ckpt!r}, checkpoint_rows=2, device='cpu')\n")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), CAMGATE_TEST_COUNT=str(tmp_path / "first.count"))
+    env = dict(os.environ, PYTHONPATH=HERE, CAMGATE_TEST_COUNT=str(tmp_path / "first.count"))
     proc = subprocess.Popen([sys.executable, "-c", task, manifest, str(tmp_path / "pod1" / "heatmaps")], env=env)
     parts = lambda: [u for u in storage.list_uris(ckpt) if "part-" in u]  # noqa: E731
     end = time.time() + 180
@@ -280,7 +278,7 @@ def test_heatmaps_task_killed_and_restarted_resumes_from_its_checkpoint_on_s3(s3
     done = 2 * len(parts())
     assert 6 <= done < 24
 
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    monkeypatch.setenv("PYTHONPATH", HERE)
     monkeypatch.setenv("CAMGATE_TEST_COUNT", str(tmp_path / "second.count"))
     heat = dsl.Dataset(uri=str(tmp_path / "pod2" / "heatmaps"))
     (tmp_path / "pod2").mkdir()
