@@ -93,6 +93,35 @@ def test_cli_keeps_its_flags_and_parsing():
     assert p.parse_args(["animate", "--model", "c", "--image", "i", "--out", "o"]).fps == 8
 
 
+def _library_functions():
+    """The library's entry points, each with the verb whose defaults it shares."""
+    import camgate
+    from camgate import runner
+
+    return {"run": (runner.run, "run"), "Runner": (runner.Runner.__init__, "run"),
+            "run_layers": (runner.run_layers, "layers"), "run_road": (runner.run_road, "road"),
+            "analyze": (runner.analyze, "analyze"), "explain": (camgate.explain, "run"),
+            "evaluate": (camgate.evaluate, "run")}
+
+
+@pytest.mark.parametrize("name", ["run", "Runner", "run_layers", "run_road", "analyze", "explain", "evaluate"])
+def test_library_defaults_are_the_table(name):
+    """The Python functions behind the verbs take each setting of their verb with the table's default:
+    a default typed again by hand would drift."""
+    fn, verb = _library_functions()[name]
+    params = inspect.signature(fn).parameters
+    checked = 0
+    for s in settings.SETTINGS.values():
+        if verb in s.verbs and s.name in params:
+            want = settings.default(s.name, verb)
+            have = params[s.name].default
+            if want in ("", None):
+                continue  # "not given" is None in Python
+            assert have == want, (name, s.name, have, want)
+            checked += 1
+    assert checked >= 1, name
+
+
 @pytest.mark.parametrize("name", sorted(STEPS))
 def test_step_parameters_are_the_table(name):
     params = inspect.signature(STEPS[name]).parameters

@@ -57,12 +57,13 @@ from .gating.decision import evaluate as judge
 from .gating.policy import load_policy
 from .io import results as res
 from .io import storage
-from .metrics.invalid import TOPK_DEFAULT, check_topk
+from .metrics.invalid import check_topk
 from .model.card import ModelCard
 from .model.layers import check_layers, default_target_layers, resolve_layers
 from .model.load import LoadedModel, load_model, pick_device
 from .runner.common import triage
 from .runner.heatmaps import Runner
+from .settings import default
 
 __all__ = ["Explanation", "evaluate", "explain"]
 
@@ -105,11 +106,11 @@ class Explanation:
         return self.maps.shape[0]
 
 
-def explain(model, images, *, method: str = "gradcam", target: str | int = "predicted",
+def explain(model, images, *, method: str = default("method"), target: str | int = default("target"),
             target_layer: str | Sequence[str] | None = None, input=None, num_classes: int | None = None,
             classes: Sequence[str] | None = None, reshape: str | None = None, labels: Sequence | None = None,
-            device: str = "auto", batch_size: int = 16, budget: int = 1024, seed: int = 0,
-            amp: str = "off") -> Explanation:
+            device: str = default("device"), batch_size: int = default("batch_size"),
+            budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp")) -> Explanation:
     """Heatmaps and predictions for a batch of images.
 
     ``target``: ``'predicted'``, ``'label'`` (then ``labels``: a class index or name per image) or a
@@ -145,13 +146,15 @@ def explain(model, images, *, method: str = "gradcam", target: str | int = "pred
                        lm.card.classes, tuple(lm.input.size))
 
 
-def evaluate(model, images, masks, *, policy=None, method: str = "gradcam", target: str | int = "predicted",
+def evaluate(model, images, masks, *, policy=None, method: str = default("method"),
+             target: str | int = default("target"),
              target_layer: str | Sequence[str] | None = None, input=None, num_classes: int | None = None,
              classes: Sequence[str] | None = None, reshape: str | None = None, labels: Sequence | None = None,
              image_ids: Sequence[str] | None = None, metadata=None, invert: bool = False,
              invalid_ids: Sequence[int] | None = None, mask_spec: MaskSpec | None = None,
-             topk: float = TOPK_DEFAULT, device: str = "auto", batch_size: int = 16, budget: int = 1024,
-             seed: int = 0, amp: str = "off"):
+             topk: float = default("topk"), device: str = default("device"),
+             batch_size: int = default("batch_size"), budget: int = default("budget"), seed: int = default("seed"),
+             amp: str = default("amp")):
     """``camgate run`` + ``camgate gate`` in memory -> ``(results, decision)``.
 
     ``results``: a pandas DataFrame, one row per image in order, with the columns and statuses of a

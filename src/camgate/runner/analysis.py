@@ -15,13 +15,14 @@ from ..data.geometry import InputSpec
 from ..data.manifest import DataError, load_items
 from ..io import results as res
 from ..io import storage
-from ..metrics.invalid import TOPK_DEFAULT, check_topk
+from ..metrics.invalid import check_topk
+from ..settings import default
 from .common import RunSummary, apply_metrics, count_statuses, progress_bar
 
 
 def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: str | None = None,
             mask_spec: MaskSpec | None = None, input_spec: InputSpec | None = None,
-            topk: float = TOPK_DEFAULT, batch_size: int = 64, device: str = "cpu",
+            topk: float = default("topk"), batch_size: int = 64, device: str = "cpu",
             workers: int = 8, progress: bool = True) -> RunSummary:
     """Heatmaps Parquet (from ``run(..., analyze=False)``) + masks -> results Parquet.
 

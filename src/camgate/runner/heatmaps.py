@@ -20,8 +20,9 @@ from ..data.manifest import Item, load_items
 from ..errors import ConfigError
 from ..io import results as res
 from ..io import storage
-from ..metrics.invalid import TOPK_DEFAULT, check_topk
+from ..metrics.invalid import check_topk
 from ..model.load import LoadedModel, load_model
+from ..settings import default
 from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, row_seed, triage
 from .identity import fingerprint, provenance
 
@@ -52,9 +53,10 @@ class Runner:
         def close(self):
             pass
 
-    def __init__(self, lm: LoadedModel, method: str = "gradcam", target: str | int = "predicted",
-                 analyze: bool = True, topk: float = TOPK_DEFAULT, meta_types: dict | None = None,
-                 budget: int = 1024, seed: int = 0, amp: str = "off", max_batch: int = 1 << 30):
+    def __init__(self, lm: LoadedModel, method: str = default("method"), target: str | int = default("target"),
+                 analyze: bool = True, topk: float = default("topk"), meta_types: dict | None = None,
+                 budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
+                 max_batch: int = 1 << 30):
         from ..cam import BLACKBOX
         from ..model.backends import TorchBackend
 
@@ -148,13 +150,14 @@ class Runner:
         apply_metrics(good, good_cams, good_masks, self.topk)
 
 
-def run(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam",
-        target: str | int = "predicted", target_layer: str | list[str] | None = None,
-        static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(), batch_size: int | str = 16,
-        device: str = "auto", workers: int = 4, topk: float = TOPK_DEFAULT, analyze: bool = True,
-        policy: str | None = None, progress: bool = True, checkpoint_rows: int = 256,
-        checkpoint: str | None = None, budget: int = 1024, seed: int = 0, amp: str = "off",
-        decode: str = "auto") -> RunSummary:
+def run(model: str | LoadedModel, data: str, out: str, *, method: str = default("method"),
+        target: str | int = default("target"), target_layer: str | list[str] | None = None,
+        static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(),
+        batch_size: int | str = default("batch_size"), device: str = default("device"),
+        workers: int = default("workers"), topk: float = default("topk"), analyze: bool = True,
+        policy: str | None = None, progress: bool = True, checkpoint_rows: int = default("checkpoint_rows"),
+        checkpoint: str | None = None, budget: int = default("budget"), seed: int = default("seed"),
+        amp: str = default("amp"), decode: str = default("decode")) -> RunSummary:
     """The heatmap test step. Raises (before any compute) only for problems of the whole run.
 
     With ``analyze=False`` only predictions and maps are computed (masks are not read; their URIs and

@@ -13,15 +13,18 @@ from ..data.decode import MaskSpec, Sample, StaticMask
 from ..data.manifest import Item, load_items
 from ..errors import ConfigError
 from ..io import results as res
-from ..metrics.invalid import TOPK_DEFAULT, check_topk
+from ..metrics.invalid import check_topk
 from ..model.load import LoadedModel, load_model
+from ..settings import default
 from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, triage
 
 
-def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | list[str] = "all",
-               method: str = "gradcam", target: str | int = "predicted", static_mask: str | None = None,
-               mask_spec: MaskSpec = MaskSpec(), batch_size: int = 8, device: str = "auto", workers: int = 4,
-               topk: float = TOPK_DEFAULT, progress: bool = True, items: list[Item] | None = None) -> RunSummary:
+def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | list[str] = default("layers"),
+               method: str = default("method"), target: str | int = default("target"),
+               static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(),
+               batch_size: int = default("batch_size", "layers"), device: str = default("device"),
+               workers: int = default("workers"), topk: float = default("topk"), progress: bool = True,
+               items: list[Item] | None = None) -> RunSummary:
     """Every selected layer's map for every image -> layers Parquet, one row per (image, layer).
 
     One forward and one backward per batch reach all layers (:mod:`camgate.cam.layers`); with masks,

@@ -17,12 +17,15 @@ from ..data.decode import MaskSpec
 from ..data.manifest import load_items
 from ..io import results as res
 from ..model.load import LoadedModel, load_model
+from ..settings import default
 from .common import RunSummary, count_statuses, parse_target, progress_bar, row_seed, triage
 
 
-def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = "gradcam", layers: str = "final",
-             percentiles=None, sample: int = 0, seed: int = 0, target: str | int = "predicted",
-             batch_size: int = 8, device: str = "auto", workers: int = 4, progress: bool = True) -> RunSummary:
+def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = default("method"),
+             layers: str = default("layers", "road"), percentiles=None, sample: int = default("sample"),
+             seed: int = default("seed"), target: str | int = default("target"),
+             batch_size: int = default("batch_size", "road"), device: str = default("device"),
+             workers: int = default("workers"), progress: bool = True) -> RunSummary:
     """ROAD faithfulness of the maps (:mod:`camgate.metrics.road`) -> ROAD Parquet, one row per (image, layer).
 
     ``layers``: ``final`` (the card's target layer, the maps the gate judges), ``all``, or names as
