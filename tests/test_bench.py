@@ -17,15 +17,21 @@ def test_bench_reports_every_variant_per_layer_and_one_json_line(capsys):
         assert bench.main(args) == 0
     finally:
         torch.set_num_threads(threads)
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(printed[-1])
+    # the trainable model's ratio to the floor is printed beside the frozen one's
+    ratio_lines = [line.split()[0:3] for line in printed if " / floor " in line]
+    assert ratio_lines[:2] == [["camgate", "/", "floor"], ["camgate(trainable)", "/", "floor"]]
     t = result["timing"]
     assert set(t["layers"]) == {"layer4", "layer3"} and t["order"] == "rotating"
     for r in t["layers"].values():
         assert set(r["ms_per_batch"]) == set(bench.VARIANTS)
         assert all(s["min"] <= s["median"] <= s["max"] for s in r["ms_per_batch"].values())
         assert {f"{a}_over_{b}" for a, b in bench.RATIOS} == set(r["ratios"])
-        # the same maps: camgate against the floor (raw) and against pytorch-grad-cam (normalised)
+        # the same maps: camgate (frozen and trainable model) against the floor (raw) and against
+        # pytorch-grad-cam (normalised)
         assert r["max_abs_delta"]["camgate_vs_floor_raw"] <= 1e-5
+        assert r["max_abs_delta"]["camgate_trainable_vs_floor_raw"] <= 1e-5
         assert r["max_abs_delta"]["camgate_vs_pytorch_grad_cam_normalised"] <= 1e-4
 
 

@@ -1,4 +1,5 @@
-"""``camgate bench``: no_grad inference, camgate, a minimal Grad-CAM and pytorch-grad-cam, side by side.
+"""``camgate bench``: no_grad inference, camgate (on a frozen and on a trainable model), a minimal
+Grad-CAM and pytorch-grad-cam, side by side.
 
 Timing is kept fair three ways. Each variant gets its own copy of the model, so none pays for
 another's hooks (pytorch-grad-cam registers its hooks at construction, and they stay). The order of
@@ -7,8 +8,14 @@ allocator, CPU frequency). And every round times all variants on the same batch,
 hits them alike: min/median/max per variant and, per round, the ratios between variants, whose spread
 shows how much the noise moved them. The "floor" is the least a Grad-CAM can do with hooks: a forward
 hook detaches the target activation into a fresh leaf that requires grad and hands it on,
-``autograd.grad(score, leaf)``, weights = mean gradient, ReLU(weighted sum). Each target depth is
-timed separately: at ``layer4`` the backward covers pooling + fc only, at ``layer3`` a whole stage.
+``autograd.grad(score, leaf)``, weights = mean gradient, ReLU(weighted sum). It runs on a frozen
+copy of the model: Grad-CAM needs no parameter gradient, and the least it can cost is with no graph
+recorded before the target layer. camgate is timed twice: on a frozen copy (``camgate``) and on a
+trainable one (``camgate_trainable``, the model as a user holds it, ``requires_grad`` on), where it
+freezes the parameters for the call itself; both are compared with that same floor, so
+``camgate_trainable/floor`` includes whatever getting there from a trainable model costs. Each target
+depth is timed separately: at ``layer4`` the backward covers pooling + fc only, at ``layer3`` a whole
+stage.
 
 Memory: the full ``run`` step (files -> results Parquet) over N and 10·N images in fresh processes;
 their peak RSS ratio, and the slope in MB per 1,000 images, show whether memory grows with the
@@ -33,16 +40,17 @@ import torch
 
 from . import settings
 
-VARIANTS = ("inference", "camgate", "floor", "pytorch_grad_cam")
+VARIANTS = ("inference", "camgate", "camgate_trainable", "floor", "pytorch_grad_cam")
 # numerator, denominator: ratios of medians and their spread over rounds
 RATIOS = (("camgate", "inference"), ("floor", "inference"), ("camgate", "floor"),
-          ("pytorch_grad_cam", "camgate"), ("pytorch_grad_cam", "inference"))
+          ("camgate_trainable", "floor"), ("pytorch_grad_cam", "camgate"), ("pytorch_grad_cam", "inference"))
+LABELS = {"camgate_trainable": "camgate(trainable)"}  # how the printed table names a variant
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="resnet50", help="torchvision architecture (random weights)")
-    p.add_argument("--method", default=settings.default("method"), help="gradcam (with the floor), gradcam++, layercam, "
-                   "xgradcam or hirescam (without)")
+    p.add_argument("--method", default=settings.default("method"),
+                   help="gradcam (with the floor), gradcam++, layercam, xgradcam or hirescam (without)")
     p.add_argument("--layers", default="layer4,layer3", help="target layers, each timed on its own")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
@@ -89,7 +97,12 @@ def _sync(dev: torch.device) -> None:
 
 
 def floor_gradcam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The minimal hand-written Grad-CAM (raw maps, (B, h, w)) for the predicted class."""
+    """The minimal hand-written Grad-CAM (raw maps, (B, h, w)) for the predicted class.
+
+    It does nothing about ``requires_grad``: the bench gives it a frozen model, where it records no
+    graph before ``layer`` and computes no parameter gradient. On a trainable model it would record
+    the graph of every layer before the target and no longer be a floor.
+    """
     kept = []
 
     def hook(_module, _inputs, out):
@@ -129,10 +142,14 @@ def time_layer(base: torch.nn.Module, layer: str, method: str, x: torch.Tensor, 
     ref_cls = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
                "xgradcam": pgc.XGradCAM, "hirescam": pgc.HiResCAM}[method]
     m_inf, _ = copy_of(False)
-    m_cg, l_cg = copy_of(False)  # camgate freezes the parameters (the runner's model is frozen too)
+    m_cg, l_cg = copy_of(False)  # frozen, as the runner's model (frozen at load)
+    m_tr, l_tr = copy_of(True)  # the model as a user holds it: camgate freezes it for each call
+    # The floor on a frozen copy: the least a Grad-CAM costs, one that computes no parameter gradient
+    # and records no graph before the target. Both camgate variants are measured against it.
     m_fl, l_fl = copy_of(False)
     m_ref, l_ref = copy_of(True)  # pytorch-grad-cam as users run it: trainable parameters, full backward
     engine, ref = CamEngine(m_cg, l_cg, method), ref_cls(model=m_ref, target_layers=l_ref)
+    engine_tr = CamEngine(m_tr, l_tr, method)
     out: dict = {}
 
     def infer():
@@ -142,13 +159,17 @@ def time_layer(base: torch.nn.Module, layer: str, method: str, x: torch.Tensor, 
     def camgate():
         out["camgate"] = engine(x).cams
 
+    def camgate_trainable():
+        out["camgate_trainable"] = engine_tr(x).cams
+
     def floor():
         out["floor"] = floor_gradcam(m_fl, l_fl[0], x)
 
     def theirs():
         out["pytorch_grad_cam"] = ref(x, targets=None)
 
-    variants = {"inference": infer, "camgate": camgate, "floor": floor, "pytorch_grad_cam": theirs}
+    variants = {"inference": infer, "camgate": camgate, "camgate_trainable": camgate_trainable, "floor": floor,
+                "pytorch_grad_cam": theirs}
     if method != "gradcam":
         del variants["floor"]  # the floor is Grad-CAM only
     names = list(variants)
@@ -181,6 +202,11 @@ def time_layer(base: torch.nn.Module, layer: str, method: str, x: torch.Tensor, 
         normalized(out["camgate"], size).cpu().numpy() - out["pytorch_grad_cam"]).max())}
     if "floor" in out:
         delta["camgate_vs_floor_raw"] = float((out["camgate"] - out["floor"]).abs().max())
+        delta["camgate_trainable_vs_floor_raw"] = float((out["camgate_trainable"] - out["floor"]).abs().max())
+    else:
+        delta["camgate_trainable_vs_camgate_raw"] = float((out["camgate_trainable"] - out["camgate"]).abs().max())
+    if any(p.requires_grad for p in m_cg.parameters()) or not all(p.requires_grad for p in m_tr.parameters()):
+        raise RuntimeError("a camgate call changed its model's requires_grad flags")
     ratios = {}
     for a, b in RATIOS:
         if a in times and b in times:
@@ -285,11 +311,12 @@ def main(args: argparse.Namespace) -> int:
     for name, r in t["layers"].items():
         print(f"target {name}:   ms/batch  min / median / max          img/s   peak")
         for k, ms in r["ms_per_batch"].items():
-            print(f"  {k:18s} {ms['min']:8.1f} {ms['median']:8.1f} {ms['max']:8.1f}  {r['images_per_s'][k]:12.1f}"
-                  f"  +{r['peak_mem_mb'][k]:.0f} MB")
+            print(f"  {LABELS.get(k, k):18s} {ms['min']:8.1f} {ms['median']:8.1f} {ms['max']:8.1f}  "
+                  f"{r['images_per_s'][k]:12.1f}  +{r['peak_mem_mb'][k]:.0f} MB")
         for k, q in r["ratios"].items():
             pr = q["per_round"]
-            print(f"  {k:34s} {q['of_medians']:6.3f}x  "
+            a, b = k.split("_over_")
+            print(f"  {LABELS.get(a, a) + ' / ' + LABELS.get(b, b):34s} {q['of_medians']:6.3f}x  "
                   f"(per round {pr['min']:.3f} .. {pr['median']:.3f} .. {pr['max']:.3f})")
         for k, d in r["max_abs_delta"].items():
             print(f"  max |delta| {k} = {d:.2e}")

@@ -1,4 +1,5 @@
 """Properties of the CAM engine beyond equality with the reference."""
+import copy
 import gc
 import weakref
 
@@ -126,3 +127,84 @@ def test_no_copy_when_nothing_writes_in_place(model):
     engine = CamEngine(model, [model.layer3], "gradcam")
     engine(torch.randn(1, 3, 64, 64))
     assert not engine._clone
+
+
+# --- a model as its user holds it: trainable parameters ------------------------------------------
+
+def _trainable_resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=5).eval()  # requires_grad=True, as constructed
+
+
+@pytest.mark.parametrize("layer", ["layer4", "conv1", "layer1", "bn1"])
+def test_trainable_model_gives_the_frozen_models_maps(layer):
+    m = _trainable_resnet18()
+    frozen = copy.deepcopy(m).requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    out = CamEngine(m, [getattr(m, layer)], "gradcam")(x)
+    ref = CamEngine(frozen, [getattr(frozen, layer)], "gradcam")(x)
+    assert torch.allclose(out.cams, ref.cams, rtol=0, atol=1e-6)
+    assert torch.equal(out.logits, ref.logits)
+    assert out.cams.amax((1, 2)).gt(0).all()  # first-layer targets get their gradients too
+    assert all(p.requires_grad and p.grad is None for p in m.parameters())
+
+
+def test_trainable_model_records_no_graph_through_its_weights():
+    # Fails with an engine that leaves the parameters trainable: the forward then records a graph
+    # from conv1 on, and every weight is on it (an AccumulateGrad node for it under the logits).
+    m = _trainable_resnet18()
+    params = {id(p) for p in m.parameters()}
+    upstream, on_graph = [], set()
+
+    def walk(fn, seen):
+        if fn is None or fn in seen:
+            return
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            on_graph.add(id(fn.variable))
+        for nxt, _ in fn.next_functions:
+            walk(nxt, seen)
+
+    h1 = m.layer1.register_forward_hook(lambda mod, i, o: upstream.append(o.requires_grad))
+    h2 = m.register_forward_hook(lambda mod, i, o: walk(o.grad_fn, set()))
+    try:
+        CamEngine(m, [m.layer4], "gradcam")(torch.randn(1, 3, 64, 64))
+    finally:
+        h1.remove()
+        h2.remove()
+    assert upstream == [False]
+    assert on_graph and not (on_graph & params)  # only the layer4 leaf is on the graph
+
+
+class _Raises(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.conv(x)
+        raise ValueError("broken forward")
+
+
+def test_flags_and_grads_come_back_exactly_also_when_the_forward_raises():
+    m = _trainable_resnet18()
+    m.conv1.requires_grad_(False)
+    m.layer2[0].bn1.weight.requires_grad_(False)
+    m.fc.bias.requires_grad_(False)
+    before = [p.requires_grad for p in m.parameters()]
+    assert any(before) and not all(before)
+    g = torch.ones_like(m.fc.weight)
+    m.fc.weight.grad = g  # a gradient the caller holds is left as it is
+    CamEngine(m, [m.layer3], "gradcam")(torch.randn(2, 3, 64, 64))
+    assert [p.requires_grad for p in m.parameters()] == before
+    assert m.fc.weight.grad is g and torch.equal(g, torch.ones_like(g))
+    assert all(p.grad is None for n, p in m.named_parameters() if n != "fc.weight")
+    assert m.training is False
+
+    bad = _Raises().train()
+    bad.fc.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in bad.parameters()]
+    with pytest.raises(ValueError, match="broken forward"):
+        CamEngine(bad, [bad.conv], "gradcam")(torch.randn(1, 3, 8, 8))
+    assert [p.requires_grad for p in bad.parameters()] == flags and bad.training

@@ -89,7 +89,8 @@ SAMPLES = {
     "resnet18": (2, ["bn1", "layer1.0.bn1", "layer4.1.bn2", "layer4.1.conv2"]),
     "densenet121": (40, ["features.norm0", "features.denseblock1.denselayer1.norm1",
                          "features.denseblock1.denselayer1.norm2", "features.transition1.norm",
-                         "features.denseblock1", "features.transition3.norm", "features.denseblock4.denselayer1.norm1", "features.norm5"]),
+                         "features.denseblock1", "features.transition3.norm",
+                         "features.denseblock4.denselayer1.norm1", "features.norm5"]),
     "mobilenet_v3_small": (12, ["features.0.1", "features.3", "features.12.1"]),
     "efficientnet_b0": (20, ["features.0.1", "features.2.1", "features.6.3", "features.8.1"]),
 }
@@ -135,7 +136,8 @@ class TwoRelu(nn.Module):
 
     def __init__(self, shared: bool):
         super().__init__()
-        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
         if not shared:
             self.relu_b = nn.ReLU(inplace=True)
@@ -312,3 +314,44 @@ def test_outputs_handed_on_uncopied_only_when_nothing_modifies_them():
         mine = layer_maps(sneaky, x, plan).maps
         theirs = layer_maps(honest, x, plan).maps
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mine, theirs)), select
+
+
+class Fails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 6, 1)
+        self.fail = False
+
+    def forward(self, x):
+        h = self.head(self.stem(x))
+        if self.fail:
+            raise ValueError("broken forward")
+        return h.mean((2, 3))
+
+
+def test_trainable_model_same_maps_as_frozen_copy_and_flags_restored():
+    model = build("resnet18")  # trainable, as constructed
+    model.layer1.requires_grad_(False)
+    model.fc.bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    g = torch.full_like(model.fc.weight, 2.0)
+    model.fc.weight.grad = g
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    x, plan = batch(), plan_layers(model, batch(1), "conv1,bn1,layer1.0.conv1,layer3.1.conv2,layer4.1.conv2")
+    mine, ref = layer_maps(model, x, plan), layer_maps(frozen, x, plan)
+    assert torch.equal(mine.logits, ref.logits)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(mine.maps, ref.maps))
+    assert all(m.amax((1, 2)).gt(0).all() for m in mine.maps)  # conv1, the first layer, included
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.fc.weight.grad is g and torch.equal(g, torch.full_like(g, 2.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
+
+    torch.manual_seed(0)
+    bad = Fails().eval()
+    bad.head.bias.requires_grad_(False)
+    plan = plan_layers(bad, batch(1, 16))
+    bad.fail = True
+    flags = [p.requires_grad for p in bad.parameters()]
+    with pytest.raises(ValueError, match="broken forward"):
+        layer_maps(bad, batch(2, 16), plan)
+    assert [p.requires_grad for p in bad.parameters()] == flags

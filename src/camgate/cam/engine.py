@@ -1,9 +1,12 @@
 """The CAM engine: one forward, gradients from the target score to the target activations only.
 
-The model's parameters are frozen and each target activation is turned into a fresh autograd leaf by a
-forward hook. So nothing before the first target layer records a graph (that part costs what
-inference costs), the backward pass covers only score -> target layers, no parameter gradient is
-ever computed, and nothing of the graph outlives the call.
+For the duration of a call the engine freezes the model's parameters (:func:`frozen_parameters`:
+``requires_grad`` off on those that had it, the very same flags back afterwards, also when the call
+raises; ``.grad`` is never touched), whether the caller froze the model or holds it trainable. Each
+target activation is turned into a fresh autograd leaf by a forward hook. So nothing before the first
+target layer records a graph (that part costs what inference costs), the backward pass covers only
+score -> target layers, no parameter gradient is ever computed, and nothing of the graph outlives the
+call. The model is otherwise left as it is (train/eval mode, buffers).
 
 The hook hands that leaf itself on to the network, so the engine costs what a minimal hand-written
 Grad-CAM costs. A network that writes into it in place further on (DenseNet's ReLU after `features`)
@@ -12,7 +15,8 @@ batch and hands on a copy from then on.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -51,6 +55,25 @@ def _aggregate(maps: list[torch.Tensor]) -> torch.Tensor:
         return maps[0]
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
     return torch.stack([upsample(minmax(m), tuple(size)) for m in maps]).mean(0)
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """``requires_grad`` off on every parameter of ``model`` that has it, for the ``with`` block only.
+
+    A model as its user holds it (trainable) would otherwise record an autograd graph through every
+    layer before the target and keep every weight on it. Afterwards exactly the parameters switched
+    off are switched on again, also when the block raises; frozen ones stay frozen, ``.grad`` is
+    never touched, nor is anything else of the model (train/eval mode, buffers).
+    """
+    switched = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in switched:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in switched:
+            p.requires_grad_(True)
 
 
 def _is_leaf_inplace_error(e: RuntimeError) -> bool:
@@ -126,17 +149,20 @@ class CamEngine:
             _, cams = self._adapter(x, targets)
             return CamBatch(logits, targets, cams)
         fn, needs_grad = NATIVE[self.method]
-        try:
-            res = self._forward(x, target, needs_grad)
-        except RuntimeError as e:  # autograd refused an in-place write into the leaf handed on
-            if self._clone or not _is_leaf_inplace_error(e):
-                raise
-            res = None
-        if res is None and not self._clone:
-            # A downstream op writes in place into the target activation (DenseNet's ReLU after
-            # `features`, VGG's after a conv): this engine hands on copies from now on; redo the batch.
-            self._clone = True
-            res = self._forward(x, target, needs_grad)
+        # Frozen parameters for the call: with trainable ones the forward would record a graph from
+        # the first layer on (the hook's leaf cuts it only where out.requires_grad is False).
+        with frozen_parameters(self.model):
+            try:
+                res = self._forward(x, target, needs_grad)
+            except RuntimeError as e:  # autograd refused an in-place write into the leaf handed on
+                if self._clone or not _is_leaf_inplace_error(e):
+                    raise
+                res = None
+            if res is None and not self._clone:
+                # A downstream op writes in place into the target activation (DenseNet's ReLU after
+                # `features`, VGG's after a conv): this engine hands on copies from now on; redo the batch.
+                self._clone = True
+                res = self._forward(x, target, needs_grad)
         if res is None:
             raise MethodError("the target activation was modified in place although the network got a copy")
         logits, targets, captured, grads = res
