@@ -208,3 +208,21 @@ def test_flags_and_grads_come_back_exactly_also_when_the_forward_raises():
     with pytest.raises(ValueError, match="broken forward"):
         CamEngine(bad, [bad.conv], "gradcam")(torch.randn(1, 3, 8, 8))
     assert [p.requires_grad for p in bad.parameters()] == flags and bad.training
+
+
+def test_adapter_keeps_the_callers_gradients_and_flags():
+    """pytorch-grad-cam methods need parameter gradients; the caller's own ``.grad`` and flags come back."""
+    from zoo import tiny_cnn
+
+    m = tiny_cnn(3).eval()
+    first = next(m.parameters())
+    first.requires_grad_(False)
+    flags = [p.requires_grad for p in m.parameters()]
+    held = {p: torch.full_like(p, 0.5) for p in list(m.parameters())[1:3]}
+    for p, g in held.items():
+        p.grad = g
+    engine = CamEngine(m, [m.features[2]], "fullgrad")
+    engine(torch.randn(2, 3, 32, 32))
+    assert [p.requires_grad for p in m.parameters()] == flags
+    assert all(p.grad is held[p] and bool((p.grad == 0.5).all()) for p in held)
+    assert all(p.grad is None for p in m.parameters() if p not in held)

@@ -39,6 +39,7 @@ class AdapterCam:
 
         model = self.cam.model
         frozen = [p for p in model.parameters() if not p.requires_grad]
+        grads = {p: p.grad for p in model.parameters()}  # the caller's own gradients survive the call
         model.requires_grad_(True)  # these methods rely on parameter gradients (FullGrad) or hooks that need them
         try:
             with torch.enable_grad():
@@ -46,7 +47,8 @@ class AdapterCam:
             logits = self.cam.outputs.detach()
         finally:
             self.cam.activations_and_grads.clear()
-            model.zero_grad(set_to_none=True)
+            for p, g in grads.items():
+                p.grad = g
             for p in frozen:
                 p.requires_grad_(False)
         return logits, torch.from_numpy(maps).to(x.device)
