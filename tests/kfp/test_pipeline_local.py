@@ -14,6 +14,7 @@ from camgate.kfp import PipelineFailed, local_run  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
 
 
+@pytest.mark.kfp
 def test_pass_promotes_and_exports(s3_set, s3_server, capfd):
     promoted_to = storage.join(s3_set["bucket"], "promoted")
     r = local_run(args(s3_set, "loose", "run-pass", promote_to=promoted_to), s3_set["root"], package_path=COMPILED)
@@ -37,6 +38,7 @@ def test_pass_promotes_and_exports(s3_set, s3_server, capfd):
     assert s3_server.secret_key not in logs.out + logs.err  # credentials never reach the logs
 
 
+@pytest.mark.kfp
 def test_soft_fail_skips_promote_and_succeeds(s3_set):
     r = local_run(args(s3_set, "strict", "run-soft"), s3_set["root"], package_path=COMPILED, echo=False)
     assert r["passed"] is False and r["promoted"] is False and r["n_images"] == 6
@@ -46,6 +48,7 @@ def test_soft_fail_skips_promote_and_succeeds(s3_set):
     assert decision["passed"] is False and verdicts["mean_invalid_activation_ratio"] == "fail"
 
 
+@pytest.mark.kfp
 def test_hard_fail_raises_with_the_failing_rules(s3_set):
     with pytest.raises(GateFailed, match=r"policy 'strict'.*mean_invalid_activation_ratio @ all = [0-9.]+, limit <= 0"):
         local_run(args(s3_set, "strict", "run-hard", fail_on_violation=True), s3_set["root"],
@@ -55,6 +58,7 @@ def test_hard_fail_raises_with_the_failing_rules(s3_set):
     assert not list(Path(s3_set["root"]).glob("*/promote"))
 
 
+@pytest.mark.kfp
 def test_broken_card_fails_at_load_model(s3_set):
     storage.write_bytes(s3_set["card"], yaml.safe_dump({"name": "t", "arch": "zoo:tiny_cnn", "num_classes": 3,
                                                         "weights": "models/missing.safetensors"}).encode())

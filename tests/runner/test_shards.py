@@ -204,6 +204,7 @@ def test_shard_worker_skips_a_finished_shard(tmp_path, monkeypatch, zoo_path):
 # --------------------------------------------------------------------------- the pipeline, under kfp.local
 
 
+@pytest.mark.kfp
 def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_shard(s3_set, tmp_path, monkeypatch):
     pytest.importorskip("kfp")
     from helpers import COMPILED, EXPORTS, args, exported
@@ -309,6 +310,7 @@ def test_shard_worker_retries_resuming_from_the_committed_rows(tmp_path, monkeyp
     assert computed(count) == 5  # the second attempt resumed: no image computed twice
 
 
+@pytest.mark.kfp
 def test_a_killed_pipeline_run_resumes_and_computes_only_unfinished_shards(s3_set, tmp_path, monkeypatch):
     """The whole local run is killed (SIGKILL, every task process) once a shard has finished; the same
     run submitted again skips the finished shards and computes only the others."""
