@@ -290,17 +290,13 @@ class ResultsError(ConfigError):
 
 
 def read_results(results: pa.Table | str | os.PathLike, columns=RESULT_COLUMNS) -> pa.Table:
-    """The requested columns that exist, from a table, a local Parquet path or a URI."""
+    """The requested columns that exist, from a table or a results file (local path or URI): what
+    the gate and the reports read. A file that is not results Parquet raises :class:`ResultsError`."""
     columns = list(dict.fromkeys(columns))
     if isinstance(results, pa.Table):
         return results.select([c for c in columns if c in results.column_names])
-    where = str(results)
-    local = where[len("file://"):] if where.startswith("file://") else where
     try:
-        if "://" not in local:
-            names = pq.read_schema(local).names
-            return pq.read_table(local, columns=[c for c in columns if c in names])
-        pf = pq.ParquetFile(pa.BufferReader(storage.read_source(where, ResultsError, "results")))
+        pf = open_file(os.fspath(results))
         return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
     except (OSError, pa.ArrowException) as e:
-        raise ResultsError(f"{where}: cannot read results Parquet: {e}") from None
+        raise ResultsError(f"{results}: cannot read results Parquet: {e}") from None
