@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test compile bench clean
+.PHONY: venv demo test test-fast compile bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ demo: venv
 
 test: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: everything but the slow (demo, soak, large models), S3-server and kfp.local tests
+test-fast: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not s3 and not kfp" $(PYTEST_ARGS)
 
 compile: venv
 	$(BIN)/camgate compile

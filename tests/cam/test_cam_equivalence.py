@@ -20,7 +20,9 @@ REFERENCE = {
     "hirescam": pgc.HiResCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM,
     "eigengradcam": pgc.EigenGradCAM, "gradcamelementwise": pgc.GradCAMElementWise,
 }
-ARCHS = ["resnet18", "resnet50", "densenet121", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16"]
+# the two largest take a minute together: `make test` runs them, `make test-fast` leaves them out
+ARCHS = ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow), "densenet121", "mobilenet_v3_small",
+         "efficientnet_b0", pytest.param("vit_b_16", marks=pytest.mark.slow)]
 TOL = 1e-4
 
 

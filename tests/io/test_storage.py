@@ -400,7 +400,7 @@ def test_permanent_errors_are_not_retried(scripted, status, code, exc):
 
 def test_devserver_cli_beside_session_server(s3_server, tmp_path, monkeypatch):
     """A second server (as the demo runs beside the tests) gets its own ports and stops clean."""
-    proc = subprocess.Popen([sys.executable, "-m", "camgate.devserver", "--dir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "camgate.io.devserver", "--dir", str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
     try:
         env = {}
