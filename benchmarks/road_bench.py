@@ -21,11 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from pytorch_grad_cam.metrics.perturbation_confidence import (
-    PerturbationConfidenceMetric,
-    RemoveLeastRelevantFirst,
-    RemoveMostRelevantFirst,
-)
+from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfidenceMetric, RemoveLeastRelevantFirst,
+                                                              RemoveMostRelevantFirst)
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 

@@ -350,9 +350,10 @@ def test_cli_exit_codes(tmp_path, capsys):
 
 def test_component_promotes_with_the_record(tmp_path, capsys):
     pytest.importorskip("kfp")
+    from kfp import dsl
+
     from camgate.kfp import load_model as load_component
     from camgate.kfp import promote as promote_component
-    from kfp import dsl
 
     src = make_model(tmp_path / "src")
     model = dsl.Model(uri=str(tmp_path / "a" / "model"))

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kfp import dsl
 
 from camgate import cli, settings, steps
 from camgate.kfp import components as kfp_components
 from camgate.kfp.components import COMPONENTS
 from camgate.kfp.pipelines import heatmap_gate
 from camgate.metrics import invalid as analysis
-from kfp import dsl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,7 @@ import time
 
 import pyarrow.parquet as pq
 import yaml
-from helpers import (
-    CAMGATE,
-    computed,
-    counting_env,
-    make_set,
-)
+from helpers import (CAMGATE, computed, counting_env, make_set)
 
 from camgate.io import results, storage
 

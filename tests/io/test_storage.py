@@ -1,4 +1,4 @@
-"""camgate.storage against a real SeaweedFS server (see conftest) and local paths."""
+"""camgate.io.storage and its S3 client (camgate.io.s3) against a real SeaweedFS server and local paths."""
 import os
 import signal
 import socket
@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from camgate.io import storage
+from camgate.io import s3, storage
 from camgate.io.devserver import S3Server
 from camgate.io.storage import AccessDenied, NotFound, StorageError
 
@@ -237,10 +237,10 @@ def test_wrong_secret_is_access_denied_without_leaking(s3_bucket, monkeypatch):
 
 
 def test_client_follows_env(s3_server, monkeypatch):
-    first = storage._client("s3://b/k")
-    assert storage._client("s3://b/k") is first
+    first = s3._client("s3://b/k")
+    assert s3._client("s3://b/k") is first
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another")
-    assert storage._client("s3://b/k") is not first
+    assert s3._client("s3://b/k") is not first
 
 
 def test_missing_configuration(monkeypatch):
@@ -331,8 +331,8 @@ def test_server_down_fails_in_bounded_time(s3_server, monkeypatch, fast_retries)
 
 
 def test_default_backoff_spans_about_30s():
-    total = sum(storage._delays(storage.DEFAULT_RETRIES, storage.DEFAULT_BACKOFF))
-    assert storage.DEFAULT_RETRIES == 6 and 20 <= total <= 40
+    total = sum(s3._delays(s3.DEFAULT_RETRIES, s3.DEFAULT_BACKOFF))
+    assert s3.DEFAULT_RETRIES == 6 and 20 <= total <= 40
 
 
 class _Scripted(BaseHTTPRequestHandler):

@@ -12,12 +12,12 @@ import yaml
 pytest.importorskip("kfp")
 
 from helpers import HERE, computed, make_set, tiny_card
+from kfp import dsl  # noqa: E402
 
 import camgate  # noqa: E402
 from camgate.kfp import IMAGE, analyze_invalid_activation, compute_heatmaps, gate, load_model, promote  # noqa: E402
 from camgate.kfp.compile import compile_all  # noqa: E402
 from camgate.steps import GateFailed  # noqa: E402
-from kfp import dsl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT_NAMES = ["load_model", "compute_heatmaps", "analyze_invalid_activation", "plan_shards", "shard_worker",

@@ -8,26 +8,14 @@ import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 import torchvision
-from pytorch_grad_cam.metrics.perturbation_confidence import (
-    PerturbationConfidenceMetric,
-    RemoveLeastRelevantFirst,
-    RemoveMostRelevantFirst,
-)
+from pytorch_grad_cam.metrics.perturbation_confidence import (PerturbationConfidenceMetric, RemoveLeastRelevantFirst,
+                                                              RemoveMostRelevantFirst)
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer, ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
 from camgate.errors import ConfigError
-from camgate.metrics.road import (
-    PERCENTILES,
-    ImputationWarning,
-    check_percentiles,
-    impute,
-    neighbours,
-    removal_masks,
-    removal_order,
-    road,
-    ybroad,
-)
+from camgate.metrics.road import (PERCENTILES, ImputationWarning, check_percentiles, impute, neighbours, removal_masks,
+                                  removal_order, road, ybroad)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one torch thread
 

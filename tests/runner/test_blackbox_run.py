@@ -224,9 +224,10 @@ def test_torch_card_with_rise(bb, tmp_path):
 
 def test_kfp_components_on_an_onnx_card(bb, tmp_path):
     pytest.importorskip("kfp")
+    from kfp import dsl
+
     from camgate.kfp import analyze_invalid_activation, compute_heatmaps
     from camgate.kfp import load_model as load_component
-    from kfp import dsl
 
     model = dsl.Model(uri=str(tmp_path / "model"))
     load_component.python_func(model_card=bb["onnx"], model=model)

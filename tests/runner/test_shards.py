@@ -7,13 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from helpers import (
-    HERE,  # noqa: E402 - tests/, where zoo.py lives
-    computed,
-    counting_env,
-    make_set,
-    processes,
-)
+from helpers import HERE, computed, counting_env, make_set, processes  # HERE: tests/, where zoo.py lives
 
 from camgate.cli import main
 from camgate.data.manifest import load_items
@@ -257,9 +251,9 @@ def test_pipeline_with_three_shards_equals_one_and_reruns_only_an_unfinished_sha
 def test_components_plan_work_and_merge(tmp_path, zoo_path):
     pytest.importorskip("kfp")
     from helpers import tiny_card as weighted_card
+    from kfp import dsl
 
     from camgate.kfp import load_model, merge_results, plan_shards, shard_worker
-    from kfp import dsl
 
     _, manifest = make_set(tmp_path, n=5, bad=BAD[:1])
     model = dsl.Model(uri=str(tmp_path / "model"))

@@ -12,9 +12,8 @@ copies each function's source into its task; ``tests/test_settings.py`` holds th
 import os
 from typing import List, NamedTuple
 
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
-
 from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from .. import __version__
 from ..settings import documented

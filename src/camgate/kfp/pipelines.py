@@ -17,21 +17,12 @@ import sys
 import warnings
 from typing import NamedTuple
 
+from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Input, Markdown, Model
 
-from kfp import dsl, kubernetes
-
 from ..settings import documented
-from .components import (
-    champion_results,
-    gate,
-    load_model,
-    merge_results,
-    plan_shards,
-    promote,
-    road_faithfulness,
-    shard_worker,
-)
+from .components import (champion_results, gate, load_model, merge_results, plan_shards, promote, road_faithfulness,
+                         shard_worker)
 
 __all__ = ["heatmap_gate", "heatmap_gate_pipeline", "DEFAULT_PARALLELISM", "promote_if_passed", "local_run",
            "PipelineFailed"]
