@@ -355,3 +355,18 @@ def test_trainable_model_same_maps_as_frozen_copy_and_flags_restored():
     with pytest.raises(ValueError, match="broken forward"):
         layer_maps(bad, batch(2, 16), plan)
     assert [p.requires_grad for p in bad.parameters()] == flags
+
+
+@pytest.mark.parametrize("arch,name", [("resnet18", "layer3"), ("mobilenet_v3_small", "features.9")])
+def test_a_frame_answers_to_every_module_whose_output_it_is(arch, name):
+    """`--layers layer3` (the name given to --target-layer and to pytorch-grad-cam) selects the frame of
+    that tensor, although an inner call produced it first."""
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=4).eval()
+    plan = plan_layers(model, torch.zeros(1, 3, 64, 64), name)
+    assert len(plan.layers) == 1
+    ref = plan.layers[0]
+    assert ref.label != name and name in ref.aliases and plan.aliases() == {ref.label: list(ref.aliases)}
+    every = plan_layers(model, torch.zeros(1, 3, 64, 64))
+    assert name not in every.names() and any(name in r.aliases for r in every.layers)

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import make_set, zoo_card
+from helpers import make_set, png, zoo_card
 
 from camgate.cli import main
 from camgate.io import results
@@ -91,6 +91,24 @@ def test_road_scores_and_ybroad_summary(tiny, capsys):
         assert v == pytest.approx(first[row], abs=1e-6)
 
 
+def test_road_isolates_an_image_that_makes_the_model_raise(tmp_path, capsys):
+    """As in run and layers: that image's rows say why, every other image is scored, exit 0."""
+    _, manifest = make_set(tmp_path, n=4)
+    (tmp_path / "images" / "white.png").write_bytes(png(np.full((32, 32, 3), 255, np.uint8)))
+    lines = (tmp_path / "manifest.csv").read_text().splitlines()
+    lines.insert(2, "images/white.png,masks/000.png,0,cam0")  # row 1, inside the first batch
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    card = zoo_card(tmp_path, "picky_net")
+    for layers in ("final", "all"):
+        out = str(tmp_path / f"road-{layers}.parquet")
+        assert main(["road", "--model", card, "--data", manifest, "--out", out, "--layers", layers, "--quiet"]) == 0
+        rows = pq.read_table(out).to_pylist()
+        bad = [r for r in rows if r["row"] == 1]
+        assert bad and all(r["status"] == "error" and "white.png" in r["error"]
+                           and "cannot handle bright images" in r["error"] for r in bad)
+        assert {r["row"] for r in rows if r["status"] == "ok"} == {0, 2, 3, 4}
+
+
 def test_road_all_zero_map_is_nan_with_a_reason_and_small_inputs_are_refused(tiny, capsys):
     root, _, manifest = tiny
     dead = zoo_card(root, "dead_net")
@@ -131,3 +149,29 @@ def test_faithfulness_rule_marks_the_decision_trusted_or_not(tiny, capsys):
 
     md = report.markdown(gate(res_uri, str(p), road=road), res_uri)
     assert "Heatmaps NOT trusted" in md
+
+
+def test_layer_names_carry_across_verbs(tmp_path, capsys):
+    """The name a user gives --target-layer (`layer3`) is the name layers and ROAD answer to: the plan's
+    frame for it is `layer3.1.relu#1` (the same tensor), and the gate finds the results' layer in a
+    ROAD file of several layers."""
+    card, manifest = make_set(tmp_path, n=3)  # resnet18 at 64 px, target layer layer3
+    out = str(tmp_path / "layers.parquet")
+    assert main(["layers", "--model", card, "--data", manifest, "--out", out, "--layers", "layer2,layer3",
+                 "--quiet"]) == 0
+    md = results.run_metadata(pq.read_table(out))
+    frame = next(f for f, names in md["layer_aliases"].items() if "layer3" in names)
+    assert frame.startswith("layer3.1.") and frame in md["layers"] and len(md["layers"]) == 2
+    res_uri, road = str(tmp_path / "r.parquet"), str(tmp_path / "road.parquet")
+    assert main(["run", "--model", card, "--data", manifest, "--out", res_uri, "--quiet"]) == 0
+    assert main(["road", "--model", card, "--data", manifest, "--out", road, "--layers", "layer2,layer3",
+                 "--quiet"]) == 0
+    policy = tmp_path / "p.yaml"
+    policy.write_text(yaml.safe_dump({"rules": {"faithfulness": {"min_margin": -1}, "no_activation_rate": None}}))
+    capsys.readouterr()
+    main(["gate", res_uri, "--policy", str(policy), "--road", road])
+    d = json.loads(capsys.readouterr().out)
+    rule = next(r for r in d["rules"] if r["rule"] == "faithfulness")
+    assert d["trusted"] is True and rule["n"] == 3, d.get("trust_reason")
+    scored = [r for r in pq.read_table(road).to_pylist() if r["layer"] == frame]
+    assert rule["value"] == pytest.approx(np.mean([r["road"] - r["road_random"] for r in scored]))

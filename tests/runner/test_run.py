@@ -66,6 +66,27 @@ def test_analyze_reports_a_missing_mask_on_its_row(tmp_path):
     assert all(r["status"] != "error" for i, r in enumerate(rows) if i != 2)
 
 
+def test_no_mask_source_at_all_is_a_usage_error_before_any_compute(tmp_path, capsys):
+    """A newcomer's first try: a manifest without masks, no masks/, no static mask. Not an error on
+    every row with exit 0, but exit 2 naming the three ways out, before anything is computed."""
+    card, manifest = make_set(tmp_path, n=3)
+    bare = tmp_path / "bare.csv"
+    bare.write_text("image,label\n" + "".join(f"images/{i:03d}.png,0\n" for i in range(3)))
+    out = tmp_path / "r.parquet"
+    assert main(["run", "--model", card, "--data", str(bare), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("no mask", "mask column", "--static-mask", "--heatmaps-only")), err
+    assert not out.exists() and not (tmp_path / "r.parquet.parts").exists()
+    # the three ways out work
+    assert main(["run", "--model", card, "--data", str(bare), "--out", str(out), "--heatmaps-only", "--quiet"]) == 0
+    assert main(["analyze", str(out), "--out", str(tmp_path / "a.parquet"), "--quiet"]) == 2  # still no mask
+    assert "no mask" in capsys.readouterr().err
+    assert main(["analyze", str(out), "--out", str(tmp_path / "a.parquet"), "--data", manifest, "--quiet"]) == 0
+    assert main(["run", "--model", card, "--data", str(bare), "--out", str(tmp_path / "s.parquet"),
+                 "--static-mask", str(tmp_path / "masks" / "000.png"), "--quiet"]) == 0
+    assert {r["status"] for r in pq.read_table(tmp_path / "s.parquet").to_pylist()} == {"ok"}
+
+
 def test_report_overlays_show_the_top_images(tmp_path):
     import io
 

@@ -61,6 +61,9 @@ class LayerRef:
     name: str   # module name as in named_modules()
     call: int   # 0 for the first call of that module in a forward, 1 for the second, ...
     index: int  # position in the plan (frame number)
+    # labels of the other module calls whose output is this very tensor (a container ending in this
+    # module, an Identity): the frame answers to those names too (`layer3` for `layer3.1.relu#1`)
+    aliases: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -77,6 +80,10 @@ class LayerPlan:
 
     def names(self) -> list[str]:
         return [r.label for r in self.layers]
+
+    def aliases(self) -> dict[str, list[str]]:
+        """Frame label -> the other names it answers to (only frames that have some)."""
+        return {r.label: list(r.aliases) for r in self.layers if r.aliases}
 
 
 @dataclass
@@ -116,8 +123,10 @@ def plan_layers(model: nn.Module, example: Tensor, select: str | list[str] = "al
     """Frames for ``model`` from one dry forward of ``example`` (see the module docstring for the policy).
 
     ``select``: ``"all"``, or names (a list, or one comma-separated string). A plain module name takes
-    every call of that module, ``name#k`` one call. An unknown name raises :class:`ConfigError` listing
-    the selectable names; a skipped one raises it with the reason it was skipped.
+    every call of that module, ``name#k`` one call; a module whose output is another call's tensor (a
+    container, an Identity) selects that frame, which answers to both names (``LayerRef.aliases``).
+    An unknown name raises :class:`ConfigError` listing the selectable names; a skipped one raises it
+    with the reason it was skipped.
 
     The dry forward keeps every module's output of ``example`` alive until it ends (so no storage is
     reused under a recorded identity): give it one image. ``plan.unmodified`` is what it saw of
@@ -128,6 +137,7 @@ def plan_layers(model: nn.Module, example: Tensor, select: str | list[str] = "al
     records: list[tuple[str, int, str | None]] = []  # (name, call, skip reason or None)
     versions: dict[tuple[str, int], tuple[Tensor, int]] = {}  # kept layers: (output, version then)
     seen: dict[tuple, str] = {}  # tensor key -> label of the first call that produced it
+    aliases: dict[str, list[str]] = {}  # that label -> the later calls that returned the same tensor
     keep: list[Tensor] = []  # held so no storage is freed and reused under a recorded key
     batch = example.shape[0]
 
@@ -140,6 +150,7 @@ def plan_layers(model: nn.Module, example: Tensor, select: str | list[str] = "al
                 k = _key(out)
                 if reason is None and k in seen:
                     reason = f"same tensor as {seen[k]}'s output (duplicate frame)"
+                    aliases.setdefault(seen[k], []).append(_label(name, call))
                 seen.setdefault(k, _label(name, call))
                 keep.append(out)
             records.append((name, call, reason))
@@ -158,7 +169,7 @@ def plan_layers(model: nn.Module, example: Tensor, select: str | list[str] = "al
         keep.clear()
         versions.clear()
 
-    layers = [LayerRef(n, c, -1) for n, c, r in records if r is None]
+    layers = [LayerRef(n, c, -1, tuple(aliases.get(_label(n, c), ()))) for n, c, r in records if r is None]
     skipped = [(_label(n, c), r) for n, c, r in records if r is not None]
     if select != "all":
         layers = _select(layers, skipped, select)
@@ -175,7 +186,8 @@ def _select(layers: list[LayerRef], skipped: list[tuple[str, str]], select: str 
     why = dict(skipped)
     wanted: set[tuple[str, int]] = set()
     for n in names:
-        hits = [(r.name, r.call) for r in layers if n in (r.label, r.name)]
+        hits = [(r.name, r.call) for r in layers
+                if n in (r.label, r.name) or any(n in (a, a.split("#")[0]) for a in r.aliases)]
         if not hits:
             if n in why:
                 raise ConfigError(f"layer {n!r} has no frame of its own: {why[n]}")

@@ -45,7 +45,16 @@ class DataError(ConfigError):
     """The data set as a whole is unusable (unreadable manifest, no ``image`` column, no items...)."""
 
 
+def no_masks(data) -> DataError:
+    """A run whose data names no mask for any image (and no static mask): a setting of the run to fix,
+    not a fault of each image."""
+    return DataError(f"data {data} names no mask for any image: give a mask column (or a masks/ folder beside "
+                     f"images/), --static-mask for a fixed camera, or --heatmaps-only for maps without metrics")
+
+
+
 @dataclass
+
 class Item:
     """One manifest row (or one image of a prefix data set)."""
 

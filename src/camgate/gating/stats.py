@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..io.results import REQUIRED_COLUMNS, STATUSES, ResultsError, read_results
+from ..io.results import REQUIRED_COLUMNS, STATUSES, ResultsError, read_results, run_metadata
 from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
 
 # Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
@@ -125,7 +125,10 @@ def road_stats(road, layer: str | None = None) -> dict:
         raise ResultsError(f"ROAD results lack column(s) {missing}")
     keep = np.ones(t.num_rows, dtype=bool)
     if "layer" in t.column_names and layer and len(set(t.column("layer").to_pylist())) > 1:
-        keep &= np.array([v == layer for v in t.column("layer").to_pylist()])
+        # a frame answers to every module name whose output it is: results name `layer3`, the
+        # all-layers plan that frame `layer3.1.relu#1`
+        aliases = run_metadata(t).get("layer_aliases") or {}
+        keep &= np.array([v == layer or layer in aliases.get(v, ()) for v in t.column("layer").to_pylist()])
     r, rnd = _floats(t, "road")[keep], _floats(t, "road_random")[keep]
     ok = np.isfinite(r) & np.isfinite(rnd)
     if not ok.any():

@@ -10,6 +10,12 @@ invalid mask (True = invalid pixel):
   ``topk`` = 0.1 by default, taking every pixel at least as hot as the k-th hottest (ties included,
   so the value does not depend on the order of equal pixels).
 
+Ties are decided with a tolerance of :data:`TIE_TOL` times the map's peak: a pixel that close below
+the k-th value (or below the peak) counts as tied. The same map computed in batches of another size
+differs by float32 rounding (about 1e-10 of its peak: the reductions run in another order); an
+exact comparison would flip such near-ties and with them the share (4e-4 between merged shards and
+one run), a tolerance far above rounding and far below any meaningful difference of heat does not.
+
 A map with ΣH = 0 has no activation: the ratios are NaN and the row's status is ``no_activation``.
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ..errors import ConfigError
 from ..settings import default
 
 TOPK_DEFAULT = default("topk")  # the one definition: camgate.settings
+TIE_TOL = 1e-6  # relative to the map's peak: near-ties by float rounding count as ties
 METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share")
 
 
@@ -52,10 +59,11 @@ def _metrics_same_size(cams: torch.Tensor, masks: torch.Tensor, topk: float) -> 
     ratio = torch.where(active, (heat * m).sum(1) / total.clamp(min=torch.finfo(heat.dtype).tiny), nan)
     area = m.mean(1)
     peak = heat.max(1).values
-    peak_invalid = ((heat * m).max(1).values >= peak) & (m.sum(1) > 0) & active
+    tol = TIE_TOL * peak
+    peak_invalid = ((heat * m).max(1).values >= peak - tol) & (m.sum(1) > 0) & active
     k = max(1, math.ceil(topk * n))
     kth = heat.topk(k, dim=1).values[:, -1:]
-    hot = (heat >= kth).to(heat.dtype)
+    hot = (heat >= kth - tol[:, None]).to(heat.dtype)
     topk_share = torch.where(active, (hot * m).sum(1) / hot.sum(1), nan)
     return Metrics(ratio, area, peak_invalid, topk_share, active)
 

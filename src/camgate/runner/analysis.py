@@ -12,7 +12,7 @@ import torch
 from .. import __version__
 from ..data.decode import MaskSpec, StaticMask, storage_error_kind
 from ..data.geometry import InputSpec
-from ..data.manifest import DataError, load_items
+from ..data.manifest import DataError, load_items, no_masks
 from ..io import results as res
 from ..io import storage
 from ..metrics.invalid import check_topk
@@ -41,6 +41,11 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
     mask_spec = mask_spec or MaskSpec.from_dict(md.get("mask_spec"))
     static_mask = static_mask or (None if data else md.get("static_mask"))
     masks = _paired_masks(pf, heatmaps, data, static_mask) if data and not static_mask else None
+    if not static_mask and n:
+        named = masks.values() if masks is not None else (
+            pf.read(columns=["mask"]).column("mask").to_pylist() if "mask" in pf.schema_arrow.names else [])
+        if not any(named):
+            raise no_masks(data or heatmaps)
     sm = StaticMask(static_mask) if static_mask else None
     md.update(stage="results", static_mask=static_mask, topk=topk, analyzed_with=__version__,
               mask_spec=mask_spec.to_dict())

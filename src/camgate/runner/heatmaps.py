@@ -16,7 +16,7 @@ from ..cam import CamEngine, MethodError, canonical
 from ..data import device as gpu
 from ..data.batches import iter_batches
 from ..data.decode import MaskSpec, Sample, StaticMask
-from ..data.manifest import Item, load_items
+from ..data.manifest import Item, load_items, no_masks
 from ..errors import ConfigError
 from ..io import results as res
 from ..io import storage
@@ -184,6 +184,8 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     gpu_jpeg = decode == "auto" and dev.type == "cuda"
     loaders, overlap = gpu.cpu_budget(workers, dev)
     items = load_items(data, static_mask)
+    if analyze and not static_mask and items and not any(it.mask for it in items):
+        raise no_masks(data)  # before any compute: every row would be the same error
     runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
     sm = StaticMask(static_mask) if (static_mask and analyze) else None
     md = {"camgate_version": __version__, "stage": "results" if analyze else "heatmaps",

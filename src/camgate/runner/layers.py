@@ -52,7 +52,7 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
     with_masks = any(it.mask for it in items)
     md = {"camgate_version": __version__, "stage": "layers", "model": lm.metadata(),
           "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256, "method": method,
-          "target": str(target), "layers": plan.names(),
+          "target": str(target), "layers": plan.names(), "layer_aliases": plan.aliases(),
           "skipped_layers": [{"layer": n, "reason": why} for n, why in plan.skipped],
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk}
     summary = RunSummary(out)

@@ -18,7 +18,7 @@ from ..data.manifest import load_items
 from ..io import results as res
 from ..model.load import LoadedModel, load_model
 from ..settings import default
-from .common import RunSummary, count_statuses, parse_target, progress_bar, row_seed, triage
+from .common import RunSummary, count_statuses, guarded, parse_target, progress_bar, row_seed, triage
 
 
 def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = default("method"),
@@ -66,6 +66,7 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
     md = {"camgate_version": __version__, "stage": "road", "model": lm.metadata(),
           "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256,
           "method": engine.method if engine else method, "layers": names, "percentiles": list(percentiles),
+          "layer_aliases": {} if engine else plan.aliases(),
           "sample": sample, "seed": seed, "data": data, "target": str(target)}
     fields = res.road_fields(percentiles)
     per_layer: dict[str, list[float]] = {n: [] for n in names}
@@ -102,11 +103,12 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
     todo, targets, failed = triage(batch, target, lm.card, need_mask=False)
     for i, (err, kind) in failed.items():
         rows += [{**base(batch[i], j), "error": err, "error_kind": kind} for j in range(len(names))]
-    good = [batch[i] for i in todo]
-    if good:
+
+    def compute(idx: list[int], tgts: list[int]) -> None:
+        good = [batch[i] for i in idx]
         dev = lm.device
         x = torch.stack([s.x for s in good]).to(dev)
-        t = torch.tensor(targets, device=dev)
+        t = torch.tensor(tgts, device=dev)
         if engine is not None:
             cb = engine(x, t)
             maps, explained = [cb.cams], cb.targets
@@ -114,6 +116,7 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
             lmaps = layer_maps(lm.model, x, plan, method, t)
             maps, explained = lmaps.maps, lmaps.targets
         seeds = torch.tensor([row_seed(seed, s.item.index) for s in good])
+        done, scores = [], []  # kept only if every layer of these images is scored
         for j, m in enumerate(maps):
             scored = fa.road(predict, x * std + mean, m.float(), explained, percentiles, seed=seeds).rows()
             for s, r, tc in zip(good, scored, explained.tolist()):
@@ -126,6 +129,16 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
                                                              f"{r['reason']}")
                 else:
                     row["status"] = "ok"
-                    per_layer[names[j]].append(r["road"])
-                rows.append(row)
+                    scores.append((names[j], r["road"]))
+                done.append(row)
+        rows.extend(done)
+        for name, score in scores:
+            per_layer[name].append(score)
+
+    def fail(i: int, e: Exception) -> None:  # the model raised on this image: its rows say so, the rest go on
+        s = batch[i]
+        rows.extend({**base(s, j), "error_kind": "model", "error": f"image {s.item.image} (id {s.item.image_id}): "
+                     f"{type(e).__name__}: {e}"} for j in range(len(names)))
+
+    guarded(compute, todo, targets, fail)
     return sorted(rows, key=lambda r: (r["row"], r["layer_index"]))
