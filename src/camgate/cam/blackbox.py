@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..settings import default
 
 FILLS = ("blur", "zero", "mean")
 WEIGHTINGS = ("excess", "prob", "best", "regression")
@@ -174,7 +175,7 @@ def total_variation(m: Tensor) -> Tensor:
     return (dh + dw) / 2
 
 
-def decam(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid: int = 7,
+def decam(backend, x: Tensor, targets=None, budget: int = default("budget"), seeds=None, grid: int = 7,
           pop: int = 16, f: float = 0.8, cr: float = 0.3, variant: str = "rand/1",
           lam_area: float = 0.3, lam_tv: float = 0.1,
           fill: str = "blur", sigma: float | None = None, strategy: str = "de", weighting: str = "regression",
@@ -281,14 +282,14 @@ def _ridge(m: Tensor, p: Tensor, alpha: float = 1e-2) -> Tensor:
     return torch.stack(out)
 
 
-def random_search(backend, x: Tensor, targets=None, budget: int = 1024, **kw) -> Tensor:
+def random_search(backend, x: Tensor, targets=None, budget: int = default("budget"), **kw) -> Tensor:
     """DE-CAM's candidate space, fitness and map with ``budget`` random candidates (no evolution)."""
     return decam(backend, x, targets, budget, strategy="random", **kw)
 
 
 # --- RISE ------------------------------------------------------------------------------------------
 
-def rise(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid: int = 7, p: float = 0.5,
+def rise(backend, x: Tensor, targets=None, budget: int = default("budget"), seeds=None, grid: int = 7, p: float = 0.5,
          fill: str = "zero", sigma: float | None = None, max_batch: int = 256,
          stats: dict | None = None) -> Tensor:
     """RISE maps (B, H, W), float32, non-negative, on x's device; ``budget`` masks per image."""
@@ -332,7 +333,7 @@ def rise(backend, x: Tensor, targets=None, budget: int = 1024, seeds=None, grid:
 METHODS = {"decam": decam, "rise": rise}
 
 
-def explain(backend, x: Tensor, method: str = "decam", targets=None, budget: int = 1024, seeds=None,
+def explain(backend, x: Tensor, method: str = "decam", targets=None, budget: int = default("budget"), seeds=None,
             **kw):
     """A :class:`camgate.cam.engine.CamBatch` from a black box: one clean pass (the model's
     scores, which also resolve -1 targets) plus ``budget`` masked passes per image.

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..settings import default
 from . import adapter
 from .blackbox import METHODS as BLACKBOX
 from .maps import CamBatch, minmax, upsample
@@ -83,7 +84,7 @@ def _is_leaf_inplace_error(e: RuntimeError) -> bool:
 
 
 class CamEngine:
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], method: str = "gradcam",
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], method: str = default("method"),
                  reshape_transform: Callable | None = None):
         self.model, self.layers, self.reshape = model, list(layers), reshape_transform
         self.method = canonical(method)

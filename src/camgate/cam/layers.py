@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..settings import default
 from .engine import MethodError, canonical, frozen_parameters
 from .maps import minmax
 from .methods import NATIVE
@@ -204,7 +205,7 @@ def _targets(logits: Tensor, targets) -> Tensor:
     return torch.where(t < 0, pred, t)  # -1 = explain the prediction
 
 
-def layer_maps(model: nn.Module, x: Tensor, plan: LayerPlan, method: str = "gradcam",
+def layer_maps(model: nn.Module, x: Tensor, plan: LayerPlan, method: str = default("method"),
                targets=None) -> LayerMaps:
     """Raw maps of every plan layer for ``x`` (B, 3, H, W) from one forward and one backward pass.
 

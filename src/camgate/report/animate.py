@@ -224,7 +224,7 @@ def model_view_of(image, spec, mask):
     return spec.image_tensor(img)[None], view, mask
 
 
-def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all", method: str = "gradcam",
+def animate(model, image, out_dir, *, mask=None, layers: str | list[str] = "all", method: str = default("method"),
             norm: str = "both", fps: float = 8, target: int = -1, width: int = 256, cmap: str = "jet") -> dict:
     """Plan, compute and write ``layers.mp4``, ``layers.gif``, ``contact_sheet.png`` and ``layers.json``
     (frame list, skipped modules with reasons, unreached layers) under ``out_dir``; returns their paths.
