@@ -217,8 +217,10 @@ def test_selection_errors():
     model = build("resnet18")
     with pytest.raises(ConfigError, match="unknown layer 'layer9'.*layer1.0.relu#1"):
         plan_layers(model, batch(1), ["layer4.1.conv2", "layer9"])
-    with pytest.raises(ConfigError, match="'layer4' has no frame of its own.*duplicate"):
-        plan_layers(model, batch(1), "layer4")
+    with pytest.raises(ConfigError, match="'avgpool' has no frame of its own.*1x1 map"):
+        plan_layers(model, batch(1), "avgpool")
+    # a container whose output is a call's tensor is no error: it selects that frame
+    assert plan_layers(model, batch(1), "layer4").names() == ["layer4.1.relu#1"]
     with pytest.raises(ConfigError, match="no layers selected"):
         plan_layers(model, batch(1), [])
     with pytest.raises(ConfigError, match="not a module"):
