@@ -12,6 +12,7 @@ the file only becomes visible at its destination once complete.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import posixpath
@@ -66,6 +67,7 @@ STATUSES = ("ok", "no_activation", "error")
 # (access, or still failing after the retries: worth another try later), or the model (NaN, raised).
 ERROR_KINDS = ("input", "storage", "model")
 META_KEY = b"camgate"
+_ARROW_SCHEMA = b"ARROW:schema"  # where Parquet files keep the Arrow schema (and its metadata)
 IDENTITY_KEY = "identity"  # the run identity in the metadata (built by camgate.runner.identity)
 
 
@@ -211,13 +213,15 @@ class ResultsWriter:
             self.tracker.add(table)
 
     def _finish_metadata(self, writer: pq.ParquetWriter) -> None:
-        """The tracker's metadata into the file being written (its footer is written on close)."""
+        """The tracker's metadata into the file being written (its footer is written on close). Readers
+        take the schema's metadata from the stored Arrow schema, so that is replaced too."""
         if self.tracker is None:
             return
         md = {**json.loads((self.schema.metadata or {}).get(META_KEY, b"{}")), **self.tracker.metadata()}
         value = json.dumps(md, sort_keys=True, default=str).encode()
         self.schema = self.schema.with_metadata({**(self.schema.metadata or {}), META_KEY: value})
-        writer.add_key_value_metadata({META_KEY: value})
+        writer.add_key_value_metadata({META_KEY: value,
+                                       _ARROW_SCHEMA: base64.b64encode(self.schema.serialize().to_pybytes())})
 
     def _clear(self) -> None:
         for u in storage.list_uris(self.parts):
