@@ -99,3 +99,30 @@ def exported(s, out: str) -> list[str]:
     prefix = storage.join(s["bucket"], out) + "/"
     return [u[len(prefix):] for u in storage.list_uris(prefix[:-1]) if "/" not in u[len(prefix):]]
 
+
+
+def results_table(ratio, status=None, rows=None, images=None, md=None):
+    """An in-memory results table (row, image, status, ratios) with ``md`` as its camgate metadata."""
+    import pyarrow as pa
+
+    from camgate.io import results as res
+
+    n = len(ratio)
+    rows = list(range(n)) if rows is None else rows
+    t = pa.table({
+        "row": pa.array(rows, pa.int64()),
+        "image_id": [f"img{r}" for r in rows],
+        "image": images or [f"/d/img{r}.png" for r in rows],
+        "status": status or ["ok"] * n,
+        "invalid_activation_ratio": pa.array(ratio, pa.float64()),
+        "invalid_area_ratio": [0.25] * n,
+        "peak_in_invalid": [False] * n,
+        "predicted_class": pa.array([r % 2 for r in rows], pa.int64()),
+    })
+    return t.replace_schema_metadata(res.schema(None, md or {}).metadata)
+
+
+def write_policy(path, rules: dict, name="p") -> str:
+    """A policy YAML with these rules (the default no_activation_rate limit switched off)."""
+    path.write_text(yaml.safe_dump({"name": name, "rules": {"no_activation_rate": None, **rules}}))
+    return str(path)

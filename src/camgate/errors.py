@@ -17,6 +17,11 @@ class ConfigError(CamgateError, ValueError):
     Raised before any data is read; a ``ValueError`` too, for callers that catch that."""
 
 
+class IdentityError(ConfigError):
+    """Two artifacts that must describe the same run do not (another model, method, layer or images):
+    the message names the field that differs and both values."""
+
+
 class ModelCardError(ConfigError):
     """The model card (or what it points to) is unusable; raised before any compute."""
 

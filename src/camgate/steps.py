@@ -203,10 +203,13 @@ def animate_step(model_path: str, image: str, out_dir: str, *, mask: str = "", l
 
 def road_step(model_path: str, data: str, out_path: str, *, method: str = default("method"),
               layers: str = default("layers", "road_step"), sample: int = default("sample"),
-              seed: int = default("seed"), target: str = default("target"), device: str = default("device")) -> dict:
+              seed: int = default("seed"), target: str = default("target"), device: str = default("device"),
+              card_sha256: str = "") -> dict:
     """ROAD faithfulness of the maps on a seeded sample -> ROAD Parquet; returns flat metrics.
 
-    ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded)."""
+    ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded).
+    ``card_sha256``: the original card's hash, recorded instead of the resolved card's (as the
+    heatmaps steps do), so the gate can check that the ROAD file scored the results' model."""
     from .gating import road_stats
     from .io import results
     from .metrics.road import PERCENTILES
@@ -218,7 +221,10 @@ def road_step(model_path: str, data: str, out_path: str, *, method: str = defaul
         with results.ResultsWriter(out_path, schema):
             pass
         return {"road_images": 0}
-    lm = load_model(ModelCard.load(model_path), device=device)
+    card = ModelCard.load(model_path)
+    if card_sha256:
+        card.sha256 = card_sha256
+    lm = load_model(card, device=device)
     run_road(lm, data, out_path, method=method, layers=layers, sample=int(sample), seed=int(seed), target=target,
              progress=False)
     stats = {k: v for k, v in road_stats(out_path).items() if isinstance(v, (int, float))}

@@ -69,6 +69,9 @@ class Sample:
     size: tuple[int, int] | None = None  # original image (width, height)
     error_kind: str | None = None  # 'input' | 'storage' (see camgate.io.results.ERROR_KINDS)
     raw: torch.Tensor | None = None  # JPEG bytes left for the GPU to decode (then ``x`` is None)
+    # sha256 of the bytes read for this item (the run identity's data fingerprint folds them in)
+    image_sha256: str | None = None
+    mask_sha256: str | None = None
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -168,6 +171,7 @@ class StaticMask:
         self.uri = uri
         self._lock = threading.RLock()
         self._raw: bytes | None = None
+        self._sha256: str | None = None
         self._decoded: dict[tuple, np.ndarray] = {}
 
     def raw(self) -> bytes:
@@ -175,6 +179,13 @@ class StaticMask:
             if self._raw is None:
                 self._raw = storage.read_bytes(self.uri)
             return self._raw
+
+    def sha256(self) -> str:
+        """sha256 of the mask's bytes, hashed once."""
+        with self._lock:
+            if self._sha256 is None:
+                self._sha256 = storage.sha256_bytes(self.raw())
+            return self._sha256
 
     def get(self, spec: MaskSpec, size: tuple[int, int]) -> np.ndarray:
         key = (spec, tuple(size))
@@ -214,6 +225,7 @@ def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
     what, uri = "image", item.image
     try:
         data = storage.read_bytes(uri)
+        image_sha, mask_sha = storage.sha256_bytes(data), None
         raw, x = None, None
         if defer_jpeg and data[:3] == b"\xff\xd8\xff":
             img = _open(data, load=False)
@@ -228,15 +240,16 @@ def load_sample(item: Item, input_spec: InputSpec, mask_spec: MaskSpec,
         elif static_mask is not None:
             what, uri = "mask", static_mask.uri if isinstance(static_mask, StaticMask) else static_mask
             sm = static_mask if isinstance(static_mask, StaticMask) else StaticMask(static_mask)
-            full = sm.get(mask_spec, img.size)
+            full, mask_sha = sm.get(mask_spec, img.size), sm.sha256()
         elif item.mask:
             what, uri = "mask", item.mask
-            full = decode_mask(storage.read_bytes(uri), uri, mask_spec, img.size)
+            mask_bytes = storage.read_bytes(uri)
+            full, mask_sha = decode_mask(mask_bytes, uri, mask_spec, img.size), storage.sha256_bytes(mask_bytes)
         else:
             full = None
         if full is not None:
             mask = torch.from_numpy(model_view(full, input_spec, img.size))
-        return Sample(item, x, mask, None, img.size, raw=raw)
+        return Sample(item, x, mask, None, img.size, raw=raw, image_sha256=image_sha, mask_sha256=mask_sha)
     except (storage.StorageError, ValueError) as e:  # both already say what went wrong
         problem, kind = str(e), storage_error_kind(e)
     except Exception as e:  # noqa: BLE001 - one bad item must not stop the run

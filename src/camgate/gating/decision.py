@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from ..io.results import RESULT_COLUMNS, STATUSES, read_results
 from .policy import DEFAULT_WORSE_BY, RULES, RUN_WIDE, Policy, PolicyError, Rule, load_policy
-from .stats import MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, Frame, baseline_identity, baseline_stats, road_stats
+from .stats import (MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, ROAD_COLUMNS, Frame, baseline_identity, baseline_stats,
+                    road_binding, road_stats)
 
 # --------------------------------------------------------------------------- decision
 
@@ -115,10 +116,12 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     """Apply ``policy`` to a results table (or Parquet path/URI) and decide pass/fail.
 
     ``road``: ROAD results (table or URI) for the ``faithfulness`` rule; the decision is then marked
-    ``trusted`` or not, with the reason. ``baseline``: the champion's results on the same data, for
-    the baseline rules (the decision then names the champion and the paired statistics)."""
+    ``trusted`` or not, with the reason. A ROAD file of other maps than the results' (another model,
+    method, target, layer or images) is refused (:class:`camgate.errors.IdentityError`). ``baseline``:
+    the champion's results on the same data, for the baseline rules (the decision then names the
+    champion and the paired statistics; a champion measured differently is a warning)."""
     policy = load_policy(policy)
-    table = read_results(results, RESULT_COLUMNS + ("target_layer",) + policy.slices)
+    table = read_results(results, RESULT_COLUMNS + ("target_layer", "image_sha256", "mask_sha256") + policy.slices)
     missing = [s for s in policy.slices if s not in table.column_names]
     if missing:
         raise PolicyError(f"{policy.source}: slices: column {missing[0]!r} not in results")
@@ -126,9 +129,13 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     ratio = policy.share_ratio
     overall = frame.stats(np.ones(frame.n, dtype=bool), ratio)
     faith = policy.rule("faithfulness")
+    road_name = road if isinstance(road, (str, os.PathLike)) else None
     if faith or road is not None:
         layers = (table.column("target_layer").drop_null().unique().to_pylist()
                   if "target_layer" in table.column_names else [])
+        if road is not None:
+            road = read_results(road, ROAD_COLUMNS)  # read once: the binding, then the scores
+            road_binding(table, road, name=str(road_name) if road_name is not None else None)
         overall.update(road_stats(road, layers[0] if len(layers) == 1 else None))
     ident, warnings = None, []
     if baseline is not None:
@@ -143,6 +150,10 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
         if overall["baseline_unpaired"]:
             warnings.append(f"{overall['baseline_unpaired']} of {frame.n} result rows have no baseline row "
                             f"for the same image: the comparison covers the other {overall['baseline_paired']}")
+        if overall["baseline_other_masks"]:
+            warnings.append(f"{overall['baseline_other_masks']} of the {overall['baseline_paired']} paired images "
+                            f"were measured with other mask content by the baseline (mask_sha256 differs): their "
+                            f"ratio changes may come from the masks")
     rules = [_judge(r, overall, "all", 1) for r in policy.rules]
     trusted = reason = None
     if faith:

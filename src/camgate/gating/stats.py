@@ -10,11 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..io.results import REQUIRED_COLUMNS, STATUSES, ResultsError, read_results, run_metadata
+from ..errors import IdentityError
+from ..io.results import (REQUIRED_COLUMNS, STATUSES, ResultsError, file_identity, identity_differences,
+                          read_results, run_metadata)
 from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
 
 # Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
-_COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "topk")
+_COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "topk", "budget", "seed", "task")
+# What a ROAD file must share with the results to vouch for their maps (besides the layer and images).
+_ROAD_BINDS = ("model_card_sha256", "weights_sha256", "method", "target")
+_SHOWN = 5  # rows named in one message
 REL_TOL = 1e-9
 MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
 
@@ -113,13 +118,59 @@ def _sorted_indices(values: list) -> list[int]:
         return sorted(idx, key=lambda i: str(values[i]))
 
 
+ROAD_COLUMNS = ("row", "image", "image_sha256", "layer", "status", "road", "road_random")
+
+
+def road_binding(results: pa.Table, road: pa.Table, name: str | None = None) -> None:
+    """Refuse (:class:`IdentityError`, naming the field and both values) a ROAD file that did not score
+    these results' maps: another model (card or weights), method, target or layer, or images the
+    results do not have (by ``row`` and ``image``, and by content where both files hash it). A ROAD
+    file without rows scores nothing and is let through (it cannot make a verdict trusted)."""
+    if road.num_rows == 0:
+        return
+    where = name or "the ROAD results"
+    mine, theirs = file_identity(run_metadata(results)), file_identity(run_metadata(road))
+
+    def refuse(field: str, road_value, results_value) -> None:
+        raise IdentityError(f"{where} scored other maps than the results: {field} is {road_value!r} in the ROAD "
+                            f"file but {results_value!r} in the results; ROAD scores make only the run they scored "
+                            f"trusted (camgate road with the run's model, method, target and layer, on its data)")
+
+    for f in _ROAD_BINDS:  # what the results state, the ROAD file must state alike
+        if mine.get(f) is not None and theirs.get(f) != mine[f]:
+            refuse(f, theirs.get(f), mine[f])
+    for f, a, b in identity_differences(theirs, mine, ("task",)):
+        refuse(f, a, b)
+    layers = mine.get("target_layer")
+    if layers:
+        layer = ",".join(layers) if isinstance(layers, list) else str(layers)
+        scored = theirs.get("target_layer")
+        if scored is None and "layer" in road.column_names:
+            scored = sorted(set(road.column("layer").drop_null().to_pylist()))
+        # a frame answers to every module name whose output it is (`layer3` is `layer3.1.relu#1`)
+        aliases = run_metadata(road).get("layer_aliases") or {}
+        if scored is not None and layer not in scored and not any(layer in aliases.get(f, ()) for f in scored):
+            refuse("target_layer", scored, layer)
+    if not {"row", "image"} <= set(road.column_names) & set(results.column_names):
+        return
+    have = dict(zip(results.column("row").to_pylist(), results.column("image").to_pylist()))
+    for r, image in sorted(set(zip(road.column("row").to_pylist(), road.column("image").to_pylist()))):
+        if have.get(r) != image:
+            refuse(f"row {r}'s image", image, have.get(r))
+    if "image_sha256" in road.column_names and "image_sha256" in results.column_names:
+        content = dict(zip(results.column("row").to_pylist(), results.column("image_sha256").to_pylist()))
+        for r, sha in zip(road.column("row").to_pylist(), road.column("image_sha256").to_pylist()):
+            if sha and content.get(r) and sha != content[r]:
+                refuse(f"row {r}'s image_sha256", sha, content[r])
+
+
 def road_stats(road, layer: str | None = None) -> dict:
     """Faithfulness of the maps from a ROAD file (``camgate road``): the mean margin of ROAD over the
     seeded random map, over the images scored at ``layer`` (when the file holds several layers)."""
     if road is None:
         return {"road_images": 0, "road_reason": "the policy asks for faithfulness but no ROAD results were given "
                                                  "(camgate road ..., then gate --road)"}
-    t = read_results(road, ("layer", "status", "road", "road_random"))
+    t = read_results(road, ROAD_COLUMNS)
     missing = [c for c in ("road", "road_random") if c not in t.column_names]
     if missing:
         raise ResultsError(f"ROAD results lack column(s) {missing}")
@@ -138,27 +189,51 @@ def road_stats(road, layer: str | None = None) -> dict:
 
 
 PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",
-                 "predicted_class", "predicted_label", "label")
+                 "predicted_class", "predicted_label", "label", "image_sha256", "mask_sha256")
 
 
 def pair_baseline(results, baseline, name: str | None = None):
     """Rows of the results and of the baseline for the same images, paired by ``row`` and ``image``
-    (a pandas DataFrame; the baseline's columns end in ``_baseline``). Refuses a baseline that shares
-    no image with the results: comparing other images says nothing about a regression."""
-    cand = read_results(results, PAIR_COLUMNS).to_pandas()
-    base = read_results(baseline, PAIR_COLUMNS).to_pandas()
+    (a pandas DataFrame; the baseline's columns end in ``_baseline``). Refuses (:class:`BaselineError`)
+    a baseline that is not analyzed results (a heatmaps file has no ratios to compare), that holds a
+    ``row`` more than once, whose image of a paired row has other content (where both files hash it),
+    or that shares no image with the results: comparing other images says nothing about a regression."""
+    where = name or (baseline if isinstance(baseline, (str, os.PathLike)) else "the baseline")
+    cand_t, base_t = read_results(results, PAIR_COLUMNS), read_results(baseline, PAIR_COLUMNS)
+    stage = run_metadata(base_t).get("stage")
+    if stage is not None and stage != "results":
+        what = "a heatmaps file: it holds maps but no invalid activation ratios (camgate analyze it first)" \
+            if stage == "heatmaps" else "not a results file"
+        raise BaselineError(f"{where}: stage is {stage!r}, not 'results': {what}; a baseline must be the champion's "
+                            f"analyzed results")
+    cand, base = cand_t.to_pandas(), base_t.to_pandas()
     for what, df in (("results", cand), ("baseline", base)):
         missing = [c for c in ("row", "image", "status", "invalid_activation_ratio") if c not in df.columns]
         if missing:
             raise ResultsError(f"{what} lack column(s) {missing} needed to pair with the "
                                f"{'baseline' if what == 'results' else 'results'}")
-    keep = [c for c in ("row", "image", "status", "invalid_activation_ratio", "predicted_class") if c in base.columns]
+        dup = sorted(set(df.loc[df["row"].duplicated(), "row"].tolist()))
+        if dup:
+            shown = ", ".join(str(r) for r in dup[:_SHOWN]) + (f" and {len(dup) - _SHOWN} more" if len(dup) > _SHOWN
+                                                               else "")
+            raise BaselineError(f"{where if what == 'baseline' else 'the results'}: row(s) {shown} appear more than "
+                                f"once ({len(df) - df['row'].nunique()} duplicate rows): one row per image is needed "
+                                f"to pair the {what} with the {'results' if what == 'baseline' else 'baseline'}")
+    keep = [c for c in ("row", "image", "status", "invalid_activation_ratio", "predicted_class", "image_sha256",
+                        "mask_sha256") if c in base.columns]
     pairs = cand.merge(base[keep], on=["row", "image"], how="inner", suffixes=("", "_baseline"))
     if pairs.empty:
-        where = name or (baseline if isinstance(baseline, (str, os.PathLike)) else "the baseline")
         raise BaselineError(f"{where}: no image in common with the results ({len(base)} baseline rows, "
                             f"{len(cand)} result rows, paired by row and image): a baseline must be the "
                             f"champion's results on the same data manifest")
+    if {"image_sha256", "image_sha256_baseline"} <= set(pairs.columns):
+        a, b = pairs["image_sha256"], pairs["image_sha256_baseline"]
+        other = pairs[a.notna() & b.notna() & (a != b)]
+        if len(other):
+            r = other.iloc[0]
+            raise BaselineError(f"{where}: row {r['row']} ({r['image']}) has image_sha256 {r['image_sha256_baseline']} "
+                                f"in the baseline but {r['image_sha256']} in the results ({len(other)} paired images "
+                                f"differ in content): the champion was computed on other images")
     return pairs.sort_values("row", kind="stable").reset_index(drop=True)
 
 
@@ -168,15 +243,23 @@ def baseline_stats(results, baseline, worse_by: float = DEFAULT_WORSE_BY, name: 
     both = pairs[(pairs["status"] == "ok") & (pairs["status_baseline"] == "ok")]
     cand = both["invalid_activation_ratio"].to_numpy(float)
     base = both["invalid_activation_ratio_baseline"].to_numpy(float)
+    delta = cand - base
     n_rows = read_results(results, ("row",)).num_rows
     nan = float("nan")
+    other_masks = 0
+    if {"mask_sha256", "mask_sha256_baseline"} <= set(pairs.columns):
+        a, b = pairs["mask_sha256"], pairs["mask_sha256_baseline"]
+        other_masks = int((a.notna() & b.notna() & (a != b)).sum())
+    # a NaN delta (a ratio missing on a row ok in both) is not "not worse": as for the other
+    # statistics, it makes the share NaN and the rule fails saying so
     return {"baseline_paired": len(pairs), "baseline_unpaired": n_rows - len(pairs),
             "baseline_compared": len(both),
             "baseline_mean": float(base.mean()) if len(both) else nan,
             "baseline_candidate_mean": float(cand.mean()) if len(both) else nan,
-            "baseline_mean_increase": float((cand - base).mean()) if len(both) else nan,
-            "baseline_share_worse": float(np.mean(cand - base > worse_by)) if len(both) else nan,
-            "baseline_worse_by": worse_by}
+            "baseline_mean_increase": float(delta.mean()) if len(both) else nan,
+            "baseline_share_worse": float(np.mean(delta > worse_by)) if len(both) and not np.isnan(delta).any()
+            else nan,
+            "baseline_worse_by": worse_by, "baseline_other_masks": other_masks}
 
 
 def baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict, list[str]]:
@@ -186,10 +269,9 @@ def baseline_identity(results_md: dict, base_md: dict, baseline) -> tuple[dict, 
              "model": model.get("name"), "weights_sha256": base_md.get("weights_sha256"),
              "method": base_md.get("method"), "target_layer": base_md.get("target_layer")}
     warnings = []
-    for key in _COMPARABLE:
-        if key in base_md and key in results_md and base_md[key] != results_md[key]:
-            warnings.append(f"baseline computed with {key} {base_md[key]!r}, the results with {results_md[key]!r}: "
-                            f"their invalid activation ratios may not be comparable")
+    for key, theirs, mine in identity_differences(file_identity(base_md), file_identity(results_md), _COMPARABLE):
+        warnings.append(f"baseline computed with {key} {theirs!r}, the results with {mine!r}: "
+                        f"their invalid activation ratios may not be comparable")
     if base_md.get("weights_sha256") and base_md.get("weights_sha256") == results_md.get("weights_sha256"):
         warnings.append("baseline and results come from the same weights (equal sha256): is the baseline the "
                         "champion?")

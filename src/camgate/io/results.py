@@ -12,6 +12,7 @@ the file only becomes visible at its destination once complete.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import posixpath
@@ -35,6 +36,9 @@ FIELDS = [
     ("peak_in_invalid", pa.bool_()), ("topk_invalid_share", pa.float64()),
     ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam", pa.binary()),
     ("image_width", pa.int32()), ("image_height", pa.int32()),
+    # sha256 of the image and mask bytes the row was computed from (None where not read): the run
+    # identity's data fingerprint is taken over them (see camgate.runner.identity)
+    ("image_sha256", pa.string()), ("mask_sha256", pa.string()),
 ]
 
 
@@ -45,7 +49,7 @@ def road_fields(percentiles) -> list:
     return [("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("layer", pa.string()),
             ("layer_index", pa.int32()), ("status", pa.string()), ("error", pa.string()),
             ("error_kind", pa.string()), ("target_class", pa.int32()), ("clean_probability", pa.float64()),
-            *curves, ("road", pa.float64()), ("road_random", pa.float64())]
+            *curves, ("road", pa.float64()), ("road_random", pa.float64()), ("image_sha256", pa.string())]
 COLUMNS = [name for name, _ in FIELDS]
 # `camgate layers`: one row per (image, layer) of the all-layer maps (same map encoding as above)
 LAYER_FIELDS = [
@@ -55,13 +59,16 @@ LAYER_FIELDS = [
     ("invalid_activation_ratio", pa.float64()), ("invalid_area_ratio", pa.float64()),
     ("peak_in_invalid", pa.bool_()), ("topk_invalid_share", pa.float64()),
     ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam", pa.binary()),
-    ("image_width", pa.int32()), ("image_height", pa.int32()),
+    ("image_width", pa.int32()), ("image_height", pa.int32()), ("image_sha256", pa.string()),
+    ("mask_sha256", pa.string()),
 ]
 STATUSES = ("ok", "no_activation", "error")
 # What an error row's cause was: the input itself (missing, corrupt, refused), the storage service
 # (access, or still failing after the retries: worth another try later), or the model (NaN, raised).
 ERROR_KINDS = ("input", "storage", "model")
 META_KEY = b"camgate"
+_ARROW_SCHEMA = b"ARROW:schema"  # where Parquet files keep the Arrow schema (and its metadata)
+IDENTITY_KEY = "identity"  # the run identity in the metadata (built by camgate.runner.identity)
 
 
 def schema(meta_columns: dict[str, pa.DataType] | None = None, metadata: dict | None = None,
@@ -113,8 +120,11 @@ class ResultsWriter:
     """
 
     def __init__(self, uri: str, schema: pa.Schema, row_group_size: int = 256, fingerprint: str | None = None,
-                 parts: str | None = None):
+                 parts: str | None = None, tracker=None):
         self.uri, self.schema, self.row_group_size, self.fingerprint = uri, schema, row_group_size, fingerprint
+        # sees every table in the final file's order; its ``metadata()`` is merged into the file's
+        # metadata on close (the data fingerprint, known only once every row is written)
+        self.tracker = tracker
         self.parts = parts or f"{uri}.parts"
         self._buf: list[dict] = []
         self.rows = 0
@@ -181,7 +191,9 @@ class ResultsWriter:
             storage.write_bytes(storage.join(self.parts, f"part-{self.rows:012d}.parquet"),
                                 _part_bytes(self._buf, self.schema))
         else:
-            self._writer.write_table(_table(self._buf, self.schema))
+            table = _table(self._buf, self.schema)
+            self._track(table)
+            self._writer.write_table(table)
         self.rows += len(self._buf)
         self._buf = []
 
@@ -190,9 +202,26 @@ class ResultsWriter:
             for u in self._part_uris():
                 part = pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema)
                 self.storage_errors += part.column("error_kind").to_pylist().count("storage")
+                self._track(part)
                 w.write_table(part)
+            self._finish_metadata(w)
         if not self.storage_errors:
             self._clear()
+
+    def _track(self, table: pa.Table) -> None:
+        if self.tracker is not None:
+            self.tracker.add(table)
+
+    def _finish_metadata(self, writer: pq.ParquetWriter) -> None:
+        """The tracker's metadata into the file being written (its footer is written on close). Readers
+        take the schema's metadata from the stored Arrow schema, so that is replaced too."""
+        if self.tracker is None:
+            return
+        md = {**json.loads((self.schema.metadata or {}).get(META_KEY, b"{}")), **self.tracker.metadata()}
+        value = json.dumps(md, sort_keys=True, default=str).encode()
+        self.schema = self.schema.with_metadata({**(self.schema.metadata or {}), META_KEY: value})
+        writer.add_key_value_metadata({META_KEY: value,
+                                       _ARROW_SCHEMA: base64.b64encode(self.schema.serialize().to_pybytes())})
 
     def _clear(self) -> None:
         for u in storage.list_uris(self.parts):
@@ -210,6 +239,7 @@ class ResultsWriter:
         try:
             if exc_type is None:
                 self._flush()
+                self._finish_metadata(self._writer)
         finally:
             self._writer.close()
             self._ctx.__exit__(exc_type, exc, tb)
@@ -257,6 +287,30 @@ def run_metadata(source) -> dict:
     else:
         sch = open_file(source).schema_arrow
     return json.loads((sch.metadata or {}).get(META_KEY, b"{}"))
+
+
+# keys of files written before the run identity that say the same thing (their identity is read from them)
+_LEGACY_IDENTITY = ("model_card_sha256", "weights_sha256", "method", "target", "static_mask", "mask_spec", "topk",
+                    "budget", "seed")
+
+
+def file_identity(md: dict) -> dict:
+    """The run identity a file's metadata states (see :mod:`camgate.runner.identity`): its ``identity``,
+    or for files written before it, what their settings keys say (only the keys they have)."""
+    ident = md.get(IDENTITY_KEY)
+    if isinstance(ident, dict):
+        return ident
+    legacy = {k: md[k] if md[k] != "" else None for k in _LEGACY_IDENTITY if k in md}  # "" = no hash
+    layers = md.get("target_layer", md.get("layers"))
+    if layers is not None:
+        legacy["target_layer"] = layers
+    return legacy
+
+
+def identity_differences(a: dict, b: dict, fields) -> list[tuple[str, object, object]]:
+    """``(field, value in a, value in b)`` for each of ``fields`` that both identities state and that
+    differs (a field one of them lacks cannot be compared: callers decide whether that is acceptable)."""
+    return [(f, a[f], b[f]) for f in fields if f in a and f in b and a[f] != b[f]]
 
 
 def cam_bytes(cam) -> bytes:

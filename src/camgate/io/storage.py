@@ -430,6 +430,11 @@ def _sha256_file(path: str, uri: str) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    """sha256 (hex) of bytes already in memory: an image or mask as it was read for a row."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_or_none(uri) -> str | None:
     """:func:`sha256`, or None when there is no URI or nothing readable behind it."""
     if uri is None or not isinstance(uri, (str, os.PathLike)) or not str(uri):

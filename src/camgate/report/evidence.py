@@ -17,8 +17,9 @@ REQUIREMENTS = (
 )
 
 
-def requirements(decision: Decision, md: dict) -> list[dict]:
-    """One entry per requirement: ``key``, ``requirement``, ``shows``, ``does_not_show``."""
+def requirements(decision: Decision, md: dict, data: dict | None = None) -> list[dict]:
+    """One entry per requirement: ``key``, ``requirement``, ``shows``, ``does_not_show``. ``data``: the
+    record's data section; the text names only the hashes it holds."""
     c = decision.counts
     o = decision.overall
     method = md.get("method") or "?"
@@ -46,7 +47,7 @@ def requirements(decision: Decision, md: dict) -> list[dict]:
             "Accuracy, robustness to perturbations or distribution shift beyond this data set, and any behaviour "
             "on images unlike these; a heatmap shows where the model looked, not that its answer is right."),
         "privacy": (
-            "The test data is named by URI and sha256 in the record, so the images used can be traced.",
+            _data_named(data or {}),
             "Whether the images hold personal data or were collected lawfully; camgate does not inspect content "
             "for that."),
         "transparency": (
@@ -69,6 +70,24 @@ def requirements(decision: Decision, md: dict) -> list[dict]:
     }
     return [{"key": k, "requirement": name, "shows": text[k][0], "does_not_show": text[k][1]}
             for k, name in REQUIREMENTS]
+
+
+def _data_named(data: dict) -> str:
+    """How the record names the test data: only the hashes it holds."""
+    fp = ("a fingerprint over every image's row, URI and content sha256 (and its mask's, where masks were "
+          "read)") if data.get("fingerprint") else None
+    if data.get("manifest_sha256") and fp:
+        return f"The test data is named in the record by its manifest's URI and sha256 and by {fp}, so the " \
+               f"images used can be traced."
+    if fp:
+        return f"The test data is named in the record by {fp}, so the images used can be traced; there is no " \
+               f"manifest file to hash (a prefix data set, or parts merged without the manifest)."
+    if data.get("manifest_sha256"):
+        return "The test data is named in the record by its manifest's URI and sha256; the images' content is " \
+               "not hashed (results from before the data fingerprint), so changed files behind the same URIs " \
+               "would go unnoticed."
+    return "The test data is named by URI only: the record holds no hash of it, so it cannot show which images " \
+           "were used."
 
 
 def _f(v) -> str:

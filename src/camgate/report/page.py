@@ -150,6 +150,8 @@ def _identity(rec: dict) -> Table:
         ["map resolution", f"{size[0]} × {size[1]}" if size else "n/a"],
         ["data manifest", _text(data.get("manifest"))],
         ["data manifest sha256", _text(data.get("manifest_sha256"))],
+        ["data fingerprint", f"{_text(data.get('fingerprint'))} ({_text(data.get('fingerprint_images'))} images)"
+         if data.get("fingerprint") else "n/a"],
         ["policy", f"{_text(pol.get('name'))} ({_text(pol.get('uri'))})"],
         ["policy sha256", _text(pol.get("sha256"))],
         ["results", f"{_text(res.get('uri'))} (sha256 {_text(res.get('sha256'))})"],

@@ -48,10 +48,11 @@ def _map_resolution(results) -> list[int] | None:
 def build(decision: Decision, results, policy, road=None, baseline=None, started_at: str | None = None) -> dict:
     """The record of one decision. ``results``/``road``/``baseline``: what the gate read (URIs are
     hashed); ``policy``: its source (URI or mapping); ``started_at``: when the gate started."""
-    from ..io.results import run_metadata
+    from ..io.results import file_identity, run_metadata
     from ..runner.identity import manifest_sha256
 
     md = run_metadata(read_results(results, ("row",)))
+    ident = file_identity(md)
     model = md.get("model") or {}
     pol = load_policy(policy)
     pol_file = _file(policy if isinstance(policy, (str, os.PathLike)) else None)
@@ -65,6 +66,16 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
                                                                 "faithfulness_margin")},
                         "file": _file(road)}
     d = decision.to_dict()
+    # the data as far as the results prove it: the manifest's hash only where there is a manifest file
+    # (not for a prefix data set, nor for parts merged without one), the fingerprint where the run took it
+    data_rec: dict = {"manifest": data}
+    manifest_sha = md.get("data_sha256") or manifest_sha256(data)
+    if manifest_sha:
+        data_rec["manifest_sha256"] = manifest_sha
+    fp = ident.get("data") if isinstance(ident.get("data"), dict) else {}
+    if fp.get("fingerprint"):
+        data_rec.update(fingerprint=fp["fingerprint"], fingerprint_images=fp.get("rows"))
+    data_rec["counts"] = dict(decision.counts)
     return {
         "schema": SCHEMA,
         "camgate_version": __version__,
@@ -74,8 +85,8 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
                   "card_sha256": md.get("model_card_sha256") or model.get("card_sha256"),
                   "weights_sha256": md.get("weights_sha256") or model.get("weights_sha256"),
                   "classes": model.get("classes")},
-        "data": {"manifest": data, "manifest_sha256": md.get("data_sha256") or manifest_sha256(data),
-                 "counts": dict(decision.counts)},
+        "data": data_rec,
+        "identity": ident or None,
         "method": {"name": md.get("method"), "target": md.get("target"), "target_layer": md.get("target_layer"),
                    "map_resolution": _map_resolution(results), "static_mask": md.get("static_mask"),
                    "mask_spec": md.get("mask_spec"), "topk": md.get("topk"),
@@ -91,7 +102,7 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
         "environment": env,
         "times": {"heatmaps_started_at": md.get("started_at"), "gate_started_at": started_at,
                   "gate_finished_at": _now()},
-        "requirements": requirements(decision, md),
+        "requirements": requirements(decision, md, data_rec),
         "approval": {k: None for k in APPROVAL_FIELDS},
     }
 

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import __version__
@@ -18,6 +19,7 @@ from ..io import storage
 from ..metrics.invalid import check_topk
 from ..settings import default
 from .common import RunSummary, apply_metrics, count_statuses, progress_bar
+from .identity import DataFingerprint, with_masks
 
 
 def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: str | None = None,
@@ -47,20 +49,28 @@ def analyze(heatmaps: str, out: str, *, data: str | None = None, static_mask: st
         if not any(named):
             raise no_masks(data or heatmaps)
     sm = StaticMask(static_mask) if static_mask else None
+    # the heatmaps' identity (model, method, target, layer) carried over, with the masks read here
+    ident = with_masks(res.file_identity(md), static_mask=static_mask, mask_spec=mask_spec, topk=topk)
     md.update(stage="results", static_mask=static_mask, topk=topk, analyzed_with=__version__,
               mask_spec=mask_spec.to_dict())
+    md[res.IDENTITY_KEY] = ident
     if data:
         md["masks_from"] = data
-    schema = pf.schema_arrow.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
+    sch = pf.schema_arrow
+    for name, typ in res.FIELDS:  # heatmaps files from before the content hashes get their columns
+        if name in ("image_sha256", "mask_sha256") and name not in sch.names:
+            sch = sch.append(pa.field(name, typ))
+    schema = sch.with_metadata({res.META_KEY: res.schema(None, md).metadata[res.META_KEY]})
     summary = RunSummary(out)
     dev = torch.device(device)
-    with res.ResultsWriter(out, schema) as w, progress_bar(n, progress) as bar, \
+    with res.ResultsWriter(out, schema, tracker=DataFingerprint(ident)) as w, progress_bar(n, progress) as bar, \
             ThreadPoolExecutor(workers, thread_name_prefix="camgate-mask") as pool:
         position = 0
         for batch in pf.iter_batches(batch_size=batch_size):  # the file is never held as Python rows
             rows = batch.to_pylist()
             for r in rows:
                 r.setdefault("row", position)  # files from before `row` pair by position (and image)
+                r["mask_sha256"] = None  # the masks are read here: set for each mask that is
                 position += 1
                 if static_mask:
                     r["mask"] = static_mask
@@ -90,16 +100,19 @@ def _paired_masks(pf, heatmaps: str, data: str, static_mask: str | None) -> dict
     return {r: items[r].mask for r in rows}
 
 
-def _mask_for(row: dict, spec: InputSpec, mask_spec: MaskSpec, sm) -> np.ndarray:
-    """The invalid mask of the image region the model saw; ValueError/StorageError naming the problem."""
+def _mask_for(row: dict, spec: InputSpec, mask_spec: MaskSpec, sm) -> tuple[np.ndarray, str]:
+    """The invalid mask of the image region the model saw and the sha256 of the mask's bytes;
+    ValueError/StorageError naming the problem."""
     from ..data.decode import decode_mask, model_view
 
     muri = row.get("mask")
     if not muri:
         raise ValueError("no mask (give a mask column, a masks/ folder or a static mask)")
     size = (row.get("image_width"), row.get("image_height"))
-    full = sm.get(mask_spec, size) if sm else decode_mask(storage.read_bytes(muri), muri, mask_spec, size)
-    return model_view(full, spec, size)
+    if sm:
+        return model_view(sm.get(mask_spec, size), spec, size), sm.sha256()
+    raw = storage.read_bytes(muri)
+    return model_view(decode_mask(raw, muri, mask_spec, size), spec, size), storage.sha256_bytes(raw)
 
 
 def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
@@ -108,7 +121,8 @@ def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
     ready, cams, masks = [], [], []
     for row, fut in todo:
         try:
-            masks.append(torch.from_numpy(fut.result()).to(dev))
+            mask, row["mask_sha256"] = fut.result()
+            masks.append(torch.from_numpy(mask).to(dev))
         except (storage.StorageError, ValueError) as e:
             row.update(status="error", error=f"mask {row['mask']} (id {row['image_id']}): {e}",
                        error_kind=storage_error_kind(e))

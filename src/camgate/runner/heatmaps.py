@@ -24,7 +24,7 @@ from ..metrics.invalid import check_topk
 from ..model.load import LoadedModel, load_model
 from ..settings import default
 from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, row_seed, triage
-from .identity import fingerprint, provenance
+from .identity import DataFingerprint, fingerprint, provenance, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Runner:
                "method": self.engine.method, "target_layer": self.layer_name, "status": "error"}
         if s.size:
             row["image_width"], row["image_height"] = s.size
+        row["image_sha256"], row["mask_sha256"] = s.image_sha256, s.mask_sha256
         for name, typ in self.meta_types.items():
             row[res.meta_column(name)] = res.meta_value(it.meta.get(name), typ)
         return row
@@ -195,7 +196,11 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
           **({"budget": budget, "seed": seed} if runner.black_box else {}),
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk, "policy": policy,
           "policy_sha256": storage.sha256_or_none(policy), "amp": amp, "jpeg_decode": "gpu" if gpu_jpeg else "cpu"}
-    schema = res.schema(meta_cols, {**md, **provenance(lm, data)})
+    ident = run_identity(lm, method=runner.engine.method, target=runner.target, layers=md["target_layer"],
+                         static_mask=static_mask if analyze else None, mask_spec=mask_spec if analyze else None,
+                         topk=topk if analyze else None, budget=budget if runner.black_box else None,
+                         seed=seed if runner.black_box else None)
+    schema = res.schema(meta_cols, {**md, res.IDENTITY_KEY: ident, **provenance(lm, data)})
     summary = RunSummary(out)
     # full-precision CPU-decoded runs keep the fingerprint they had before these keys: they resume
     same = {k: v for k, v in md.items() if (k, v) not in (("amp", "off"), ("jpeg_decode", "cpu"))}
@@ -205,7 +210,8 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
                                          with_masks=analyze, overlap=overlap, defer_jpeg=gpu_jpeg),
                             dev, lm.input)
 
-    with res.ResultsWriter(out, schema, checkpoint_rows, fingerprint(same, items), checkpoint) as w, \
+    with res.ResultsWriter(out, schema, checkpoint_rows, fingerprint(same, items), checkpoint,
+                           tracker=DataFingerprint(ident)) as w, \
             progress_bar(len(items), progress) as bar:
         # rows committed by an interrupted run of the same command are not computed again, except
         # those that failed on the storage service: that may have been a passing outage

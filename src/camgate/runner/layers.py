@@ -17,6 +17,7 @@ from ..metrics.invalid import check_topk
 from ..model.load import LoadedModel, load_model
 from ..settings import default
 from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, triage
+from .identity import DataFingerprint, run_identity
 
 
 def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | list[str] = default("layers"),
@@ -55,9 +56,14 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
           "target": str(target), "layers": plan.names(), "layer_aliases": plan.aliases(),
           "skipped_layers": [{"layer": n, "reason": why} for n, why in plan.skipped],
           "data": data, "static_mask": static_mask, "mask_spec": mask_spec.to_dict(), "topk": topk}
+    ident = run_identity(lm, method=method, target=target, layers=plan.names(),
+                         static_mask=static_mask if with_masks else None, mask_spec=mask_spec if with_masks else None,
+                         topk=topk if with_masks else None)
+    md[res.IDENTITY_KEY] = ident
     summary = RunSummary(out)
     sm = StaticMask(static_mask) if static_mask else None
-    with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS)) as w, progress_bar(len(items), progress) as bar:
+    with res.ResultsWriter(out, res.schema(None, md, res.LAYER_FIELDS), tracker=DataFingerprint(ident)) as w, \
+            progress_bar(len(items), progress) as bar:
         loaders, overlap = gpu.cpu_budget(workers, lm.device)
         for batch in iter_batches(items, lm.input, mask_spec, batch_size, workers=loaders, static_mask=sm,
                                   with_masks=with_masks, overlap=overlap):
@@ -76,7 +82,8 @@ def _layer_rows(lm: LoadedModel, plan, method: str, target, batch: list[Sample],
 
     def base(s: Sample, ref) -> dict:
         row = {"row": s.item.index, "image_id": s.item.image_id, "image": s.item.image, "mask": s.item.mask,
-               "layer": ref.label, "layer_index": ref.index, "status": "error"}
+               "layer": ref.label, "layer_index": ref.index, "status": "error", "image_sha256": s.image_sha256,
+               "mask_sha256": s.mask_sha256}
         if s.size:
             row["image_width"], row["image_height"] = s.size
         return row

@@ -7,6 +7,7 @@ import math
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import __version__
@@ -19,6 +20,7 @@ from ..io import results as res
 from ..model.load import LoadedModel, load_model
 from ..settings import default
 from .common import RunSummary, count_statuses, guarded, parse_target, progress_bar, row_seed, triage
+from .identity import data_fingerprint, run_identity
 
 
 def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = default("method"),
@@ -80,6 +82,11 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
                                    predict, mean, std, percentiles, seed, per_layer)
             summary.computed += len(batch)
             bar.update(len(batch))
+    # the maps it scored: a gate takes ROAD scores only for a run of the same model, method, layer and images
+    ident = run_identity(lm, method=md["method"], target=target, layers=names,
+                         road={"percentiles": list(percentiles), "sample": sample, "seed": seed})
+    ident["data"] = data_fingerprint([pa.Table.from_pylist(rows_all, schema=pa.schema(fields))])
+    md[res.IDENTITY_KEY] = ident
     if len(names) > 1:
         md["ybroad"] = fa.ybroad([(n, float(np.nanmean(v)) if np.isfinite(v).any() else math.nan)
                                   for n, v in ((n, np.array(per_layer[n], dtype=float)) for n in names)])
@@ -97,7 +104,7 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
 
     def base(s, j):
         return {"row": s.item.index, "image_id": s.item.image_id, "image": s.item.image, "layer": names[j],
-                "layer_index": j, "status": "error"}
+                "layer_index": j, "status": "error", "image_sha256": s.image_sha256}
 
     rows = []
     todo, targets, failed = triage(batch, target, lm.card, need_mask=False)

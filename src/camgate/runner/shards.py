@@ -164,9 +164,12 @@ class _Part:
         self.md = res.run_metadata(self.schema)
         if "row" not in self.schema.names or "image" not in self.schema.names:
             raise MergeError(f"part {uri} has no 'row' and 'image' columns: not a camgate results file")
-        t = pf.read(columns=["row", "image"])
+        from .identity import FINGERPRINT_COLUMNS
+
+        t = pf.read(columns=[c for c in FINGERPRINT_COLUMNS if c in self.schema.names])
         self.rows = np.asarray(t.column("row").to_numpy(zero_copy_only=False), dtype=np.int64)
         self.images = t.column("image").to_pylist()
+        self.keys = t  # what the merged file's data fingerprint is taken over
         # a column with no value at all was typed from nothing (string): the other parts say what it is
         meta = [f.name for f in self.schema if f.name not in res.COLUMNS]
         nulls = pf.read(columns=meta) if meta else None
@@ -196,12 +199,20 @@ def _common_metadata(parts: list[_Part], data: str | None) -> dict:
     def show(v) -> str:
         return json.dumps(v, sort_keys=True, default=str)[:120]
 
-    from .identity import PROVENANCE, manifest_sha256
+    from .identity import PROVENANCE, data_fingerprint, manifest_sha256
 
     first = parts[0]
+    mine = res.file_identity(first.md)
     for p in parts[1:]:
+        # one run identity (the data fingerprint aside: each part covers its own rows), then the settings
+        theirs = res.file_identity(p.md)
+        for k in sorted((set(mine) | set(theirs)) - {"data"}):
+            if mine.get(k) != theirs.get(k):
+                raise MergeError(f"parts {first.uri} and {p.uri} come from different runs: {k!r} is "
+                                 f"{show(mine.get(k))} in one and {show(theirs.get(k))} in the other (merge parts "
+                                 f"of one model, method and settings)")
         for k in sorted(set(first.md) | set(p.md)):
-            if k not in _PER_SHARD + PROVENANCE and first.md.get(k) != p.md.get(k):
+            if k not in _PER_SHARD + PROVENANCE + (res.IDENTITY_KEY,) and first.md.get(k) != p.md.get(k):
                 raise MergeError(f"parts {first.uri} and {p.uri} come from different runs: {k!r} is "
                                  f"{show(first.md.get(k))} in one and {show(p.md.get(k))} in the other (merge parts "
                                  f"of one model, method and settings)")
@@ -216,6 +227,8 @@ def _common_metadata(parts: list[_Part], data: str | None) -> dict:
     envs = [p.md.get("environment") for p in parts]
     md["environment"] = envs[0] if all(e == envs[0] for e in envs) else {"per_shard": envs}
     md["data_sha256"] = manifest_sha256(data)
+    if isinstance(first.md.get(res.IDENTITY_KEY), dict):  # the merged rows' fingerprint = the one run's
+        md[res.IDENTITY_KEY] = {**mine, "data": data_fingerprint(p.keys for p in parts)}
     return md
 
 
