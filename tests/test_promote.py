@@ -37,13 +37,19 @@ def make_model(folder: Path, nudge: float = 0.0, classes=("a", "b", "c")) -> dic
     card = {"name": "tiny", "arch": "zoo:tiny_cnn", "num_classes": 3, "classes": list(classes),
             "weights": "models/w.safetensors", "input": {"size": [32, 32]}}
     (folder / "card.yaml").write_text(yaml.safe_dump(card))
-    return {"card": str(folder / "card.yaml"), "weights": weights,
-            "record": write_record(folder / "record.json", True)}
+    src = {"card": str(folder / "card.yaml"), "weights": weights}
+    return {**src, "record": write_record(folder / "record.json", True, src=src)}
 
 
-def write_record(path: Path, passed: bool, policy: str = "strict", weights_sha256: str | None = None) -> str:
+def write_record(path: Path, passed: bool, policy: str = "strict", weights_sha256: str | None = None,
+                 src: dict | None = None, card_sha256: str | None = None) -> str:
+    """A record of the gate; ``src``: the model it tested (its card's and weights' sha256, unless given)."""
+    if src is not None:
+        card_sha256 = card_sha256 or sha(Path(src["card"]).read_bytes())
+        weights_sha256 = weights_sha256 or sha(src["weights"])
     path.write_text(json.dumps({**RECORD, "verdict": {**RECORD["verdict"], "passed": passed},
-                                "policy": {"name": policy}, "model": {"weights_sha256": weights_sha256}}))
+                                "policy": {"name": policy},
+                                "model": {"card_sha256": card_sha256, "weights_sha256": weights_sha256}}))
     return str(path)
 
 
@@ -122,12 +128,52 @@ def test_a_record_is_needed_and_must_hold_a_verdict(tmp_path):
 
 def test_a_record_of_other_weights_promotes_nothing(tmp_path):
     src = make_model(tmp_path / "src")
-    other = write_record(tmp_path / "other.json", True, weights_sha256="0" * 64)
+    other = write_record(tmp_path / "other.json", True, weights_sha256="0" * 64, src=src)
     with pytest.raises(PromoteError, match="promotes only the weights it tested"):
         promote(src["card"], other, str(tmp_path / "promoted"))
     assert not (tmp_path / "promoted").exists()
-    mine = write_record(tmp_path / "mine.json", True, weights_sha256=sha(src["weights"]))
+    mine = write_record(tmp_path / "mine.json", True, weights_sha256=sha(src["weights"]), src=src)
     assert promote(src["card"], mine, str(tmp_path / "promoted"))["promoted"]
+
+
+def test_a_record_that_does_not_name_what_it_tested_promotes_nothing(tmp_path, capsys):
+    src = make_model(tmp_path / "src")
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"verdict": {"passed": True}}))
+    with pytest.raises(PromoteError, match=r"does not name the model card sha256 it tested \(model.card_sha256\)"):
+        promote(src["card"], str(bare), str(tmp_path / "promoted"))
+    no_weights = write_record(tmp_path / "nw.json", True, card_sha256=sha(Path(src["card"]).read_bytes()))
+    with pytest.raises(PromoteError, match=r"does not name the weights sha256 it tested \(model.weights_sha256\)"):
+        promote(src["card"], no_weights, str(tmp_path / "promoted"))
+    # nor does it say what it would promote
+    with pytest.raises(PromoteError, match="does not name the model card sha256"):
+        promote(src["card"], str(bare), "")
+    assert main(["promote", "--model", src["card"], "--record", str(bare), "--to", str(tmp_path / "promoted")]) == 2
+    assert "model.card_sha256" in capsys.readouterr().err
+    assert not (tmp_path / "promoted").exists()
+
+
+def test_a_record_promotes_only_the_card_and_weights_it_tested(tmp_path, capsys):
+    src = make_model(tmp_path / "src")
+    other = make_model(tmp_path / "other", nudge=0.01)  # other weights, beside a card of the same text
+    to = str(tmp_path / "promoted")
+    code = main(["promote", "--model", other["card"], "--record", src["record"], "--to", to])
+    err = capsys.readouterr().err
+    assert code == 2 and "is for weights sha256" in err and "promotes only the weights it tested" in err
+    # the same card file, other bytes under the weights' name: the weights differ
+    (tmp_path / "src" / "models" / "w.safetensors").write_bytes(other["weights"])
+    with pytest.raises(PromoteError, match=r"is for weights sha256 .* promotes only the weights it tested"):
+        promote(src["card"], src["record"], to)
+    with pytest.raises(PromoteError, match="promotes only the weights it tested"):
+        promote(src["card"], src["record"], "")
+    # another card for the same weights (a class renamed): not the card the gate ran
+    (tmp_path / "src" / "models" / "w.safetensors").write_bytes(src["weights"])
+    card = yaml.safe_load(Path(src["card"]).read_text())
+    (tmp_path / "src" / "renamed.yaml").write_text(yaml.safe_dump({**card, "classes": ["a", "b", "z"]}))
+    with pytest.raises(PromoteError, match="promotes only the model card it tested"):
+        promote(str(tmp_path / "src" / "renamed.yaml"), src["record"], to)
+    assert not (tmp_path / "promoted").exists()
+    assert promote(src["card"], src["record"], to)["promoted"]
 
 
 # --------------------------------------------------------------------------- the same and other models
@@ -157,7 +203,7 @@ def test_promoting_the_same_model_again_is_a_no_op(tmp_path):
     assert again["promoted"] and again["already_promoted"] and again["files"] == out["files"]
     assert "already promoted" in again["message"] and "nothing copied" in again["message"]
     # a later gate run of the same model: its record does not replace the promoted one
-    rerun = write_record(tmp_path / "rerun.json", True, policy="nightly")
+    rerun = write_record(tmp_path / "rerun.json", True, policy="nightly", src=src)
     kept = promote(src["card"], rerun, str(tmp_path / "promoted"))
     assert kept["already_promoted"] and "its own test record is kept" in kept["message"]
     assert snapshot(tmp_path / "promoted") == before
@@ -368,3 +414,22 @@ def test_component_promotes_with_the_record(tmp_path, capsys):
     # no location: report only
     assert promote_component.python_func(model=model, passed=True).destination == ""
     assert "would promote model 'tiny'" in capsys.readouterr().out
+
+
+def test_component_checks_the_record_against_the_card_it_resolved(tmp_path):
+    pytest.importorskip("kfp")
+    from kfp import dsl
+
+    from camgate.kfp import load_model as load_component
+    from camgate.kfp import promote as promote_component
+
+    src, other = make_model(tmp_path / "src"), make_model(tmp_path / "other", classes=("x", "y", "z"))
+    model = dsl.Model(uri=str(tmp_path / "a" / "model"))
+    (tmp_path / "a").mkdir()
+    load_component.python_func(model_card=src["card"], model=model)
+    # the resolved card is another file than the one the gate's record names: the model's metadata links them
+    assert model.metadata["card_sha256"] == sha(Path(src["card"]).read_bytes()) != storage.sha256(model.path)
+    with pytest.raises(PromoteError, match="promotes only the model card it tested"):
+        promote_component.python_func(model=model, passed=True, record=dsl.Artifact(uri=other["record"]),
+                                      promote_to=str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()

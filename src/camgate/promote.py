@@ -93,11 +93,30 @@ def _read_record(uri: str) -> tuple[bytes, dict]:
 
 
 def _verdict(doc: dict) -> dict:
-    """passed, policy name, trusted and the tested weights' sha256 from a record (camgate.report.record)."""
+    """passed, policy name, trusted and the tested card's and weights' sha256 from a record
+    (camgate.report.record)."""
     policy = doc.get("policy") if isinstance(doc.get("policy"), dict) else {}
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
     return {"passed": doc["verdict"]["passed"], "policy": policy.get("name"),
-            "trusted": doc["verdict"].get("trusted"), "weights_sha256": model.get("weights_sha256")}
+            "trusted": doc["verdict"].get("trusted"), "card_sha256": model.get("card_sha256"),
+            "weights_sha256": model.get("weights_sha256")}
+
+
+def _check_tested(doc: dict, record: str, name: str, card_sha256: str, weights_sha256: str | None) -> None:
+    """A passed gate promotes only the model it tested: the record must name the model card and weights
+    sha256 it tested (``model.card_sha256``, ``model.weights_sha256``), and they must be the card and the
+    weights being promoted. A card without a weights file (``kind: callable``) has none to name."""
+    tested = _verdict(doc)
+    for key, mine, what in (("card_sha256", card_sha256, "model card"), ("weights_sha256", weights_sha256, "weights")):
+        theirs = tested[key]
+        if not mine and not theirs:
+            continue
+        if not isinstance(theirs, str) or not theirs:
+            raise PromoteError(f"test record {record} does not name the {what} sha256 it tested (model.{key}): "
+                               f"a passed gate promotes only the {what} it tested")
+        if theirs != mine:
+            raise PromoteError(f"test record {record} is for {what} sha256 {theirs[:12]}…, not model '{name}' "
+                               f"({(mine or 'none')[:12]}…): a passed gate promotes only the {what} it tested")
 
 
 def _safe_name(name: str) -> str:
@@ -215,14 +234,18 @@ def _registry_metadata(dest: str, files: dict, weights_name: str | None) -> dict
 
 def promote(model_card: str, record: str | None = None, promote_to: str | None = None, passed: bool | None = None,
             registry: str | None = None, registry_port: int | None = None, author: str = "camgate",
-            device: str = "cpu") -> dict:
+            device: str = "cpu", card_sha256: str | None = None) -> dict:
     """Copy a model that passed its gate, with its test record, to ``promote_to``; register it when
     ``registry`` (``host:port`` or ``http(s)://host[:port]``) is given.
 
     Nothing is copied when ``passed`` is False or the record says the gate failed, nor when
     ``promote_to`` is empty (the message then says what would be promoted). Promoting the same
     model (same weights and card) again is a no-op that succeeds; another model in the destination
-    folder raises :class:`PromoteError` and is left untouched.
+    folder raises :class:`PromoteError` and is left untouched. A record that does not name the model
+    card and weights sha256 it tested, or names others than ``model_card``'s, raises
+    :class:`PromoteError` before anything is copied. ``card_sha256``: the sha256 of the card that
+    ``model_card`` was resolved from (the pipeline promotes load_model's resolved card); by default
+    ``model_card``'s own.
 
     Returns ``promoted``, ``destination``, ``files`` (name -> sha256), ``already_promoted``,
     ``registered_model_id`` and ``message``.
@@ -231,6 +254,7 @@ def promote(model_card: str, record: str | None = None, promote_to: str | None =
     from .model.load import load_model, resolved_card
 
     card = ModelCard.load(model_card)
+    card_sha = card_sha256 or storage.sha256(model_card)
     raw_record, doc = _read_record(record) if record else (None, None)
     if passed is False:
         return _result(f"not promoting model '{card.name}': the heatmap gate did not pass; nothing copied")
@@ -240,7 +264,10 @@ def promote(model_card: str, record: str | None = None, promote_to: str | None =
                        f"{f' (policy {policy!r})' if isinstance(policy, str) else ''}; nothing copied")
     if not promote_to:
         wuri = card.weights_uri()
-        sha = storage.sha256(wuri) if wuri else "n/a"
+        sha = storage.sha256(wuri) if wuri else ""
+        if doc is not None:
+            _check_tested(doc, record, card.name, card_sha, sha)
+        sha = sha or "n/a"
         return _result(f"would promote model '{card.name}' ({card.arch}), weights {wuri} sha256 {sha}: "
                        "no promotion location given, nothing copied")
     if raw_record is None:
@@ -248,10 +275,8 @@ def promote(model_card: str, record: str | None = None, promote_to: str | None =
     cls = _registry_class() if registry else None  # a missing client fails before anything is copied
 
     lm = load_model(card, device=device)  # only a card that loads is promoted
-    tested = _verdict(doc)["weights_sha256"]
-    if tested and lm.weights_sha256 and tested != lm.weights_sha256:
-        raise PromoteError(f"test record {record} is for weights sha256 {tested[:12]}…, not model '{card.name}' "
-                           f"({lm.weights_sha256[:12]}…): a passed gate promotes only the weights it tested")
+    # the weights loaded are the ones tested; below, the copy promoted must be the weights loaded
+    _check_tested(doc, record, card.name, card_sha, lm.weights_sha256)
     body = resolved_card(lm)
     wuri = body["weights"]
     wname = posixpath.basename(wuri) if wuri else None

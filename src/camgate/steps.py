@@ -318,10 +318,13 @@ def gate_outputs(decision) -> dict:
 
 
 def promote_step(model_path: str, passed: bool, *, record: str = "", promote_to: str = "",
-                 registry_address: str = "", registry_port: int = 0, registry_author: str = "camgate") -> dict:
+                 registry_address: str = "", registry_port: int = 0, registry_author: str = "camgate",
+                 card_sha256: str = "") -> dict:
     """The promote component's work: :func:`camgate.promote.promote` with its parameters, where ''
-    and 0 stand for 'not given' (KFP parameters have no None)."""
+    and 0 stand for 'not given' (KFP parameters have no None). ``card_sha256``: the hash of the card
+    ``model_path`` was resolved from (the model artifact's metadata), which the record names."""
     from .promote import promote
 
     return promote(model_path, record or None, promote_to or None, passed=passed, registry=registry_address or None,
-                   registry_port=int(registry_port) or None, author=registry_author or "camgate")
+                   registry_port=int(registry_port) or None, author=registry_author or "camgate",
+                   card_sha256=card_sha256 or None)

@@ -315,3 +315,39 @@ def test_layer_maps_animate_and_road_components(chain, tmp_path):
     off, m0 = dsl.Dataset(uri=str(tmp_path / "off")), dsl.Metrics(uri=str(tmp_path / "m0"))
     road_faithfulness.python_func(model=chain["model"], data=chain["manifest"], road=off, metrics=m0)  # sample 0
     assert results.read_table(off.path).num_rows == 0 and m0.metadata == {"road_images": 0.0}
+
+
+def compiled_pipeline() -> tuple[dict, dict]:
+    """The checked-in heatmap-gate pipeline: (pipeline spec, Kubernetes platform spec)."""
+    spec, platform = yaml.safe_load_all((ROOT / "pipelines" / "heatmap_gate.yaml").read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_task_requests_cpu_and_memory_promote_included():
+    spec, _ = compiled_pipeline()
+    executors = spec["deploymentSpec"]["executors"]
+    res = executors["exec-promote"]["container"]["resources"]
+    assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == ("1", "4Gi")
+    best_effort = [k for k, e in executors.items()
+                   if not {"resourceCpuRequest", "resourceMemoryRequest"} <= set(e["container"].get("resources", {}))]
+    assert not best_effort, f"tasks without CPU and memory requests (BestEffort pods): {best_effort}"
+
+
+# SecretAsEnv and ConfigMapAsEnv as the KFP 2.14 backend knows them (kubernetes_executor_config.proto at
+# 2.14.0); 2.15 added `optional`, which 2.14 refuses as an unknown field
+KFP_2_14_FIELDS = {"secretAsEnv": {"secretName", "keyToEnv", "secretNameParameter"},
+                   "configMapAsEnv": {"configMapName", "keyToEnv", "configMapNameParameter"}}
+
+
+def test_platform_spec_holds_only_fields_the_kfp_2_14_backend_knows():
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as pb
+
+    _, k8s = compiled_pipeline()
+    for name, cfg in k8s.items():
+        for key, known in KFP_2_14_FIELDS.items():
+            for entry in cfg[key]:
+                assert set(entry) <= known, (name, key, set(entry) - known)
+        # and it is still what kfp-kubernetes means: absent `optional` is false (the Secret must exist)
+        msg = json_format.ParseDict(cfg, pb.KubernetesExecutorConfig())
+        assert not any(e.optional for e in msg.secret_as_env) and not any(e.optional for e in msg.config_map_as_env)

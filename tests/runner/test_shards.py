@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -345,3 +346,152 @@ def test_a_killed_pipeline_run_resumes_and_computes_only_unfinished_shards(s3_se
     out = str(tmp_path / "killed.parquet")
     storage.download(storage.join(s3_set["bucket"], "killed", "results.parquet"), out)
     assert results.read_table(out).column("row").to_pylist() == list(range(6))
+
+
+# --------------------------------------------------------------------------- what a shard's key and rows rest on
+
+
+def test_a_shard_whose_files_changed_under_the_same_uris_is_computed_again(tmp_path, monkeypatch, zoo_path):
+    from helpers import png
+
+    card = tiny_card(tmp_path, "zoo:counting_net")
+    _, manifest = make_set(tmp_path, n=6)
+    uris = plan(manifest, 3, str(tmp_path / "s"))  # rows 0-1, 2-3, 4-5
+    count, _ = counting_env(tmp_path, "c")
+    monkeypatch.setenv("CAMGATE_TEST_COUNT", str(count))
+
+    def submit() -> list[bool]:
+        return [run_shard(card, u, batch_size=2)["skipped"] for u in uris]
+
+    assert submit() == [False] * 3 and computed(count) == 6
+    assert submit() == [True] * 3 and computed(count) == 6
+    # new bytes for row 3's image under the same URI: its shard, and only it, is computed again
+    (tmp_path / "images" / "003.png").write_bytes(png(np.full((20, 30, 3), 200, np.uint8)))
+    assert submit() == [True, False, True] and computed(count) == 8
+    part = results.read_table(run_shard(card, uris[1], batch_size=2)["part"]).to_pylist()
+    assert (part[1]["row"], part[1]["image_width"], part[1]["image_height"]) == (3, 30, 20)
+    # a mask changed the same way
+    (tmp_path / "masks" / "004.png").write_bytes(png(np.full((24, 32), 255, np.uint8)))
+    assert submit() == [True, True, False] and computed(count) == 10
+    part = results.read_table(run_shard(card, uris[2], batch_size=2)["part"])
+    assert part.column("invalid_activation_ratio")[0].as_py() == 1.0
+    assert submit() == [True] * 3 and computed(count) == 10
+
+
+def test_a_static_mask_given_to_a_shard_applies_as_in_run(tmp_path, capsys, zoo_path):
+    from helpers import png
+
+    card = tiny_card(tmp_path)
+    static = tmp_path / "static.png"
+    static.write_bytes(png(np.pad(np.full((8, 32), 255, np.uint8), ((0, 16), (0, 0)))))
+    # a prefix data set without masks/ (a fixed camera), and a manifest whose rows name masks and a bad image
+    root = tmp_path / "set"
+    make_set(root, n=4, bad=BAD)
+    prefix = tmp_path / "prefix"
+    (prefix / "images").mkdir(parents=True)
+    for f in sorted((root / "images").iterdir()):
+        (prefix / "images" / f.name).write_bytes(f.read_bytes())
+    for data in (str(prefix), str(root / "manifest.csv")):
+        code, out, err = cli(capsys, "shard", data, "--shards", "2", "--out", str(tmp_path / "sh" / data[-5:]))
+        assert code == 0, err
+        shards = json.loads(out)
+        parts = []
+        for k, uri in enumerate(shards):
+            parts.append(str(tmp_path / f"{data[-5:]}-part{k}.parquet"))
+            assert cli(capsys, "run", "--model", card, "--data", uri, "--out", parts[-1], "--static-mask", str(static),
+                       "--quiet")[0] == 0
+        whole = str(tmp_path / f"{data[-5:]}-whole.parquet")
+        assert cli(capsys, "run", "--model", card, "--data", data, "--out", whole, "--static-mask", str(static),
+                   "--quiet")[0] == 0
+        merged = str(tmp_path / f"{data[-5:]}-merged.parquet")
+        code, _, err = cli(capsys, "merge", *parts, "--out", merged, "--data", data)
+        assert code == 0, err
+        assert_same_rows(whole, merged)
+        rows = results.read_table(merged).to_pylist()
+        assert {r["mask"] for r in rows} == {str(static)}
+        want = ["ok"] * 4 + (["error"] * 2 if data.endswith(".csv") else [])
+        assert [r["status"] for r in rows] == want, [r["error"] for r in rows]
+        # the worker step takes the same path
+        out = run_shard(card, shards[0], static_mask=str(static))
+        assert [r["status"] for r in results.read_table(out["part"]).to_pylist()] == want[:len(load_items(shards[0]))]
+    # without the static mask the shard's items keep their own mask errors, as the data set's do
+    (shard, _) = plan(str(prefix), 2, str(tmp_path / "nomask"))
+    assert all("no mask with stem" in it.error for it in load_items(shard))
+
+
+def test_metadata_the_results_cannot_hold_is_refused_or_kept_as_text_before_any_work(tmp_path, capsys, zoo_path):
+    card = tiny_card(tmp_path)
+    make_set(tmp_path, n=4)
+    big = 2 ** 63
+    rows = "".join(f"images/{i:03d}.png,masks/{i:03d}.png,{big + i if i % 2 else i}\n" for i in range(4))
+    (tmp_path / "big.csv").write_text("image,mask,serial\n" + rows)
+    whole, merged = str(tmp_path / "whole.parquet"), str(tmp_path / "merged.parquet")
+    code, _, err = cli(capsys, "run", "--model", card, "--data", str(tmp_path / "big.csv"), "--out", whole, "--quiet")
+    assert code == 0, err
+    t = results.read_table(whole)
+    assert t.schema.field("serial").type == pa.string()
+    assert t.column("serial").to_pylist() == ["0", str(big + 1), "2", str(big + 3)]
+    code, out, err = cli(capsys, "shard", str(tmp_path / "big.csv"), "--shards", "2", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    parts = []
+    for k, uri in enumerate(json.loads(out)):
+        parts.append(str(tmp_path / f"p{k}.parquet"))
+        assert cli(capsys, "run", "--model", card, "--data", uri, "--out", parts[-1], "--quiet")[0] == 0
+    assert cli(capsys, "merge", *parts, "--out", merged, "--data", str(tmp_path / "big.csv"))[0] == 0
+    assert_same_rows(whole, merged)
+    # 'status' becomes meta_status, which the data has already: refused, naming both, before anything is written
+    (tmp_path / "clash.csv").write_text(
+        "image,mask,status,meta_status\n" + "".join(f"images/{i:03d}.png,masks/{i:03d}.png,a,b\n" for i in range(4)))
+    out_uri = tmp_path / "clash.parquet"
+    code, _, err = cli(capsys, "run", "--model", card, "--data", str(tmp_path / "clash.csv"), "--out", str(out_uri),
+                       "--checkpoint-rows", "1", "--quiet")
+    assert code == 2 and "'status' and 'meta_status'" in err and "rename" in err, err
+    assert not out_uri.exists() and not (tmp_path / "clash.parquet.parts").exists()
+    code, _, err = cli(capsys, "shard", str(tmp_path / "clash.csv"), "--shards", "2", "--out", str(tmp_path / "c"))
+    assert code == 2 and "'meta_status'" in err and not (tmp_path / "c").exists(), err
+
+
+def test_merge_keeps_manifest_order_whatever_the_row_column_says(tmp_path, capsys, zoo_path):
+    card = tiny_card(tmp_path)
+    make_set(tmp_path, n=6)
+    numbers = [4, 2, 0, 5, 1, 3]  # the manifest's own row numbers: not its order
+    (tmp_path / "m.csv").write_text("row,image,mask\n" + "".join(
+        f"{r},images/{i:03d}.png,masks/{i:03d}.png\n" for i, r in enumerate(numbers)))
+    manifest = str(tmp_path / "m.csv")
+    whole = str(tmp_path / "whole.parquet")
+    assert cli(capsys, "run", "--model", card, "--data", manifest, "--out", whole, "--quiet")[0] == 0
+    uris = plan(manifest, 3, str(tmp_path / "s"))
+    parts = []
+    for k, uri in enumerate(uris):
+        parts.append(str(tmp_path / f"p{k}.parquet"))
+        assert cli(capsys, "run", "--model", card, "--data", uri, "--out", parts[-1], "--quiet")[0] == 0
+    want = results.read_table(whole, columns=["row", "image", "status"]).to_pylist()
+    assert [r["row"] for r in want] == numbers  # a user's row column is the results' row, in manifest order
+    for extra in (["--data", manifest], []):  # with the data, or the parts of one plan without it
+        merged = str(tmp_path / f"merged{len(extra)}.parquet")
+        code, _, err = cli(capsys, "merge", *reversed(parts), "--out", merged, *extra)
+        assert code == 0, err
+        assert results.read_table(merged, columns=["row", "image", "status"]).to_pylist() == want
+
+
+@pytest.mark.parametrize("content", ["", "image,mask,label\n", "jsonl", "parquet", "prefix"])
+def test_a_data_set_without_items_fails_the_plan_naming_it(tmp_path, capsys, content):
+    from camgate.data.manifest import DataError
+    from camgate.steps import plan_step
+
+    if content == "prefix":
+        (tmp_path / "set" / "images").mkdir(parents=True)
+        data = str(tmp_path / "set")
+    elif content == "parquet":
+        import pyarrow.parquet as pq
+
+        data = str(tmp_path / "m.parquet")
+        pq.write_table(pa.table({"image": pa.array([], pa.string())}), data)
+    else:
+        data = str(tmp_path / ("m.jsonl" if content == "jsonl" else "m.csv"))
+        open(data, "w").write("" if content == "jsonl" else content)
+    with pytest.raises(DataError, match=re.escape(f"no items in data {data}")):
+        plan_step(data, 3, str(tmp_path / "out"))
+    code, out, err = cli(capsys, "shard", data, "--shards", "3", "--out", str(tmp_path / "out"))
+    assert code == 2 and f"no items in data {data}" in err and not out, err
+    assert not (tmp_path / "out").exists()

@@ -39,6 +39,9 @@ _FLOAT = re.compile(r"[+-]?(0|[1-9]\d*)?(\.\d+)?([eE][+-]?\d+)?")  # no leading 
 # items as loaded: URIs already resolved against the original manifest, and each item's known error here.
 SHARD_STAGE = "shard"
 SHARD_ERROR = "_item_error"
+# the error of an item's own mask (a refused path, no or several masks of its stem), apart: a static mask
+# given when the shard runs replaces that mask, and its error, as it does in a run over the original data
+SHARD_MASK_ERROR = "_mask_error"
 
 
 class DataError(ConfigError):
@@ -65,6 +68,12 @@ class Item:
     label: object | None
     meta: dict
     error: str | None = None  # known before loading: refused path, unsupported scheme, no mask...
+    mask_error: str | None = None  # the part of ``error`` that is the mask's (a static mask makes it moot)
+
+    @property
+    def image_error(self) -> str | None:
+        """The item's error apart from its mask's: what stays when a static mask replaces the mask."""
+        return None if self.error is not None and self.error == self.mask_error else self.error
 
 
 # --- items -----------------------------------------------------------------------------------
@@ -90,7 +99,7 @@ def load_items(data: str, static_mask: str | None = None) -> list[Item]:
         raise DataError(f"data {data!r}: expected a manifest (.csv, .jsonl, .parquet) or a folder/prefix "
                         f"holding images/ and masks/")
     if not items:
-        raise DataError(f"data {data} holds no items")
+        raise DataError(f"no items in data {data}")
     return items
 
 
@@ -99,16 +108,20 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
         raw = storage.read_bytes(uri)
     except storage.StorageError as e:
         raise DataError(f"cannot read manifest {uri}: {e}") from e
+    if not raw.strip():
+        raise DataError(f"no items in data {uri}: the manifest is empty")
     try:
         columns, rows, md = _PARSERS[fmt](raw)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - csv/json/pyarrow each raise their own types
         raise DataError(f"manifest {uri} is not valid {fmt}: {e}") from e
+    if not rows:
+        raise DataError(f"no items in data {uri}: the manifest has no rows")
     if "image" not in columns:
         raise DataError(f"manifest {uri} has no column 'image' (columns: {columns})")
     shard = md.get("stage") == SHARD_STAGE
-    reserved = {"image", "mask", "label", "image_id", "row"} | ({SHARD_ERROR} if shard else set())
+    reserved = {"image", "mask", "label", "image_id", "row"} | ({SHARD_ERROR, SHARD_MASK_ERROR} if shard else set())
     items, seen = [], {}
     for i, row in enumerate(rows):
         index = _row_number(uri, row, i) if "row" in columns else i
@@ -116,14 +129,14 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
             raise DataError(f"manifest {uri}: row number {index} appears twice (items {seen[index]} and {i})")
         if shard:  # resolved once, against the original manifest: taken as they are
             image, error = _cell(row.get("image")), _cell(row.get(SHARD_ERROR))
-            mask, err = _cell(row.get("mask")), None
+            mask, err = _cell(row.get("mask")), _cell(row.get(SHARD_MASK_ERROR))
         else:
             image, error = _ref(uri, row.get("image"), "image")
             mask, err = _ref(uri, row.get("mask"), "mask")
         if image is None and error is None:
             error = f"row {index}: empty 'image' cell"
         if static_mask:
-            mask = static_mask
+            mask, err = static_mask, None
         else:
             error = error or err
         image_id = _cell(row.get("image_id"))
@@ -133,7 +146,7 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
             index=index, image_id=str(image_id), image=image, mask=mask,
             label=_label(row.get("label")),
             meta={k: _meta(row.get(k)) for k in columns if k not in reserved},
-            error=error))
+            error=error, mask_error=err))
     return items
 
 
@@ -169,7 +182,7 @@ def _prefix_items(prefix: str, static_mask: str | None) -> list[Item]:
     except storage.StorageError as e:
         raise DataError(f"cannot list data prefix {prefix}: {e}") from e
     if not images:
-        raise DataError(f"no images under {images_at}/")
+        raise DataError(f"no items in data {prefix}: no images under {images_at}/")
     by_key: dict[str, list[str]] = {}
     masks_at = storage.join(prefix, "masks")
     for m in masks:
@@ -186,7 +199,8 @@ def _prefix_items(prefix: str, static_mask: str | None) -> list[Item]:
                 error = f"image {uri}: no mask with stem {key!r} under {masks_at}/"
             else:
                 error = f"image {uri}: several masks with stem {key!r} under {masks_at}/: {found}"
-        items.append(Item(index=i, image_id=key, image=uri, mask=mask, label=None, meta={}, error=error))
+        items.append(Item(index=i, image_id=key, image=uri, mask=mask, label=None, meta={}, error=error,
+                          mask_error=error))
     return items
 
 

@@ -74,23 +74,51 @@ IDENTITY_KEY = "identity"  # the run identity in the metadata (built by camgate.
 def schema(meta_columns: dict[str, pa.DataType] | None = None, metadata: dict | None = None,
            fields: list | None = None) -> pa.Schema:
     fields = list(fields or FIELDS)
-    for name, typ in (meta_columns or {}).items():
-        fields.append((meta_column(name), pa.string() if pa.types.is_null(typ) else typ))
+    fields += meta_fields(meta_columns, fields)
     md = {META_KEY: json.dumps(metadata or {}, sort_keys=True, default=str).encode()}
     return pa.schema(fields, metadata=md)
 
 
+def meta_fields(meta_columns: dict[str, pa.DataType] | None, fields: list | None = None) -> list:
+    """(column, type) of each metadata column in a results file (see :func:`meta_column`). Two metadata
+    columns that would land in one column (``status`` and ``meta_status``), or one that is a column of
+    ``fields`` already, raise :class:`ConfigError` naming them: before anything is computed or written."""
+    taken: dict[str, str | None] = {name: None for name, _ in (fields or FIELDS)}
+    out = []
+    for name, typ in (meta_columns or {}).items():
+        col = meta_column(name)
+        if col in taken:
+            other = taken[col]
+            clash = f"metadata columns {other!r} and {name!r} would both be" if other is not None else \
+                f"metadata column {name!r} would be"
+            raise ConfigError(f"{clash} the results column {col!r} (a metadata column named like a results column "
+                              f"gets the prefix 'meta_'): rename the column {name!r} in the data")
+        taken[col] = name
+        out.append((col, pa.string() if pa.types.is_null(typ) else typ))
+    return out
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def meta_types(metas: Iterable[dict]) -> dict[str, pa.DataType]:
-    """Arrow types of the metadata columns, inferred over all items (so a late value cannot break the schema)."""
+    """Arrow types of the metadata columns, inferred over all items (so a late value cannot break the schema).
+
+    A column with an integer outside int64 (a serial number, a hash) is kept as text, like a column of
+    mixed types: nothing is lost, and no later write fails on it."""
     metas = list(metas)
     names: dict[str, None] = {}
     for m in metas:
         names.update(dict.fromkeys(m))
     types = {}
     for n in names:
+        values = [m.get(n) for m in metas]
+        if any(isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1] for v in values):
+            types[n] = pa.string()
+            continue
         try:
-            types[n] = pa.array([m.get(n) for m in metas]).type
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them as text
+            types[n] = pa.array(values).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types: keep them as text
             types[n] = pa.string()
     return types
 

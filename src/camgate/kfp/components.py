@@ -144,7 +144,7 @@ def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", targe
         shard: A shard manifest from plan_shards.
 
     Returns:
-        The shard's results part (<shard>.results.parquet); a shard whose part and marker exist for the same model, data and settings is not computed again.
+        The shard's results part (<shard>.results.parquet); a shard whose part and marker exist for the same model, settings and content of its images and masks (sha256) is not computed again.
     """
     from camgate.steps import shard_step
 
@@ -305,7 +305,7 @@ def promote(model: Input[Model], passed: bool, record: Input[Artifact] = None, p
 
     out = promote_step(model.path, passed, record=record.path if record is not None else "", promote_to=promote_to,
                        registry_address=registry_address, registry_port=registry_port,
-                       registry_author=registry_author)
+                       registry_author=registry_author, card_sha256=model.metadata.get("card_sha256", ""))
     print(out["message"])
     return namedtuple("Outputs", ["destination"])(out["destination"] or "")
 

@@ -39,6 +39,12 @@ def _s3_env(task: dsl.PipelineTask, s3_secret, s3_config) -> dsl.PipelineTask:
     kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in SECRET_KEYS})
     kubernetes.use_config_map_as_env(task, config_map_name=s3_config,
                                      config_map_key_to_env={k: k for k in CONFIG_KEYS})
+    # kfp-kubernetes writes `optional: false`, a field the KFP 2.14 backend does not know ('unknown field
+    # "optional"'); absent means the same (the Secret and ConfigMap must exist) to 2.15 and later
+    for key in ("secretAsEnv", "configMapAsEnv"):
+        for entry in task.platform_config.get("kubernetes", {}).get(key, []):
+            if entry.get("optional") is False:
+                del entry["optional"]
     # Inputs are URIs whose content can change under the same name (new weights, new data):
     # a cache hit would gate yesterday's model.
     return task.set_caching_options(False)
@@ -51,8 +57,11 @@ def promote_if_passed(model: Input[Model], passed: bool, record: Input[Artifact]
     # condition on a multi-output task's output (it resolves only single 'Output' values), while a
     # parent input works everywhere, on the cluster as locally.
     with dsl.If(passed == True, name="gate-passed"):  # noqa: E712 - compiled to a CEL comparison
-        _s3_env(promote(model=model, passed=passed, record=record, promote_to=promote_to,
-                        registry_address=registry_address), s3_secret, s3_config)
+        promoted = promote(model=model, passed=passed, record=record, promote_to=promote_to,
+                           registry_address=registry_address)
+        # loads the model once for the check and copies the weights: what load_model asks for, not BestEffort
+        promoted.set_cpu_request("1").set_memory_request("4Gi")
+        _s3_env(promoted, s3_secret, s3_config)
 
 
 def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from ..data.manifest import SHARD_ERROR, SHARD_STAGE, load_items
+from ..data.manifest import SHARD_ERROR, SHARD_MASK_ERROR, SHARD_STAGE, load_items
 from ..errors import ConfigError
 from ..io import results as res
 from ..io import storage
@@ -79,10 +79,12 @@ def plan(data: str, shards: int, out_prefix: str, static_mask: str | None = None
     shards = _shard_count(shards)
     items = load_items(data, static_mask)
     types = res.meta_types(it.meta for it in items)
-    if SHARD_ERROR in types:
-        raise ConfigError(f"data {data} has a column {SHARD_ERROR!r}, which shard manifests reserve")
+    for name in (SHARD_ERROR, SHARD_MASK_ERROR):
+        if name in types:
+            raise ConfigError(f"data {data} has a column {name!r}, which shard manifests reserve")
+    res.meta_fields(types)  # metadata columns the results cannot hold fail here, not in every shard's run
     fields = [("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
-              ("label", pa.string()), (SHARD_ERROR, pa.string())]
+              ("label", pa.string()), (SHARD_ERROR, pa.string()), (SHARD_MASK_ERROR, pa.string())]
     fields += [(k, pa.string() if pa.types.is_null(t) else t) for k, t in types.items()]
     n = min(shards, len(items))
     uris = []
@@ -94,7 +96,8 @@ def plan(data: str, shards: int, out_prefix: str, static_mask: str | None = None
                 "image": [it.image for it in part], "mask": [it.mask for it in part],
                 # labels come back through the manifest reader, which turns '3' into class index 3 again
                 "label": [None if it.label is None else str(it.label) for it in part],
-                SHARD_ERROR: [it.error for it in part]}
+                # kept apart, so a static mask given to the worker replaces the mask and its error, as in run
+                SHARD_ERROR: [it.image_error for it in part], SHARD_MASK_ERROR: [it.mask_error for it in part]}
         cols.update({name: [res.meta_value(it.meta.get(name), typ) for it in part] for name, typ in types.items()})
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table(cols, schema=schema), sink, compression="zstd")
@@ -111,8 +114,9 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     """Heatmaps and metrics of one shard -> its part (see :func:`part_uris`); returns the run summary
     with ``part`` and ``skipped``.
 
-    A shard whose part and completion marker exist, written for the same model, shard and settings,
-    is not computed again (a re-submitted pipeline redoes only the shards that did not finish). A
+    A shard whose part and completion marker exist, written for the same model, shard manifest, content
+    of its images and masks (sha256) and settings, is not computed again (a re-submitted pipeline redoes
+    only the shards that did not finish, and those whose files changed under the same URIs). A
     failure other than the user's is retried up to ``attempts`` times, resuming from the rows the
     failed attempt committed (KFP ignores task retries inside a ParallelFor). ``model``: a model card
     URI or a :class:`camgate.model.LoadedModel`; ``run_args``: as for :func:`camgate.runner.run`.
@@ -124,7 +128,8 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     part, marker = part_uris(shard)
     key = hashlib.sha256(json.dumps(
         {"camgate": __version__, "model": lm.metadata(), "shard": hashlib.sha256(storage.read_bytes(shard)).hexdigest(),
-         "settings": run_args}, sort_keys=True, default=str).encode()).hexdigest()
+         "content": _content(shard, run_args.get("static_mask")), "settings": run_args},
+        sort_keys=True, default=str).encode()).hexdigest()
     if storage.exists(marker) and storage.exists(part):
         done = json.loads(storage.read_bytes(marker))
         if done.get("key") == key:
@@ -146,6 +151,32 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     if not summary["storage_errors"]:
         storage.write_bytes(marker, json.dumps({"key": key, "part": part, "summary": summary}, indent=2).encode())
     return {**summary, "part": part, "skipped": False}
+
+
+# The skip key covers what a shard's items point at, not only their URIs: the content sha256 of every image
+# and mask (storage.sha256), so new bytes under the same URI are computed again. Content rather than S3
+# ETag + size or local size + mtime: an ETag is a content hash only for single-part uploads and is not the
+# same across S3 implementations, and size + mtime misses a same-size edit that kept its mtime (cp -p,
+# rsync -t, tar). The price is reading each image once more, in threads, before the shard is computed (or
+# skipped): I/O next to the model's work on every image.
+_HASH_THREADS = 16
+
+
+def _content(shard: str, static_mask: str | None) -> list[list[str]]:
+    """[URI, content sha256] of every image and mask the shard's items read (items with a known error
+    read nothing); an unreadable file stands as such, so it counts as changed once it can be read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris = sorted({u for it in load_items(shard, static_mask) if it.error is None for u in (it.image, it.mask) if u})
+
+    def digest(uri: str) -> str:
+        try:
+            return storage.sha256(uri)
+        except storage.StorageError as e:
+            return f"unreadable: {type(e).__name__}"
+
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+        return [[u, d] for u, d in zip(uris, pool.map(digest, uris))]
 
 
 # --------------------------------------------------------------------------- merge
@@ -255,7 +286,8 @@ def _merged_schema(parts: list[_Part], md: dict) -> pa.Schema:
     return pa.schema(fields, metadata={res.META_KEY: json.dumps(md, sort_keys=True, default=str).encode()})
 
 
-def _check_rows(parts: list[_Part], data: str | None) -> None:
+def _check_rows(parts: list[_Part], data: str | None) -> list | None:
+    """Every row once, nothing foreign; returns the data set's items (None without ``data``)."""
     rows = np.concatenate([p.rows for p in parts])
     owner = np.repeat(np.arange(len(parts)), [len(p.rows) for p in parts])
     order = np.argsort(rows, kind="stable")
@@ -268,6 +300,7 @@ def _check_rows(parts: list[_Part], data: str | None) -> None:
         raise MergeError(f"rows {_ranges_text(set(srt[dup].tolist()))} are in more than one part ({pairs}): "
                          f"a shard merged twice?")
     have = set(srt.tolist())
+    items = None
     if data:
         items = load_items(data)
         want = {it.index: it.image for it in items}
@@ -293,6 +326,24 @@ def _check_rows(parts: list[_Part], data: str | None) -> None:
             names = ", ".join(absent[:_SHOWN]) + (f" and {len(absent) - _SHOWN} more" if len(absent) > _SHOWN else "")
             what = (what + "; " if what else "") + f"missing shard(s): {names}"
         raise MergeError(f"the parts do not cover {'data ' + data if data else 'the manifest'}: {what}")
+    return items
+
+
+def _positions(parts: list[_Part], items: list | None) -> list[np.ndarray]:
+    """Each part's rows' places in the merged file: manifest order. A manifest's own ``row`` column need
+    not follow its order, so with the data set a row goes where its item is; without, the parts of one
+    :func:`plan` follow their shards' order, each in its own (manifest) order; other parts go by ``row``."""
+    if items is not None:
+        where = {it.index: i for i, it in enumerate(items)}
+        return [np.asarray([where[r] for r in p.rows.tolist()], dtype=np.int64) for p in parts]
+    found = [_SHARD.match(p.shard) for p in parts]
+    if all(found) and len({(m["base"], m["n"]) for m in found}) == 1:
+        start, out = 0, [None] * len(parts)
+        for i in sorted(range(len(parts)), key=lambda i: int(found[i]["k"])):
+            out[i] = np.arange(start, start + len(parts[i].rows), dtype=np.int64)
+            start += len(parts[i].rows)
+        return out
+    return [p.rows for p in parts]
 
 
 def _missing_shards(parts: list[_Part]) -> list[str]:
@@ -307,7 +358,7 @@ def _missing_shards(parts: list[_Part]) -> list[str]:
 
 
 def merge(parts: list[str], out: str, data: str | None = None) -> dict:
-    """Part results (of shards) -> one results file at ``out`` in manifest (``row``) order.
+    """Part results (of shards) -> one results file at ``out`` in manifest order (see :func:`_positions`).
 
     Every row must be in exactly one part: rows in two parts, gaps, and (with ``data``) rows or images
     the data set does not have raise :class:`MergeError` naming them (and the missing shards, when the
@@ -332,17 +383,18 @@ def merge(parts: list[str], out: str, data: str | None = None) -> dict:
             loaded.append(_Part(uri, local))
         md = _common_metadata(loaded, data)
         schema = _merged_schema(loaded, md)
-        _check_rows(loaded, data)
-        loaded.sort(key=lambda p: p.first)
-        bounds = [(int(p.rows.min()), int(p.rows.max())) for p in loaded if len(p.rows)]
-        streamable = all(np.all(np.diff(p.rows) > 0) for p in loaded) and \
+        pos = _positions(loaded, _check_rows(loaded, data))
+        order = sorted(range(len(loaded)), key=lambda i: int(pos[i].min()) if len(pos[i]) else -1)
+        loaded, pos = [loaded[i] for i in order], [pos[i] for i in order]
+        bounds = [(int(q.min()), int(q.max())) for q in pos if len(q)]
+        streamable = all(np.all(np.diff(q) > 0) for q in pos) and \
             all(a[1] < b[0] for a, b in zip(bounds, bounds[1:]))
         counts = {s: 0 for s in res.STATUSES}
         with storage.atomic_output(out) as path, pq.ParquetWriter(path, schema, compression="zstd") as w:
             tables = (_cast(pq.read_table(p.local), schema) for p in loaded)
             if not streamable:  # interleaved rows (parts split by hand): sort in memory
                 t = pa.concat_tables(list(tables))
-                tables = [t.take(pa.array(np.argsort(t.column("row").to_numpy(), kind="stable")))]
+                tables = [t.take(pa.array(np.argsort(np.concatenate(pos), kind="stable")))]
             for t in tables:
                 for s in t.column("status").to_pylist():
                     counts[s] = counts.get(s, 0) + 1
