@@ -176,13 +176,16 @@ def merge_step(parts: list[str], out_path: str, *, data: str = "", export_uri: s
 def layers_step(model_path: str, data: str, out_path: str, *, layers: str = default("layers"),
                 method: str = default("method"), target: str = default("target"),
                 static_mask: str = default("static_mask"), batch_size: int = default("batch_size", "layers_step"),
-                device: str = default("device")) -> dict:
+                device: str = default("device"), card_sha256: str = "") -> dict:
     """Resolved card + data -> layers Parquet (every selected layer's map per image, with metrics
-    when masks are known)."""
+    when masks are known). ``card_sha256``: the original card's hash, recorded as the heatmaps steps do."""
     from .model import ModelCard, load_model
     from .runner import run_layers
 
-    lm = load_model(ModelCard.load(model_path), device=device)
+    card = ModelCard.load(model_path)
+    if card_sha256:
+        card.sha256 = card_sha256
+    lm = load_model(card, device=device)
     s = run_layers(lm, data, out_path, layers=layers, method=method, target=target,
                    static_mask=static_mask or None, batch_size=int(batch_size), progress=False)
     return {**s.to_dict(), "device": str(lm.device), "method": method}

@@ -232,7 +232,7 @@ def layer_maps(model: Input[Model], data: str, layers_out: Output[Dataset], laye
 
     layers_out.metadata.update(layers_step(model.path, data, layers_out.path, layers=layers, method=method,
                                            target=target, static_mask=static_mask, batch_size=batch_size,
-                                           device=device))
+                                           device=device, card_sha256=model.metadata.get("card_sha256", "")))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -277,7 +277,8 @@ def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], met
     from camgate.steps import road_step
 
     for name, value in road_step(model.path, data, road.path, method=method, layers=layers, sample=sample,
-                                 seed=seed, target=target, device=device).items():
+                                 seed=seed, target=target, device=device,
+                                 card_sha256=model.metadata.get("card_sha256", "")).items():
         metrics.log_metric(name, float(value))
 
 
