@@ -136,6 +136,15 @@ def test_a_batch_gives_each_image_the_maps_it_gets_alone():
         assert torch.equal(together[i].maps, per_detection[i].maps)
 
 
+def test_ssdlite_default_layer_and_a_padded_input():
+    # SSDlite never calls backbone.features itself (its blocks one by one): the default is its last block.
+    torch.manual_seed(0)
+    model = D.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3,
+                                            score_thresh=0.0, detections_per_img=2).eval()
+    res = DetectionCamEngine(model)(torch.rand(2, 3, 90, 120))
+    assert [len(r) for r in res] == [2, 2] and all(r.normalized().shape == (2, 90, 120) for r in res)
+
+
 def test_errors_name_the_problem():
     model = RegionDetector((H, W), REGIONS).eval()
     with pytest.raises(MethodError, match="native"):

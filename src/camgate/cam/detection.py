@@ -23,6 +23,19 @@ Target layers may return a tensor (``backbone.body.layer4``, the default) or a d
 FPN, ``backbone``): a dict is turned into one (B, C, h, w) tensor by ``reshape_transform`` (both
 activations and gradients), e.g. :func:`fpn_reshape`.
 
+Gradients come from a loop of ``autograd.grad(..., retain_graph=True)`` over the detection ranks.
+Batched vector-Jacobian products (``is_grads_batched=True``, vmap) work on torchvision's graphs but
+were not faster on CPU (benchmarks/RESULTS.md) and cannot use the sparse RoIAlign backward below.
+For two-stage detectors torchvision's RoIAlign backward runs only over the RoIs that receive a
+gradient (a detection reads one of ~1000; the stock CPU kernel visits all and dominated the cost).
+
+The box-score target takes the IoU of the explained box with the output boxes. A detection explained
+as itself matches its own output box exactly (IoU = 1, a kink of IoU: autograd splits the gradient
+of the tied min/max), as in pytorch-grad-cam's workflow (detect an image, explain its boxes); a box
+that differs in the last bits (the same image detected in another batch) lies off the kink and gets
+a visibly different map. A box without a match (its best IoU <= threshold, another label, a
+zero-area box whose IoU is NaN) gets target 0 and an all-zero map.
+
 Maps cover the input image: torchvision's transform resizes each image (proportionally, so the map
 stretches back onto it) and pads the batch at the bottom and right to a multiple of 32; the padded
 band is cut off the map (bilinear resampling of the covered part, at the same cell density), so a
@@ -53,7 +66,8 @@ class DetectionMaps:
     boxes: Tensor    # (N, 4) xyxy, input image pixels
     labels: Tensor   # (N,) int64
     scores: Tensor   # (N,) the detector's score of each explained detection (0 when not re-found)
-    maps: Tensor     # (N, h, w) raw ReLU'd maps over the input image (feature resolution), float32
+    maps: Tensor     # (N, h, w) raw ReLU'd maps over the input image (feature resolution), float32,
+    #                  on the model's device (the other fields are on the CPU)
     targets: Tensor  # (N,) the explained value: IoU + score of the matched output, 0 when none matched
     image_size: tuple[int, int]  # (H, W) of the input image
     extra: dict = field(default_factory=dict)  # further per-detection outputs of the detector
@@ -103,15 +117,17 @@ def fpn_reshape(level: int | str = -1, absolute: bool = False) -> Callable[[Mapp
 
 def default_layers(model: nn.Module) -> list[nn.Module]:
     """The last block of the backbone's body (``backbone.body.layer4`` for a ResNet FPN detector; the
-    last feature block of a MobileNet body), else the backbone's ``features`` (SSD)."""
+    last feature block of a MobileNet body), else the last block of the backbone's ``features`` (SSD:
+    SSDlite runs the blocks one by one, never ``features`` itself)."""
     backbone = getattr(model, "backbone", None)
     body = getattr(backbone, "body", None)
     if body is not None:
         children = list(body.children())
         if children:
             return [children[-1]]
-    if backbone is not None and isinstance(getattr(backbone, "features", None), nn.Module):
-        return [backbone.features]
+    features = getattr(backbone, "features", None)
+    if isinstance(features, nn.Sequential) and len(features):
+        return [features[-1]]
     raise MethodError("no default target layer for this detector (no backbone.body, no backbone.features): "
                       "name the target layer")
 
@@ -240,7 +256,7 @@ class DetectionCamEngine:
 
     # -- the forward pass -------------------------------------------------------------------------
     def _forward(self, images: list[Tensor]):
-        captured: list[list[Tensor]] = []
+        captured: list[tuple[list | None, list[Tensor]]] = []  # per layer: (dict keys or None, leaves)
         versions: list[list[int]] = []
         canvas: dict = {}
 
@@ -273,7 +289,10 @@ class DetectionCamEngine:
         return outputs, captured, canvas
 
     def _grads(self, targets: list[list[Tensor]], leaves: list[Tensor]) -> list[list[list[Tensor | None]]]:
-        """grads[i][k][j]: gradient of image i's k-th target w.r.t. leaf j (image i's slice)."""
+        """grads[i][k][j]: gradient of image i's k-th target w.r.t. leaf j (image i's slice).
+
+        With ``batch_images`` one backward pass per rank k for all images: image i's slice of the
+        gradient of the sum is its own target's gradient, because images do not interact (eval mode)."""
         B = len(targets)
         out: list[list[list[Tensor | None]]] = [[] for _ in range(B)]
         jobs = []  # (images, k): one backward pass each
