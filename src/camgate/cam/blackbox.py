@@ -289,6 +289,35 @@ def random_search(backend, x: Tensor, targets=None, budget: int = default("budge
 
 # --- RISE ------------------------------------------------------------------------------------------
 
+def rise_draws(seeds, B: int, budget: int, grid: int, p: float, size: tuple[int, int], device) -> tuple:
+    """RISE's random numbers, per image from its own ``torch.Generator(seed)`` in a fixed order:
+    (bits (B, N, s, s) float, dy (B, N), dx (B, N), grid, cell size (ch, cw)) on ``device``."""
+    H, W = size
+    ch, cw = math.ceil(H / grid), math.ceil(W / grid)
+    bits, dy, dx = [], [], []
+    for s in _seed_list(seeds, B):
+        g = torch.Generator().manual_seed(s)
+        bits.append(torch.rand(budget, grid, grid, generator=g) < p)
+        dy.append(torch.randint(0, ch, (budget,), generator=g))
+        dx.append(torch.randint(0, cw, (budget,), generator=g))
+    return (torch.stack(bits).to(device).float(), torch.stack(dy).to(device), torch.stack(dx).to(device),
+            grid, (ch, cw))
+
+
+def rise_masks(draws: tuple, i0: int, i1: int, j0: int, j1: int, size: tuple[int, int]) -> Tensor:
+    """The masks of images i0:i1 x candidates j0:j1, ((i1-i0)*(j1-j0), H, W), image-major: each s x s
+    grid upsampled bilinearly to (s+1) cells and cropped H x W at its random shift (dy, dx)."""
+    bits, dy, dx, grid, (ch, cw) = draws
+    H, W = size
+    dev = bits.device
+    n = (i1 - i0) * (j1 - j0)
+    up = F.interpolate(bits[i0:i1, j0:j1].reshape(n, 1, grid, grid),
+                       size=((grid + 1) * ch, (grid + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
+    oy, ox = dy[i0:i1, j0:j1].reshape(n, 1), dx[i0:i1, j0:j1].reshape(n, 1)
+    ys, xs = torch.arange(H, device=dev), torch.arange(W, device=dev)
+    return up[torch.arange(n, device=dev)[:, None, None], (oy + ys)[:, :, None], (ox + xs)[:, None, :]]
+
+
 def rise(backend, x: Tensor, targets=None, budget: int = default("budget"), seeds=None, grid: int = 7, p: float = 0.5,
          fill: str = "zero", sigma: float | None = None, max_batch: int = 256,
          stats: dict | None = None) -> Tensor:
@@ -301,27 +330,14 @@ def rise(backend, x: Tensor, targets=None, budget: int = default("budget"), seed
     x = x.float()
     tgt = resolve_targets(backend, x, targets)
     base = fill_image(x, fill, sigma)
-    ch, cw = math.ceil(H / grid), math.ceil(W / grid)
-    bits, dy, dx = [], [], []
-    for s in _seed_list(seeds, B):
-        g = torch.Generator().manual_seed(s)
-        bits.append(torch.rand(budget, grid, grid, generator=g) < p)
-        dy.append(torch.randint(0, ch, (budget,), generator=g))
-        dx.append(torch.randint(0, cw, (budget,), generator=g))
     dev = x.device
-    bits = torch.stack(bits).to(dev).float()  # (B, N, s, s)
-    dy, dx = torch.stack(dy).to(dev), torch.stack(dx).to(dev)
+    draws = rise_draws(seeds, B, budget, grid, p, (H, W), dev)
     sal = torch.zeros(B, H, W, device=dev)
     diff = x - base
-    ys, xs_ = torch.arange(H, device=dev), torch.arange(W, device=dev)
     for i0, i1, j0, j1 in _blocks(B, budget, max_batch):
         ni, nj = i1 - i0, j1 - j0
         n = ni * nj
-        up = F.interpolate(bits[i0:i1, j0:j1].reshape(n, 1, grid, grid),
-                           size=((grid + 1) * ch, (grid + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
-        oy, ox = dy[i0:i1, j0:j1].reshape(n, 1), dx[i0:i1, j0:j1].reshape(n, 1)
-        m = up[torch.arange(n, device=dev)[:, None, None], (oy + ys)[:, :, None],
-               (ox + xs_)[:, None, :]].view(ni, nj, 1, H, W)  # random shift: crop H x W at (dy, dx)
+        m = rise_masks(draws, i0, i1, j0, j1, (H, W)).view(ni, nj, 1, H, W)
         xs = torch.addcmul(base[i0:i1, None], diff[i0:i1, None], m).view(n, -1, H, W)
         pt = timer.probs(backend, xs).to(dev).view(ni, nj, -1).gather(2, tgt[i0:i1, None, None].expand(ni, nj, 1))
         owner = torch.arange(i0, i1, device=dev).repeat_interleave(nj)
