@@ -100,7 +100,6 @@ def exported(s, out: str) -> list[str]:
     return [u[len(prefix):] for u in storage.list_uris(prefix[:-1]) if "/" not in u[len(prefix):]]
 
 
-
 def results_table(ratio, status=None, rows=None, images=None, md=None):
     """An in-memory results table (row, image, status, ratios) with ``md`` as its camgate metadata."""
     import pyarrow as pa

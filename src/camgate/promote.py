@@ -51,14 +51,13 @@ class RegistryError(PromoteError):
 
 def _digest(uri: str) -> str | None:
     """sha256 of the file or object at ``uri``; None when it is missing."""
+    path = storage.local_path(uri)
+    if path is not None and os.path.isdir(path):  # a folder where a file should be: nothing promoted there
+        return None
     try:
         return storage.sha256(uri)
     except storage.NotFound:
         return None
-    except storage.StorageError as e:  # a folder where a file should be: nothing promoted there
-        if "is a directory" in str(e):
-            return None
-        raise
 
 
 def promoted(destination: str) -> dict | None:

@@ -11,29 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import results_table as table
 
 from camgate.cli import main
 from camgate.gating.decision import evaluate
 from camgate.gating.policy import RULES
 from camgate.gating.stats import BaselineError
-from camgate.io import results as res
 from camgate.report import MAX_METRICS, artifacts, metrics
-
-
-def table(ratio, status=None, rows=None, images=None, md=None):
-    n = len(ratio)
-    rows = list(range(n)) if rows is None else rows
-    t = pa.table({
-        "row": pa.array(rows, pa.int64()),
-        "image_id": [f"img{r}" for r in rows],
-        "image": images or [f"/d/img{r}.png" for r in rows],
-        "status": status or ["ok"] * n,
-        "invalid_activation_ratio": pa.array(ratio, pa.float64()),
-        "invalid_area_ratio": [0.25] * n,
-        "peak_in_invalid": [False] * n,
-        "predicted_class": pa.array([r % 2 for r in rows], pa.int64()),
-    })
-    return t.replace_schema_metadata(res.schema(None, md or {}).metadata)
 
 
 def rule(d, name, scope="all"):

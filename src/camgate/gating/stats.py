@@ -121,6 +121,13 @@ def _sorted_indices(values: list) -> list[int]:
 ROAD_COLUMNS = ("row", "image", "image_sha256", "layer", "status", "road", "road_random")
 
 
+def _answers_to(table):
+    """``(frame, name) -> bool`` for a layers or ROAD file: a frame answers to its own label and to every
+    module name whose output it is (results name `layer3`, the all-layers plan that frame `layer3.1.relu#1`)."""
+    aliases = run_metadata(table).get("layer_aliases") or {}
+    return lambda frame, name: frame == name or name in aliases.get(frame, ())
+
+
 def road_binding(results: pa.Table, road: pa.Table, name: str | None = None) -> None:
     """Refuse (:class:`IdentityError`, naming the field and both values) a ROAD file that did not score
     these results' maps: another model (card or weights), method, target or layer, or images the
@@ -147,9 +154,8 @@ def road_binding(results: pa.Table, road: pa.Table, name: str | None = None) -> 
         scored = theirs.get("target_layer")
         if scored is None and "layer" in road.column_names:
             scored = sorted(set(road.column("layer").drop_null().to_pylist()))
-        # a frame answers to every module name whose output it is (`layer3` is `layer3.1.relu#1`)
-        aliases = run_metadata(road).get("layer_aliases") or {}
-        if scored is not None and layer not in scored and not any(layer in aliases.get(f, ()) for f in scored):
+        answers = _answers_to(road)
+        if scored is not None and not any(answers(f, layer) for f in scored):
             refuse("target_layer", scored, layer)
     if not {"row", "image"} <= set(road.column_names) & set(results.column_names):
         return
@@ -176,10 +182,8 @@ def road_stats(road, layer: str | None = None) -> dict:
         raise ResultsError(f"ROAD results lack column(s) {missing}")
     keep = np.ones(t.num_rows, dtype=bool)
     if "layer" in t.column_names and layer and len(set(t.column("layer").to_pylist())) > 1:
-        # a frame answers to every module name whose output it is: results name `layer3`, the
-        # all-layers plan that frame `layer3.1.relu#1`
-        aliases = run_metadata(t).get("layer_aliases") or {}
-        keep &= np.array([v == layer or layer in aliases.get(v, ()) for v in t.column("layer").to_pylist()])
+        answers = _answers_to(t)
+        keep &= np.array([answers(v, layer) for v in t.column("layer").to_pylist()])
     r, rnd = _floats(t, "road")[keep], _floats(t, "road_random")[keep]
     ok = np.isfinite(r) & np.isfinite(rnd)
     if not ok.any():

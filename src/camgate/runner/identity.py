@@ -21,7 +21,7 @@ from array import array
 
 import torch
 
-from ..data.manifest import Item
+from ..data.manifest import MANIFEST_FORMATS, Item
 from ..io import storage
 from ..io.results import IDENTITY_KEY
 from ..model.load import LoadedModel
@@ -111,8 +111,6 @@ def provenance(lm: LoadedModel, data: str) -> dict:
 def manifest_sha256(data) -> str | None:
     """sha256 of a manifest file; None for a prefix data set (no single file: its items are in the
     results) or a file that cannot be read."""
-    from ..data.manifest import MANIFEST_FORMATS
-
     if not data or os.path.splitext(str(data).rstrip("/"))[1].lower() not in MANIFEST_FORMATS:
         return None
     return storage.sha256_or_none(str(data))
@@ -120,9 +118,6 @@ def manifest_sha256(data) -> str | None:
 
 def fingerprint(md: dict, items: list[Item]) -> str:
     """Everything that determines the rows: run settings, model hashes and the items themselves."""
-    import hashlib
-    import json
-
     h = hashlib.sha256(json.dumps(md, sort_keys=True, default=str).encode())
     for it in items:
         h.update(json.dumps([it.index, it.image_id, it.image, it.mask, it.label, it.meta, it.error],

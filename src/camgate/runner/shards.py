@@ -127,7 +127,7 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=run_args.pop("device", "auto"))
     part, marker = part_uris(shard)
     key = hashlib.sha256(json.dumps(
-        {"camgate": __version__, "model": lm.metadata(), "shard": hashlib.sha256(storage.read_bytes(shard)).hexdigest(),
+        {"camgate": __version__, "model": lm.metadata(), "shard": storage.sha256(shard),
          "content": _content(shard, run_args.get("static_mask")), "settings": run_args},
         sort_keys=True, default=str).encode()).hexdigest()
     if storage.exists(marker) and storage.exists(part):
