@@ -65,6 +65,33 @@ class InputSpec:
         left, top = (width - cw) / 2, (height - ch) / 2
         return (round(left), round(top), round(left + cw), round(top + ch))
 
+    # Boxes are xyxy in continuous pixel coordinates (edges, not centres): (0, 0, W, H) is the whole image.
+    # ``size`` is (width, height) of the original image, as for ``box``. Nothing is clipped: a box partly
+    # outside what the model sees (center_crop) maps outside the input / region, so the mappings invert exactly.
+
+    def box_to_input(self, box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """An xyxy box in original image pixels -> model-input pixels (the crop's offset, then its scale)."""
+        left, top, right, bottom = self.box(*size)
+        h, w = self.size
+        sx, sy = w / (right - left), h / (bottom - top)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return ((x1 - left) * sx, (y1 - top) * sy, (x2 - left) * sx, (y2 - top) * sy)
+
+    def box_from_input(self, box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """An xyxy box in model-input pixels (a detector's output) -> original image pixels."""
+        left, top, right, bottom = self.box(*size)
+        h, w = self.size
+        sx, sy = (right - left) / w, (bottom - top) / h
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return (left + x1 * sx, top + y1 * sy, left + x2 * sx, top + y2 * sy)
+
+    def box_to_region(self, box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """An xyxy box in original image pixels -> the pixels of the region the model sees, at original
+        resolution (what :func:`camgate.data.decode.model_view` cuts a mask to): minus the crop's offset."""
+        left, top, _, _ = self.box(*size)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return (x1 - left, y1 - top, x2 - left, y2 - top)
+
     def image_tensor(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> normalised float32 CHW tensor of ``size``."""
         h, w = self.size

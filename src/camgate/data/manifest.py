@@ -2,7 +2,8 @@
 
 A data set is either a manifest (``.csv``, ``.jsonl``/``.ndjson`` or ``.parquet``) with columns
 ``image`` (required), ``mask``, ``label``, ``image_id`` (optional) and any other columns, which are
-passed through as metadata; or a prefix (``s3://bucket/set/`` or a local directory) holding
+passed through as metadata (``boxes``: ground-truth boxes of detection data, kept raw here and parsed per
+item by :func:`camgate.data.boxes.parse_boxes`); or a prefix (``s3://bucket/set/`` or a local directory) holding
 ``images/`` and ``masks/`` whose files pair by their path below those folders without extension
 (for a flat layout: the file stem).
 
@@ -42,6 +43,8 @@ SHARD_ERROR = "_item_error"
 # the error of an item's own mask (a refused path, no or several masks of its stem), apart: a static mask
 # given when the shard runs replaces that mask, and its error, as it does in a run over the original data
 SHARD_MASK_ERROR = "_mask_error"
+# columns that are item fields, not metadata (a shard manifest's own columns aside)
+RESERVED_COLUMNS = ("image", "mask", "label", "image_id", "row", "boxes")
 
 
 class DataError(ConfigError):
@@ -69,6 +72,7 @@ class Item:
     meta: dict
     error: str | None = None  # known before loading: refused path, unsupported scheme, no mask...
     mask_error: str | None = None  # the part of ``error`` that is the mask's (a static mask makes it moot)
+    boxes: object | None = None  # the raw ``boxes`` cell (JSON text or parsed list): see camgate.data.boxes
 
     @property
     def image_error(self) -> str | None:
@@ -121,7 +125,7 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
     if "image" not in columns:
         raise DataError(f"manifest {uri} has no column 'image' (columns: {columns})")
     shard = md.get("stage") == SHARD_STAGE
-    reserved = {"image", "mask", "label", "image_id", "row"} | ({SHARD_ERROR, SHARD_MASK_ERROR} if shard else set())
+    reserved = set(RESERVED_COLUMNS) | ({SHARD_ERROR, SHARD_MASK_ERROR} if shard else set())
     items, seen = [], {}
     for i, row in enumerate(rows):
         index = _row_number(uri, row, i) if "row" in columns else i
@@ -146,7 +150,7 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
             index=index, image_id=str(image_id), image=image, mask=mask,
             label=_label(row.get("label")),
             meta={k: _meta(row.get(k)) for k in columns if k not in reserved},
-            error=error, mask_error=err))
+            error=error, mask_error=err, boxes=_cell(row.get("boxes"))))
     return items
 
 
@@ -242,6 +246,21 @@ def _label(v):
     return v
 
 
+def label_index(label, classes: list[str] | None, num_classes: int) -> int:
+    """A manifest label (class index or class name) -> index; ValueError naming the problem."""
+    if label is None:
+        raise ValueError("no label for this item (target 'label' needs a label column)")
+    if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+        i = int(label)
+        if 0 <= i < num_classes:
+            return i
+        raise ValueError(f"label {label} is outside the model's {num_classes} classes")
+    if classes and str(label) in classes:
+        return classes.index(str(label))
+    known = f"one of {classes}" if classes else "a class index (the model card lists no class names)"
+    raise ValueError(f"label {label!r} is not {known}")
+
+
 def _meta(v):
     if isinstance(v, float) and math.isnan(v):
         return None
@@ -259,7 +278,7 @@ def _parse_csv(raw: bytes):
     records = [r for r in reader if any(c.strip() for c in r)]
     cols = {c: [r[j] if j < len(r) else "" for r in records] for j, c in enumerate(columns)}
     for c in columns:
-        if c not in ("image", "mask", "image_id", "label"):
+        if c not in ("image", "mask", "image_id", "label", "boxes"):
             cols[c] = _infer(cols[c])
     rows = [{c: (cols[c][i] if cols[c][i] != "" else None) for c in columns} for i in range(len(records))]
     return columns, rows, {}

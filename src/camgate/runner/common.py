@@ -7,12 +7,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import numpy as np
 import torch
 
 from ..data import device as gpu
 from ..data.decode import Sample
-from ..data.manifest import Item
+from ..data.manifest import Item, label_index
 from ..errors import ConfigError
 from ..io import results as res
 from ..metrics.invalid import invalid_metrics
@@ -53,21 +52,6 @@ def parse_target(target: str | int | None, num_classes: int) -> str | int:
     if not 0 <= t < num_classes:
         raise ConfigError(f"target class {t} is outside the model's {num_classes} classes")
     return t
-
-
-def label_index(label, classes: list[str] | None, num_classes: int) -> int:
-    """A manifest label (class index or class name) -> index; ValueError naming the problem."""
-    if label is None:
-        raise ValueError("no label for this item (target 'label' needs a label column)")
-    if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
-        i = int(label)
-        if 0 <= i < num_classes:
-            return i
-        raise ValueError(f"label {label} is outside the model's {num_classes} classes")
-    if classes and str(label) in classes:
-        return classes.index(str(label))
-    known = f"one of {classes}" if classes else "a class index (the model card lists no class names)"
-    raise ValueError(f"label {label!r} is not {known}")
 
 
 def item_target(item: Item, target: str | int, card) -> int:
