@@ -38,7 +38,7 @@ def artifacts(results, policy, road=None, baseline=None, title: str | None = Non
     files = {
         "decision.json": (json.dumps(decision.to_dict(), indent=2) + "\n").encode(),
         "record.json": body,
-        "junit.xml": junit(decision),
+        "junit.xml": junit(decision, record=rec),
         "summary.md": markdown(decision, results, title=title, context=ctx).encode(),
         "report.html": html(decision, results, title=title, images=pics, context=ctx).encode(),
     }

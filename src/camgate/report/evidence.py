@@ -17,9 +17,10 @@ REQUIREMENTS = (
 )
 
 
-def requirements(decision: Decision, md: dict, data: dict | None = None) -> list[dict]:
+def requirements(decision: Decision, md: dict, data: dict | None = None, detection: dict | None = None) -> list[dict]:
     """One entry per requirement: ``key``, ``requirement``, ``shows``, ``does_not_show``. ``data``: the
-    record's data section; the text names only the hashes it holds."""
+    record's data section; the text names only the hashes it holds. ``detection``: a detection run's
+    counts (:func:`camgate.report.detection.summary`)."""
     c = decision.counts
     o = decision.overall
     method = md.get("method") or "?"
@@ -34,13 +35,19 @@ def requirements(decision: Decision, md: dict, data: dict | None = None) -> list
     regress = (f"Compared with champion {base.get('model') or '?'} on {base.get('baseline_compared')} images ok in "
                f"both runs: mean ratio change {_f(base.get('baseline_mean_increase'))}."
                if base else "No champion was compared: a regression against the production model is not checked.")
+    if detection:
+        tested = (f"On {detection['images']} test images, {detection['detections']} detections were found and "
+                  f"{detection['explained']} explained ({detection['missed']} ground-truth boxes missed, "
+                  f"{detection['no_detection']} images without a detection); {c['ok']} detections were judged")
+    else:
+        tested = f"On {c['rows']} test images, {c['ok']} were judged"
     text = {
         "human_agency": (
             f"The verdict ({verdict}) is a gate that stops promotion; a person can read every rule, the worst "
             f"images and their heatmaps in the report, and must sign the record below.",
             "That anyone reviewed the heatmaps: the approval fields are empty until a person fills them."),
         "robustness": (
-            f"On {c['rows']} test images, {c['ok']} were judged; the {method} heatmaps at {layers} put a mean "
+            f"{tested}; the {method} heatmaps at {layers} put a mean "
             f"{_f(o.get('mean_invalid_activation_ratio'))} of their mass on invalid pixels (p95 "
             f"{_f(o.get('p95_invalid_activation_ratio'))}), so the model's use of shortcuts there was tested. "
             f"{faith} {regress}",

@@ -13,11 +13,18 @@ def _num(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.6g}"
 
 
-def junit(decision: Decision, name: str = "camgate") -> bytes:
+def junit(decision: Decision, name: str = "camgate", record: dict | None = None) -> bytes:
+    """``record`` (:func:`camgate.report.record.build`): a detection run's counts go into the suite's
+    properties and output (images, detections found and explained, missed, no_detection)."""
     verdicts = [r.verdict for r in decision.rules]
     suites = ET.Element("testsuites", name=name)
     suite = ET.SubElement(suites, "testsuite", name=f"{name}: policy {decision.policy}", tests=str(len(verdicts)),
                           failures=str(verdicts.count("fail")), errors="0", skipped=str(verdicts.count("skip")))
+    det = (record or {}).get("detection")
+    if det:
+        props = ET.SubElement(suite, "properties")
+        for k in ("task", "images", "detections", "explained", "missed", "no_detection", "error"):
+            ET.SubElement(props, "property", name=k, value=str(det.get(k)))
     for r in decision.rules:
         label = r.rule + "".join(f" {k}={v:g}" for k, v in r.params.items())
         case = ET.SubElement(suite, "testcase", classname=f"{name}.{decision.policy}.{r.scope}", name=label)
@@ -29,6 +36,10 @@ def junit(decision: Decision, name: str = "camgate") -> bytes:
         else:
             ET.SubElement(case, "system-out").text = text
     notes = list(decision.warnings)
+    if det:
+        notes.append(f"detection run: {det['images']} images, {det['detections']} detections "
+                     f"({det['explained']} explained), {det['missed']} missed, {det['no_detection']} without a "
+                     f"detection")
     if decision.trusted is not None:
         notes.append(f"heatmaps {'trusted' if decision.trusted else 'NOT trusted'}: {decision.trust_reason}")
     if notes:

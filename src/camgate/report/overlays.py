@@ -7,7 +7,9 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+from . import detection
 
 GALLERY = 12  # worst images shown with their overlays (HTML) or listed (Markdown)
 
@@ -38,9 +40,11 @@ def boundary(m: np.ndarray) -> np.ndarray:
     p = np.pad(m, 1, mode="edge")
     return m & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
+
 def worst_rows(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
     """Positions and rows of the ``top`` ok rows by invalid activation ratio, each row with its
-    ``row`` (the position if absent)."""
+    ``row`` (the position if absent). In a detection run a row is one detection: several share a
+    ``row``, and :func:`camgate.report.detection.row_key` tells them apart."""
     status = table.column("status").cast(pa.string()).to_numpy(zero_copy_only=False)
     ratio = table.column("invalid_activation_ratio").cast(pa.float64()).to_numpy()
     ok = np.flatnonzero((status == "ok") & ~np.isnan(ratio))
@@ -60,12 +64,73 @@ def _outline(out: np.ndarray, m: np.ndarray) -> None:
     out[boundary(~m)] = 0.0
 
 
+def box_in_view(det_box, box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box (x1, y1, x2, y2) in original image pixels as the first and last pixel columns and rows
+    (inclusive) it covers in a panel of ``size`` = (H, W) showing the crop ``box`` of the image
+    (:meth:`camgate.data.geometry.InputSpec.box`). Parts outside the crop fall outside the panel."""
+    left, top, right, bottom = box
+    sx, sy = size[1] / max(1, right - left), size[0] / max(1, bottom - top)
+    x1, y1, x2, y2 = det_box
+    return (int(np.floor((x1 - left) * sx)), int(np.floor((y1 - top) * sy)),
+            int(np.ceil((x2 - left) * sx)) - 1, int(np.ceil((y2 - top) * sy)) - 1)
+
+
+def _draw_box(out: np.ndarray, rect: tuple[int, int, int, int]) -> None:
+    """Draw a rectangle (inclusive pixel columns/rows x1, y1, x2, y2) in ``out``: a white line 2 px wide
+    on its edge, black just outside it, visible on any picture. Sides outside ``out`` are not drawn."""
+    h, w = out.shape[:2]
+    x1, y1, x2, y2 = rect
+    if x2 < x1 or y2 < y1 or x2 < 0 or y2 < 0 or x1 >= w or y1 >= h:
+        return
+
+    def line(y0, y1_, x0, x1_, v):
+        ys, ye, xs, xe = max(y0, 0), min(y1_, h - 1), max(x0, 0), min(x1_, w - 1)
+        if ys <= ye and xs <= xe:
+            out[ys:ye + 1, xs:xe + 1] = v
+
+    for k, v in ((-1, 0.0), (0, 1.0), (1, 1.0)):  # outside black, then the 2 px white edge
+        for y in (y1 + k, y2 - k):
+            if 0 <= y < h:
+                line(y, y, x1 + k, x2 - k, v)
+        for x in (x1 + k, x2 - k):
+            if 0 <= x < w:
+                line(y1 + k, y2 - k, x, x, v)
+
+
+@lru_cache(maxsize=1)
+def _font():
+    try:
+        return ImageFont.load_default(size=10)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _caption(pic: Image.Image, text: str, rect: tuple[int, int, int, int], right: int) -> None:
+    """White text on black by the box's left corner: above it, else below it, else inside its top
+    (where the box fills the panel's height); kept within the first panel (x < ``right``)."""
+    draw = ImageDraw.Draw(pic)
+    left, top, r, bottom = draw.textbbox((0, 0), text, font=_font())
+    tw, th = r - left + 4, bottom - top + 2
+    x = min(max(rect[0], 0), max(0, right - tw))
+    if rect[1] - 1 - th >= 0:
+        y = rect[1] - 1 - th
+    elif rect[3] + 2 + th <= pic.height:
+        y = rect[3] + 2
+    else:
+        y = max(rect[1], 0) + 2
+    draw.rectangle((x, y, min(x + tw, right) - 1, y + th - 1), fill=(0, 0, 0))
+    draw.text((x + 2 - left, y + 1 - top), text, fill=(255, 255, 255), font=_font())
+
+
 def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,
-                width: int = 160) -> bytes:
+                width: int = 160, det_box=None, caption: str | None = None) -> bytes:
     """PNG of two panels, each fitted into ``width`` × ``width``: the model's view of ``image``
     (``box``) and the heatmap blended into it, both with the invalid region (``mask``: bool array of
     the box) outlined, and tinted in the first. 256 colours: a third of the bytes of full colour, and
-    the outline stays sharp (JPEG would blur it), so a gallery stays small however large the images."""
+    the outline stays sharp (JPEG would blur it), so a gallery stays small however large the images.
+
+    ``det_box``: a detection's box (x1, y1, x2, y2) in original image pixels, drawn over both panels
+    (white 2 px with a black edge), with ``caption`` (label, score) by it in the first."""
     import io
 
     import torch
@@ -85,21 +150,29 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
         panels[0][m] = 0.7 * panels[0][m] + 0.3 * _TINT  # which side of the outline is invalid
         for panel in panels:
             _outline(panel, m)
+    rect = box_in_view(det_box, box, size) if det_box is not None else None
+    if rect is not None:
+        for panel in panels:
+            _draw_box(panel, rect)
     gap = np.ones((size[0], 4, 3), dtype=np.float32)
     out = np.concatenate([panels[0], gap, panels[1]], axis=1)
     buf = io.BytesIO()
-    pic = Image.fromarray((out * 255).round().astype(np.uint8)).quantize(256, Image.Quantize.FASTOCTREE)
+    pic = Image.fromarray((out * 255).round().astype(np.uint8))
+    if rect is not None and caption:
+        _caption(pic, caption, rect, size[1])
+    pic = pic.quantize(256, Image.Quantize.FASTOCTREE)
     pic.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
 _OVERLAY_COLUMNS = ["row", "image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
                     "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
-                    "cam_width", "image_width", "image_height"]
+                    "cam_width", "image_width", "image_height", *detection.COLUMNS]
 
 
-def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
-    """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds).
+def overlays(results_uri: str, top: int = GALLERY) -> dict:
+    """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds);
+    in a detection run by ``(row, det_index)``, each with the detection's box and caption drawn.
 
     An image that cannot be read any more is left out: the report still renders."""
     from ..data.decode import MaskSpec, decode_mask, model_view
@@ -113,7 +186,7 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
     md = res.run_metadata(pf.schema_arrow)
     spec = InputSpec.from_card(md.get("model", {}).get("input"))
     mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
-    out: dict[int, bytes] = {}
+    out: dict = {}
     positions, worst = worst_rows(light, top)
     cams = pf.read(columns=["cam", "cam_height", "cam_width"]).take(pa.array(positions, type=pa.int64())).to_pylist()
     for row, cam in zip(worst, cams):
@@ -123,7 +196,10 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict[int, bytes]:
             if row.get("mask"):
                 mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
                                   spec, size)
-            out[row["row"]] = overlay_png(storage.read_bytes(row["image"]), res.cam_array(cam), spec.box(*size), mask)
+            det_box = detection.box_of(row)
+            out[detection.row_key(row)] = overlay_png(
+                storage.read_bytes(row["image"]), res.cam_array(cam), spec.box(*size), mask, det_box=det_box,
+                caption=detection.caption(row) if det_box else None)
         except (storage.StorageError, ValueError, TypeError):
             continue  # the image moved or the row has no map: the report goes without this picture
     return out

@@ -12,6 +12,7 @@ import pyarrow as pa
 from ..gating.decision import Decision, RuleResult
 from ..gating.stats import class_stats
 from ..io.results import RESULT_COLUMNS, read_results
+from . import detection
 from .overlays import worst_rows
 
 MAX_ROWS = {"html": 300, "md": 50}  # rows per table
@@ -43,6 +44,7 @@ class Figure:  # HTML only
 @dataclass
 class Gallery:  # HTML only: (picture or None, caption lines) per image
     items: list[tuple[bytes | None, list[str]]]
+    boxes: bool = False  # a detection run's: each picture has its detection's box drawn
 
 
 @dataclass
@@ -142,6 +144,7 @@ def _identity(rec: dict) -> Table:
     res = (rec.get("files") or {}).get("results") or {}
     size = meth.get("map_resolution")
     rows = [
+        *([["task", _text(rec["task"])]] if rec.get("task") else []),
         ["model", f"{_text(m.get('name'))} ({m.get('kind') or 'torch'}: {_text(m.get('arch'))})"],
         ["model card sha256", _text(m.get("card_sha256"))],
         ["weights sha256", _text(m.get("weights_sha256"))],
@@ -277,11 +280,12 @@ def _errors(table: pa.Table, top: int) -> tuple[list[list[str]], int]:
     for r in table.take(pa.array(err[:top], type=pa.int64())).to_pylist():
         msg = str(r.get("error") or "")
         cut = msg[:_MAX_ERROR_CHARS] + ("…" if len(msg) > _MAX_ERROR_CHARS else "")
-        out.append([str(r.get("image_id", "")), cut])
+        det = r.get("det_index")
+        out.append([str(r.get("image_id", "")) + (f" (detection {det})" if det is not None else ""), cut])
     return out, max(0, len(err) - top)
 
 
-def _top_parts(rows: list[dict], images: dict | None, classes) -> list:
+def _top_parts(rows: list[dict], images: dict | None, classes, det: bool = False) -> list:
     cells = []
     for r in rows:
         area = r.get("invalid_area_ratio")
@@ -289,21 +293,95 @@ def _top_parts(rows: list[dict], images: dict | None, classes) -> list:
         cells.append([str(r.get("image_id", "")), _class_of(r), _label_of(r, classes) or "",
                       _fmt(r["invalid_activation_ratio"]), _fmt(area), _fmt(excess),
                       {True: "yes", False: "no"}.get(r.get("peak_in_invalid"), "n/a")])
-    if not images or not any(r["row"] in images for r in rows):
+    # keyed by (row, det_index) in a detection run: several detections share an image's row
+    keys = [detection.row_key(r) for r in rows]
+    if not images or not any(k in images for k in keys):
+        if det:
+            return [Table(_DET_TOP_HEAD, [[c[0], _fmt(r.get("det_index")), detection.label_of(r),
+                                           _fmt(r.get("det_score")), detection.box_text(r), detection.gt_text(r),
+                                           c[3], c[4], c[5], _fmt(r.get("outside_box_ratio")),
+                                           _fmt(r.get("box_invalid_area")), c[6]] for r, c in zip(rows, cells)])]
         return [Table(_TOP_HEAD, cells)]
     items = []
-    for rank, (r, c) in enumerate(zip(rows, cells), 1):
+    for rank, (r, c, key) in enumerate(zip(rows, cells, keys), 1):
         score = r.get("predicted_score")
-        lines = [f"#{rank} {c[0]} (row {r['row']})",
-                 f"predicted: {c[1] or 'n/a'}" + (f" ({score:.2f})" if isinstance(score, float) else ""),
-                 *([f"label: {c[2]}"] if c[2] else []),
-                 f"ratio {c[3]} · area {c[4]} · excess {c[5]} · peak in invalid: {c[6]}"]
-        items.append((images.get(r["row"]), lines))
-    return [Gallery(items)]
+        if det:
+            lines = [f"#{rank} {c[0]} (row {r['row']}, detection {_fmt(r.get('det_index'))})",
+                     f"detected: {detection.caption(r) or 'n/a'} · box {detection.box_text(r)}",
+                     *([f"ground truth: {detection.gt_text(r)}"] if detection.gt_text(r) != "n/a" else []),
+                     f"ratio {c[3]} · area {c[4]} · excess {c[5]} · peak in invalid: {c[6]}",
+                     f"outside box {_fmt(r.get('outside_box_ratio'))} · box invalid area "
+                     f"{_fmt(r.get('box_invalid_area'))}"]
+        else:
+            lines = [f"#{rank} {c[0]} (row {r['row']})",
+                     f"predicted: {c[1] or 'n/a'}" + (f" ({score:.2f})" if isinstance(score, float) else ""),
+                     *([f"label: {c[2]}"] if c[2] else []),
+                     f"ratio {c[3]} · area {c[4]} · excess {c[5]} · peak in invalid: {c[6]}"]
+        items.append((images.get(key), lines))
+    return [Gallery(items, boxes=det)]
+
+
+def _det_counts(summary: dict) -> list:
+    return [Table(["images", "detections", "rows", *detection.STATUSES],
+                  [[str(summary[k]) for k in ("images", "detections", "rows", *detection.STATUSES)]]),
+            "A detection run: one row per detection explained (an image and its detection index); an image "
+            "without any detection is one no_detection row, a ground-truth box no detection matched one missed "
+            "row (neither has a map)."]
+
+
+def _det_sections(table: pa.Table, share_ratio: float, limit: int) -> list:
+    """A detection run's own tables: per detected class (detections, missed, box figures), then each
+    detection with its label, score, box and ratios (those over the share ratio kept first when capped)."""
+    rows = table.to_pylist()
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("status") != "no_detection":
+            by_class[detection.label_of(r) or "n/a"].append(r)
+
+    def mean(rs, key):
+        v = [float(r[key]) for r in rs if r.get("status") == "ok" and _given(r.get(key))]
+        v = [x for x in v if math.isfinite(x)]
+        return float(np.mean(v)) if v else None
+
+    per_class = []
+    for name in sorted(by_class, key=lambda n: (min(_det_class(r) for r in by_class[n]), n)):
+        rs = by_class[name]
+        status = [r.get("status") for r in rs]
+        per_class.append([name, str(sum(_given(r.get("det_index")) for r in rs)), str(status.count("ok")),
+                          str(status.count("missed")), _fmt(mean(rs, "det_score")),
+                          _fmt(mean(rs, "invalid_activation_ratio")), _fmt(mean(rs, "outside_box_ratio")),
+                          _fmt(mean(rs, "box_invalid_area"))])
+    class_table = _capped(["class", "detections", "ok", "missed", "mean score", "mean ratio", "mean outside box",
+                           "mean box invalid area"], per_class, None, [False] * len(per_class), limit, "classes")
+
+    rows.sort(key=lambda r: (r.get("row") if _given(r.get("row")) else math.inf,
+                             r.get("det_index") if _given(r.get("det_index")) else math.inf))
+    cells, first = [], []
+    for r in rows:
+        ratio = r.get("invalid_activation_ratio")
+        cells.append([str(r.get("image_id", "")), _fmt(r.get("row")), _fmt(r.get("det_index")), str(r.get("status")),
+                      detection.label_of(r), _fmt(r.get("det_score")), detection.box_text(r), detection.gt_text(r),
+                      _fmt(ratio), _fmt(r.get("outside_box_ratio")), _fmt(r.get("box_invalid_area"))])
+        first.append(r.get("status") == "ok" and _given(ratio) and ratio > share_ratio)
+    head = ["image", "row", "detection", "status", "class", "score", "box (x1, y1, x2, y2)", "ground truth", "ratio",
+            "outside box", "box invalid area"]
+    det_table = _capped(head, cells, None, first, limit, f"rows (those with ratio > {share_ratio:g} are listed first)")
+    return [Sub("Per detected class"), class_table, Sub("Per detection"),
+            "Boxes in original image pixels; outside box: the share of the map's heat outside the box; box invalid "
+            "area: the share of the box's pixels that are invalid.", det_table]
+
+
+def _det_class(r: dict) -> float:
+    for key in ("det_class", "predicted_class"):
+        if _given(r.get(key)):
+            return float(r[key])
+    return math.inf
 
 
 _RULE_HEAD = ["rule", "scope", "value", "threshold", "n", "verdict"]
 _TOP_HEAD = ["image", "class", "label", "ratio", "area ratio", "excess", "peak in invalid"]
+_DET_TOP_HEAD = ["image", "detection", "class", "score", "box (x1, y1, x2, y2)", "ground truth", "ratio", "area ratio",
+                 "excess", "outside box", "box invalid area", "peak in invalid"]
 
 
 def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | None, fmt: str,
@@ -318,8 +396,15 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
     if rec:
         p.sections.append(("Model and data", [_identity(rec)]))
     o = d.overall
+    table = None
+    if results is not None:
+        table = read_results(results, RESULT_COLUMNS + ("predicted_score",) + detection.COLUMNS)
+    det = table is not None and detection.is_detection(table)
+    summary = detection.summary(table) if det else None
+    counts = [Table(["rows", "ok", "no_activation", "error"],
+                    [[str(d.counts.get(k, 0)) for k in ("rows", "ok", "no_activation", "error")]])]
     p.sections += [
-        ("Counts", [Table(["rows", "ok", "no_activation", "error"], [[str(v) for v in d.counts.values()]])]),
+        ("Counts", _det_counts(summary) if det else counts),
         ("Overall", [Table(["statistic", "value"], [
             ["mean invalid activation ratio", _fmt(o.get("mean_invalid_activation_ratio"))],
             ["p95 invalid activation ratio", _fmt(o.get("p95_invalid_activation_ratio"))],
@@ -328,26 +413,30 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
             ["mean invalid area ratio", _fmt(o.get("mean_invalid_area_ratio"))],
             ["mean excess over area", _fmt(o.get("mean_excess_over_area"))],
             ["error rate", _fmt(o.get("error_rate"))],
-            ["no-activation rate", _fmt(o.get("no_activation_rate"))]])]),
+            ["no-activation rate", _fmt(o.get("no_activation_rate"))],
+            *([["mean outside-box ratio (ok detections)", _fmt(detection.mean_of(table, "outside_box_ratio"))],
+               ["mean box invalid area (ok detections)", _fmt(detection.mean_of(table, "box_invalid_area"))]]
+              if det else [])])]),
         ("Rules", [_capped(_RULE_HEAD, [[_rule_name(r), r.scope, _fmt(r.value), f"{_OPS[r.op]} {_fmt(r.threshold)}",
                                          str(r.n), r.verdict + (f": {r.reason}" if r.reason else "")] for r in d.rules],
                            [f"v-{r.verdict}" for r in d.rules],
                            [r.scope == "all" or r.verdict == "fail" for r in d.rules],  # kept when capped
                            limit, "rules (passed or skipped; every rule is in record.json and junit.xml)")]),
     ]
-    table = None
-    if results is not None:
-        table = read_results(results, RESULT_COLUMNS + ("predicted_score",))
+    if table is not None:
         p.sections.append(("Invalid activation ratio vs invalid area",
                            _distribution(table, o.get("share_over_ratio", 0.5), html)))
     p.sections += _scopes(d, table, limit)
+    if det:
+        p.sections.append(("Detections", _det_sections(table, o.get("share_over_ratio", 0.5), limit)))
     if d.baseline:
         p.sections.append(("Champion vs challenger", _champion(d, results, ctx.get("baseline"), limit, html)))
     if table is not None:
         rows = worst_rows(table, top)[1]
         classes = ((rec or {}).get("model") or {}).get("classes")
-        p.sections.append((f"Top {len(rows) or int(top)} images by invalid activation ratio",
-                           _top_parts(rows, images if html else None, classes) if rows else ["(no ok images)"]))
+        what = "detections" if det else "images"
+        p.sections.append((f"Top {len(rows) or int(top)} {what} by invalid activation ratio",
+                           _top_parts(rows, images if html else None, classes, det) if rows else [f"(no ok {what})"]))
         errors, more = _errors(table, top)
         if errors:
             p.sections.append(("Errors", [Table(["image", "error"], errors,

@@ -17,6 +17,7 @@ from ..gating.decision import Decision
 from ..gating.policy import load_policy
 from ..io import storage
 from ..io.results import read_results
+from . import detection
 from .evidence import requirements
 
 SCHEMA = "camgate.test-record/1"
@@ -51,7 +52,10 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
     from ..io.results import file_identity, run_metadata
     from ..runner.identity import manifest_sha256
 
-    md = run_metadata(read_results(results, ("row",)))
+    light = read_results(results, ("row", "status", "det_index"))
+    md = run_metadata(light)
+    # a detection run: one row per detection, so the record counts images and detections apart
+    det = detection.summary(light) if detection.is_detection(light) else None
     ident = file_identity(md)
     model = md.get("model") or {}
     pol = load_policy(policy)
@@ -76,9 +80,12 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
     if fp.get("fingerprint"):
         data_rec.update(fingerprint=fp["fingerprint"], fingerprint_images=fp.get("rows"))
     data_rec["counts"] = dict(decision.counts)
+    if det:
+        data_rec["counts"].update({k: det[k] for k in ("rows", *detection.STATUSES)})
     return {
         "schema": SCHEMA,
         "camgate_version": __version__,
+        **({"task": detection.TASK, "detection": det} if det else {}),
         "verdict": {"passed": decision.passed, "trusted": decision.trusted, "trust_reason": decision.trust_reason,
                     "summary": d["summary"], "warnings": d["warnings"]},
         "model": {"name": model.get("name"), "arch": model.get("arch"), "kind": model.get("kind", "torch"),
@@ -102,7 +109,7 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
         "environment": env,
         "times": {"heatmaps_started_at": md.get("started_at"), "gate_started_at": started_at,
                   "gate_finished_at": _now()},
-        "requirements": requirements(decision, md, data_rec),
+        "requirements": requirements(decision, md, data_rec, detection=det),
         "approval": {k: None for k in APPROVAL_FIELDS},
     }
 

@@ -133,7 +133,9 @@ def _ramp() -> str:
 def _html_gallery(g: Gallery) -> str:
     legend = (f'<div class="legend"><span>Each picture: left, the image as the model saw it; right, the heatmap '
               f'over it.</span><span><span class="outline"></span> invalid pixels (the mask): outlined, tinted on '
-              f'the left</span><span>heatmap, scaled to each image\'s maximum: 0 {_ramp()} 1</span></div>')
+              f'the left</span><span>heatmap, scaled to each image\'s maximum: 0 {_ramp()} 1</span>'
+              + ('<span>white rectangle: the box of the detection explained, with its class and score</span>'
+                 if g.boxes else '') + '</div>')
     cards = []
     for image, lines in g.items:
         pic = (f'<img class="overlay" alt="{_e(lines[0])}" src="{_data_uri(image)}">' if image
@@ -145,7 +147,8 @@ def _html_gallery(g: Gallery) -> str:
 def html(decision: Decision, results=None, title: str | None = None, top: int = GALLERY,
          images: dict[int, bytes] | None = None, context: dict | None = None) -> str:
     """Self-contained HTML page (inline CSS, images as data: URIs, no script). ``images`` maps a
-    result's ``row`` to the picture of its overlay (:func:`overlays`), shown for the top images."""
+    result's ``row`` (in a detection run ``(row, det_index)``) to the picture of its overlay
+    (:func:`overlays`), shown for the top images."""
     p = build_page(decision, results, title, top, context, "html", images)
     state = "pass" if decision.passed else "fail"
     body = [f"<h1>{_e(p.title)}</h1>", f'<p class="verdict">{_e(p.verdict)}</p>']
