@@ -125,3 +125,18 @@ def write_policy(path, rules: dict, name="p") -> str:
     """A policy YAML with these rules (the default no_activation_rate limit switched off)."""
     path.write_text(yaml.safe_dump({"name": name, "rules": {"no_activation_rate": None, **rules}}))
     return str(path)
+
+
+def chromium(*args, timeout=120):
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it): the report must be checked in a browser")
+        pytest.skip("chromium not installed (apt-get install -y chromium): the report is not rendered in a browser")
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=timeout, check=True).stdout

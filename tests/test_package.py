@@ -63,7 +63,7 @@ def _with_parents(mod: str) -> list[str]:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert "camgate.cam" in graph["camgate.runner.heatmaps"] and "camgate.cam.maps" in graph["camgate.cam.engine"]
+    assert "camgate.cam" in graph["camgate.runner.classifier"] and "camgate.cam.maps" in graph["camgate.cam.engine"]
     state, cycles = {}, []
 
     def visit(m, stack):
@@ -84,7 +84,7 @@ def test_no_import_cycle():
 def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     """The check above must be able to fail: a two-module cycle is found."""
     graph = {"camgate.a": {"camgate.b"}, "camgate.b": {"camgate.a"}}
-    graph.update({"camgate.runner.heatmaps": {"camgate.cam"}, "camgate.cam.engine": {"camgate.cam.maps"},
+    graph.update({"camgate.runner.classifier": {"camgate.cam"}, "camgate.cam.engine": {"camgate.cam.maps"},
                   "camgate.cam": set(), "camgate.cam.maps": set()})
     monkeypatch.setattr(sys.modules[__name__], "import_graph", lambda: graph)
     with pytest.raises(AssertionError, match="camgate.a -> camgate.b -> camgate.a"):

@@ -1,6 +1,7 @@
 """Model factories the tests name in model cards as ``zoo:<factory>`` (``module:factory`` cards)."""
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 
 def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
@@ -159,3 +160,72 @@ class OomNet(TinyCNN):
 def oom_net(num_classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return OomNet(num_classes)
+
+
+class RegionDetector(nn.Module):
+    """torchvision's structure and output convention in miniature: its transform (normalise, pad to a
+    multiple of 32), stride-4 conv features, and per region R_k one detection of class k at R_k's box
+    whose score is sigmoid(gain * (mean over R_k of a fixed channel mix of the features - offset)):
+    the score reads R_k and nothing else (or the region ``reads[k]``: a detection resting on context)."""
+
+    def __init__(self, size, regions, gain=1.0, offset=0.0, seed=0, reads=None, labels=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.transform = GeneralizedRCNNTransform(min(size), max(size), [0.0] * 3, [1.0] * 3)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 4, stride=4), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.randn(6, 3, 4, 4, generator=g) * 0.2)
+            self.features[0].bias.zero_()
+        self.mix = nn.Parameter(torch.rand(6, generator=g) + 0.5)
+        self.regions = torch.tensor(regions, dtype=torch.float32)  # (K, 4) xyxy, multiples of 4
+        # where each score reads (default: its own box) and each detection's class (default: k)
+        self.reads = self.regions if reads is None else torch.tensor(reads, dtype=torch.float32)
+        self.labels = torch.arange(len(regions)) if labels is None else torch.tensor(labels)
+        self.gain, self.offset = gain, offset
+
+    def forward(self, images):
+        images = list(images)
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        il, _ = self.transform(images)
+        v = (self.features(il.tensors) * self.mix[None, :, None, None]).sum(1)
+        outs = []
+        for i in range(len(images)):
+            s = [v[i, int(y1) // 4:int(y2) // 4, int(x1) // 4:int(x2) // 4].mean() for x1, y1, x2, y2 in self.reads]
+            outs.append({"boxes": self.regions.clone(), "labels": self.labels.clone(),
+                         "scores": torch.sigmoid(self.gain * (torch.stack(s) - self.offset))})
+        return self.transform.postprocess(outs, il.image_sizes, sizes)
+
+
+DET_SIZE = (48, 64)  # (H, W) of the detectors below; boxes in these input pixels
+DET_REGIONS = [[0, 0, 32, 24], [40, 24, 64, 48]]
+
+
+def region_detector(num_classes: int = 3) -> nn.Module:
+    """Two detections, classes 1 and 2, each scoring on its own box (torchvision convention: 0 = background)."""
+    return RegionDetector(DET_SIZE, DET_REGIONS, labels=[1, 2])
+
+
+def context_detector(num_classes: int = 3) -> nn.Module:
+    """The same boxes, but each score reads the OTHER box: detections resting entirely on context."""
+    return RegionDetector(DET_SIZE, DET_REGIONS, labels=[1, 2], reads=DET_REGIONS[::-1])
+
+
+def broken_detector(num_classes: int = 3) -> nn.Module:
+    """Returns boxes of the wrong shape: refused when the card is loaded."""
+
+    class Broken(RegionDetector):
+        def forward(self, images):
+            return [{**o, "boxes": o["boxes"][:, :3]} for o in super().forward(images)]
+
+    return Broken(DET_SIZE, DET_REGIONS, labels=[1, 2])
+
+
+_CALLABLE = {}
+
+
+def region_callable(x):
+    """The region detector as a vendor function (a black box: model card kind callable)."""
+    if "det" not in _CALLABLE:
+        _CALLABLE["det"] = region_detector().eval()
+    with torch.no_grad():
+        return _CALLABLE["det"](x)

@@ -42,7 +42,8 @@ def cmd_run(args) -> int:
                    mask_spec=_mask_spec(args) or MaskSpec(), batch_size=args.batch_size, device=args.device,
                    workers=args.workers, topk=args.topk, analyze=not args.heatmaps_only, policy=args.policy,
                    progress=not args.quiet, checkpoint_rows=args.checkpoint_rows, checkpoint=args.checkpoint,
-                   budget=args.budget, seed=args.seed, amp=args.amp, decode=args.decode)
+                   budget=args.budget, seed=args.seed, amp=args.amp, decode=args.decode,
+                   score_threshold=args.score_threshold, annotations=args.annotations)
     print(json.dumps(s.to_dict()))
     return 0
 

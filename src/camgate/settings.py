@@ -111,6 +111,12 @@ _TABLE = (
             at={**_at(_ROAD, help="seed of the sample and of the imputation noise"),
                 "heatmap_gate": dict(help="decam/rise: base seed (each image: seed and its row); also seeds the "
                                           "ROAD sample and its imputation noise")}),
+    Setting("score_threshold", float, 0.5, "detectors: explain each detection scoring at least this (with ground "
+                                          "truth: the detections matched to it, among those)",
+            verbs=("run",), **_HEATMAPS, pipeline=True),
+    Setting("annotations", str, "", "detectors: ground-truth boxes as a COCO annotations file (local or s3://; "
+                                    "images matched by file name); not given = the manifest's boxes column, if any",
+            verbs=("run",), **_HEATMAPS, pipeline=True),
     Setting("static_mask", str, "", "one mask for every image (fixed camera: a prefix data set then needs no "
                                     "masks/); not given = per-image masks",
             verbs=("run", "layers", "analyze", "shard"),

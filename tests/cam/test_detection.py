@@ -12,13 +12,12 @@ import torch
 import torchvision
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
-from torch import nn
 from torchvision.models import detection as D
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from camgate.cam import DetectionCamEngine, DetectionMaps, drise, drise_detections, fpn_reshape, normalized
 from camgate.cam.detection import MethodError, box_score
 from camgate.metrics.invalid import invalid_metrics
+from zoo import RegionDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,37 +25,6 @@ TOL = 1e-4
 
 
 # --- a detector whose evidence is known ------------------------------------------------------------
-
-class RegionDetector(nn.Module):
-    """torchvision's structure and output convention in miniature: its transform (normalise, pad to a
-    multiple of 32), stride-4 conv features, and per region R_k one detection of class k at R_k's box
-    whose score is sigmoid(gain * (mean over R_k of a fixed channel mix of the features - offset)):
-    the score reads R_k and nothing else."""
-
-    def __init__(self, size, regions, gain=1.0, offset=0.0, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.transform = GeneralizedRCNNTransform(min(size), max(size), [0.0] * 3, [1.0] * 3)
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 4, stride=4), nn.ReLU())
-        with torch.no_grad():
-            self.features[0].weight.copy_(torch.randn(6, 3, 4, 4, generator=g) * 0.2)
-            self.features[0].bias.zero_()
-        self.mix = nn.Parameter(torch.rand(6, generator=g) + 0.5)
-        self.regions = torch.tensor(regions, dtype=torch.float32)  # (K, 4) xyxy, multiples of 4
-        self.gain, self.offset = gain, offset
-
-    def forward(self, images):
-        images = list(images)
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        il, _ = self.transform(images)
-        v = (self.features(il.tensors) * self.mix[None, :, None, None]).sum(1)
-        outs = []
-        for i in range(len(images)):
-            s = [v[i, int(y1) // 4:int(y2) // 4, int(x1) // 4:int(x2) // 4].mean() for x1, y1, x2, y2 in self.regions]
-            outs.append({"boxes": self.regions.clone(), "labels": torch.arange(len(self.regions)),
-                         "scores": torch.sigmoid(self.gain * (torch.stack(s) - self.offset))})
-        return self.transform.postprocess(outs, il.image_sizes, sizes)
-
 
 H, W = 48, 64  # padded by the transform to 64 x 64: the map must be cut back to the image
 REGIONS = [[0, 0, 32, 24], [40, 24, 64, 48]]

@@ -6,12 +6,10 @@ import json
 import xml.etree.ElementTree as ET
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import png
+from helpers import chromium, png
 from PIL import Image
-from test_report import chromium
 
 from camgate import report
 from camgate.data.geometry import InputSpec
@@ -19,23 +17,11 @@ from camgate.io import results as res
 from camgate.report import detection
 from camgate.report.overlays import box_in_view
 
-DET_FIELDS = [("det_index", pa.int32()), ("det_class", pa.int32()), ("det_label", pa.string()),
-              ("det_score", pa.float32()), ("box_x1", pa.float32()), ("box_y1", pa.float32()),
-              ("box_x2", pa.float32()), ("box_y2", pa.float32()), ("gt_index", pa.int32()), ("iou", pa.float32()),
-              ("outside_box_ratio", pa.float64()), ("box_invalid_area", pa.float64())]
 # the model sees a centre crop: boxes (original pixels) must be moved and scaled onto it
 INPUT = {"size": [32, 32], "resize": "center_crop", "resize_to": 36}
 W, H = 80, 60
 POLICY = {"name": "det", "per_class": True,
           "rules": {"mean_invalid_activation_ratio": {"max": 0.5}, "no_activation_rate": None, "error_rate": None}}
-
-
-@pytest.fixture(autouse=True)
-def detection_statuses(monkeypatch):
-    """The gate accepts the detection statuses (a no-op once camgate.io.results.STATUSES lists them)."""
-    from camgate.gating import stats
-
-    monkeypatch.setattr(stats, "STATUSES", tuple(dict.fromkeys((*stats.STATUSES, "no_detection", "missed"))))
 
 
 def _cam(peak) -> bytes:
@@ -105,10 +91,11 @@ def write(path, rows, fields) -> str:
 def det_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("det")
     rows = det_rows(tmp)
-    path = write(tmp / "results.parquet", rows, res.FIELDS + DET_FIELDS)
+    path = write(tmp / "results.parquet", rows, res.FIELDS + res.DETECTION_FIELDS)
     # the same rows without the box columns: the overlays the boxes are drawn over
     plain = [{k: v for k, v in r.items() if k not in detection.BOX} for r in rows]
-    bare = write(tmp / "no_boxes.parquet", plain, res.FIELDS + [f for f in DET_FIELDS if f[0] not in detection.BOX])
+    fields = res.FIELDS + [f for f in res.DETECTION_FIELDS if f[0] not in res.BOX_COLUMNS]
+    bare = write(tmp / "no_boxes.parquet", plain, fields)
     return {"tmp": tmp, "results": path, "no_boxes": bare}
 
 

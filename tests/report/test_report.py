@@ -1,12 +1,11 @@
 import base64
 import json
 import math
-import os
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import yaml
+from helpers import chromium
 
 from camgate import report
 from camgate.gating.decision import evaluate
@@ -160,19 +159,6 @@ def test_failing_scopes_are_marked_and_listed_first_when_capped():
 
 
 # --------------------------------------------------------------------------- in a browser
-
-
-def chromium(*args, timeout=120):
-    import shutil
-    import subprocess
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs it): the report must be checked in a browser")
-        pytest.skip("chromium not installed (apt-get install -y chromium): the report is not rendered in a browser")
-    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
 def test_the_report_of_a_real_run_renders_in_a_browser(real_run, tmp_path):

@@ -53,6 +53,7 @@ import torchvision
 import torchvision.ops.poolers
 from torch import Tensor, nn
 
+from ..model.layers import fpn_reshape  # noqa: F401 - re-exported: camgate.cam.fpn_reshape
 from .engine import MethodError, _aggregate, _is_leaf_inplace_error, canonical, frozen_parameters
 from .maps import normalized
 from .methods import NATIVE
@@ -98,38 +99,15 @@ def box_score(output: Mapping[str, Tensor], box: Tensor, label: int | Tensor,
     return zero
 
 
-def fpn_reshape(level: int | str = -1, absolute: bool = False) -> Callable[[Mapping[str, Tensor]], Tensor]:
-    """A reshape transform for a layer returning an (ordered) dict of feature maps (torchvision's FPN):
-    every level bilinearly resized to the size of ``level`` (an index into the dict's order or a key;
-    -1 = the last, torchvision's 'pool', as pytorch-grad-cam's ``fasterrcnn_reshape_transform``) and
-    concatenated along channels. ``absolute=True`` takes |x| first, as that example does (its maps
-    then are EigenCAM's); for gradient methods leave it off: |gradient| loses the sign."""
-
-    def reshape(x: Mapping[str, Tensor]) -> Tensor:
-        if torch.is_tensor(x):
-            return x
-        keys = list(x)
-        size = x[keys[level] if isinstance(level, int) else level].shape[-2:]
-        return torch.cat([F.interpolate(v.abs() if absolute else v, size, mode="bilinear") for v in x.values()], 1)
-
-    return reshape
-
-
 def default_layers(model: nn.Module) -> list[nn.Module]:
-    """The last block of the backbone's body (``backbone.body.layer4`` for a ResNet FPN detector; the
-    last feature block of a MobileNet body), else the last block of the backbone's ``features`` (SSD:
-    SSDlite runs the blocks one by one, never ``features`` itself)."""
-    backbone = getattr(model, "backbone", None)
-    body = getattr(backbone, "body", None)
-    if body is not None:
-        children = list(body.children())
-        if children:
-            return [children[-1]]
-    features = getattr(backbone, "features", None)
-    if isinstance(features, nn.Sequential) and len(features):
-        return [features[-1]]
-    raise MethodError("no default target layer for this detector (no backbone.body, no backbone.features): "
-                      "name the target layer")
+    """The detector's default target layer (:func:`camgate.model.layers.default_detection_layers`)."""
+    from ..errors import ModelCardError
+    from ..model.layers import default_detection_layers, resolve_layers
+
+    try:
+        return resolve_layers(model, default_detection_layers(model))
+    except ModelCardError as e:
+        raise MethodError(str(e)) from None
 
 
 def _as_images(x) -> list[Tensor]:
@@ -254,6 +232,9 @@ class DetectionCamEngine:
         self.batch_images = batch_images
         self._clone = False
 
+    def close(self) -> None:
+        """Nothing to release: hooks live for one call only."""
+
     # -- the forward pass -------------------------------------------------------------------------
     def _forward(self, images: list[Tensor]):
         captured: list[tuple[list | None, list[Tensor]]] = []  # per layer: (dict keys or None, leaves)
@@ -310,7 +291,11 @@ class DetectionCamEngine:
                 out[i].append([None if gj is None else gj[i:i + 1] for gj in g])
         return out
 
-    def __call__(self, x, detections: Sequence[Mapping | None] | None = None) -> list[DetectionMaps]:
+    def __call__(self, x, detections: Sequence[Mapping | None] | None = None,
+                 select: Callable[[int, Mapping[str, Tensor]], Sequence[int]] | None = None) -> list[DetectionMaps]:
+        """``select(i, output)``: which of image i's own detections to explain (indices into its
+        output, detached), e.g. those above a score threshold or matched to ground truth; the
+        indices are in each result's ``extra['index']``. Default: all (or ``detections``)."""
         images = _as_images(x)
         if detections is not None and len(detections) != len(images):
             raise MethodError(f"{len(detections)} detection sets for {len(images)} images")
@@ -329,18 +314,23 @@ class DetectionCamEngine:
                     res = self._forward(images)
                 if res is None:
                     raise MethodError("the target activation was modified in place although the network got a copy")
-                return self._maps(images, detections, *res)
+                return self._maps(images, detections, select, *res)
         finally:
             for m, training in modes.items():
                 m.train(training)
 
     # -- targets, gradients, maps -----------------------------------------------------------------
-    def _maps(self, images, detections, outputs, captured, canvas) -> list[DetectionMaps]:
+    def _maps(self, images, detections, select, outputs, captured, canvas) -> list[DetectionMaps]:
         B = len(images)
-        explained, targets = [], []
+        explained, targets, chosen = [], [], []
         for i, out in enumerate(outputs):
             want = detections[i] if detections is not None else None
-            if want is None:
+            index = None
+            if want is None and select is not None:
+                index = torch.as_tensor(list(select(i, {k: v.detach() for k, v in out.items()})), dtype=torch.long,
+                                        device=out["boxes"].device).reshape(-1)
+                boxes, labels = out["boxes"].detach()[index], out["labels"].detach()[index]
+            elif want is None:
                 boxes, labels = out["boxes"].detach(), out["labels"].detach()
             else:
                 boxes = torch.as_tensor(want["boxes"], dtype=out["boxes"].dtype, device=out["boxes"].device)
@@ -348,6 +338,7 @@ class DetectionCamEngine:
             ts = [box_score(out, b, lab, self.iou_threshold) for b, lab in zip(boxes, labels)]
             explained.append((boxes, labels))
             targets.append(ts)
+            chosen.append({} if index is None else {"index": index.cpu()})
         leaves = [a for _, group in captured for a in group]
         grads = self._grads(targets, leaves) if self.needs_grad else None
         results = []
@@ -367,7 +358,7 @@ class DetectionCamEngine:
                     cams = _crop(cams, (h / ph, w / pw))
                 scores = self._matched_scores(outputs[i], boxes, labels, vals)
                 results.append(DetectionMaps(boxes.detach().cpu(), labels.cpu(), scores, cams.float(),
-                                             vals, tuple(images[i].shape[-2:])))
+                                             vals, tuple(images[i].shape[-2:]), chosen[i]))
         return results
 
     def _as_map_input(self, keys, parts: list[Tensor]) -> Tensor:

@@ -180,7 +180,7 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
                     continue
                 rules.append(_judge(r, stats, scope, policy.min_scope_images))
 
-    counts = {k: overall[k] for k in ("rows", *STATUSES)}
+    counts = {k: overall[k] for k in ("rows", *STATUSES) if k in overall}
     metrics = {k: v for k, v in overall.items() if k not in counts and k != "road_reason"}
     return Decision(policy.name, all(r.verdict != "fail" for r in rules), counts, metrics, rules, scopes,
                     trusted, reason, ident, warnings)

@@ -62,6 +62,9 @@ class Frame:
         n_rows, n_ok = int(sel.sum()), int(ok.sum())
         n_noact = int((sel & (self.status == "no_activation")).sum())
         n_err = int((sel & (self.status == "error")).sum())
+        # detectors: images with nothing to explain, ground-truth boxes no detection matched
+        detection = {s: int((sel & (self.status == s)).sum()) for s in ("no_detection", "missed")} \
+            if "det_index" in self.table.column_names else {}
         r, a, p = self.ratio[ok], self.area[ok], self.peak[ok]
         nan = float("nan")
         # Any NaN among ok rows makes the statistic NaN (np.mean propagates; the share is
@@ -72,6 +75,7 @@ class Frame:
             "ok": n_ok,
             "no_activation": n_noact,
             "error": n_err,
+            **detection,
             "mean_invalid_activation_ratio": float(np.mean(r)) if n_ok else nan,
             "p95_invalid_activation_ratio": float(np.percentile(r, 95)) if n_ok else nan,
             "share_images_over": share,
@@ -86,6 +90,7 @@ class Frame:
     def groups(self, by: str) -> list[tuple[str, np.ndarray]]:
         """(display value, row mask) per distinct value; by = 'predicted' | 'label' | column."""
         t = self.table
+        # a detector's rows: predicted_class is the detection's class (det_class)
         col = {"predicted": "predicted_class"}.get(by, by)
         if col not in t.column_names:
             raise ResultsError(f"results lack column {col!r} needed to group by {by!r}")
@@ -210,6 +215,10 @@ def pair_baseline(results, baseline, name: str | None = None):
             if stage == "heatmaps" else "not a results file"
         raise BaselineError(f"{where}: stage is {stage!r}, not 'results': {what}; a baseline must be the champion's "
                             f"analyzed results")
+    for what, t in (("the results", cand_t), (where, base_t)):
+        if file_identity(run_metadata(t)).get("task") == "detection":
+            raise BaselineError(f"{what}: a detector's results (one row per detection) cannot be paired image by "
+                                f"image with a baseline; the baseline rules apply to classifiers")
     cand, base = cand_t.to_pandas(), base_t.to_pandas()
     for what, df in (("results", cand), ("baseline", base)):
         missing = [c for c in ("row", "image", "status", "invalid_activation_ratio") if c not in df.columns]

@@ -50,7 +50,25 @@ def road_fields(percentiles) -> list:
             ("layer_index", pa.int32()), ("status", pa.string()), ("error", pa.string()),
             ("error_kind", pa.string()), ("target_class", pa.int32()), ("clean_probability", pa.float64()),
             *curves, ("road", pa.float64()), ("road_random", pa.float64()), ("image_sha256", pa.string())]
-COLUMNS = [name for name, _ in FIELDS]
+# object detectors (model card ``task: detection``): one row per (image, explained object); ``row`` stays
+# the image's manifest position and ``det_index`` (the detection's rank in the image) is the second key.
+# Boxes are xyxy in original image pixels (a ``missed`` row: the ground-truth box); ``gt_index``/``iou``
+# when ground truth was given; predicted_*/target_class hold the detection's class, label and score.
+DETECTION_FIELDS = [
+    ("det_index", pa.int32()), ("det_class", pa.int32()), ("det_label", pa.string()), ("det_score", pa.float32()),
+    ("box_x1", pa.float32()), ("box_y1", pa.float32()), ("box_x2", pa.float32()), ("box_y2", pa.float32()),
+    ("gt_index", pa.int32()), ("iou", pa.float32()),
+    ("outside_box_ratio", pa.float64()), ("box_invalid_area", pa.float64()),
+]
+BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
+
+
+def task_fields(task: str | None) -> list:
+    """The results columns of a task's files."""
+    return FIELDS + DETECTION_FIELDS if task == "detection" else list(FIELDS)
+
+
+COLUMNS = [name for name, _ in FIELDS + DETECTION_FIELDS]
 # `camgate layers`: one row per (image, layer) of the all-layer maps (same map encoding as above)
 LAYER_FIELDS = [
     ("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
@@ -62,7 +80,9 @@ LAYER_FIELDS = [
     ("image_width", pa.int32()), ("image_height", pa.int32()), ("image_sha256", pa.string()),
     ("mask_sha256", pa.string()),
 ]
-STATUSES = ("ok", "no_activation", "error")
+# no_detection: an image without a detection to explain (one row, no map); missed: a ground-truth box
+# that no detection matched (no map). Both keep the image accounted for, as error rows do.
+STATUSES = ("ok", "no_activation", "error", "no_detection", "missed")
 # What an error row's cause was: the input itself (missing, corrupt, refused), the storage service
 # (access, or still failing after the retries: worth another try later), or the model (NaN, raised).
 ERROR_KINDS = ("input", "storage", "model")
@@ -156,10 +176,11 @@ class ResultsWriter:
         self.parts = parts or f"{uri}.parts"
         self._buf: list[dict] = []
         self.rows = 0
-        self.resumed = 0
+        self.items = 0  # items (images) written: an item has one row, or one per explained object
+        self.resumed = 0  # items taken from committed parts
         self.resumed_status: list[str] = []
-        self.retry: list[int] = []  # positions (0-based, in this writer's row order) to compute again
-        self._spans: list[tuple[int, int, str]] = []  # (first position, rows, part URI) of committed parts
+        self.retry: list[int] = []  # item positions (0-based, in this writer's order) to compute again
+        self._spans: list[tuple[int, int, str]] = []  # (first item position, items, part URI) of committed parts
         self.storage_errors = 0  # rows of the final file that failed on the storage service
 
     def __enter__(self) -> "ResultsWriter":
@@ -180,32 +201,37 @@ class ResultsWriter:
             self._clear()
             storage.write_bytes(marker, json.dumps({"fingerprint": self.fingerprint}).encode())
             return
-        for u in self._part_uris():  # names carry the first row's position: contiguous parts only
+        for u in self._part_uris():  # names carry the first item's position: contiguous parts only
             start = int(posixpath.basename(u).split("-")[1].split(".")[0])
             if start != self.resumed:
                 break
-            part = pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=["status", "error_kind"])
-            status = part.column("status").to_pylist()
-            kinds = part.column("error_kind").to_pylist()
-            self.retry += [start + i for i, k in enumerate(kinds) if k == "storage"]
+            part = pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=["row", "status", "error_kind"])
+            status, kinds = part.column("status").to_pylist(), part.column("error_kind").to_pylist()
+            groups = _item_groups(part.column("row").to_pylist())
+            self.retry += [start + j for j, (a, b) in enumerate(groups) if "storage" in kinds[a:b]]
             self.resumed_status += status
-            self._spans.append((start, part.num_rows, u))
-            self.resumed += part.num_rows
-        self.rows = self.resumed
+            self._spans.append((start, len(groups), u))
+            self.resumed += len(groups)
+            self.rows += part.num_rows
+        self.items = self.resumed
 
-    def replace(self, positions: list[int], rows: list[dict]) -> None:
-        """Swap committed rows (by position) for recomputed ones; each touched part is rewritten atomically."""
+    def replace(self, positions: list[int], rows: list[list[dict]]) -> None:
+        """Swap the rows of committed items (by item position) for recomputed ones (per item its list of
+        rows); each touched part is rewritten atomically under its name (which counts items, not rows)."""
         new = dict(zip(positions, rows))
         for start, n, u in self._spans:
             mine = [p for p in new if start <= p < start + n]
             if not mine:
                 continue
             table = pq.read_table(pa.BufferReader(storage.read_bytes(u))).cast(self.schema).to_pylist()
-            for p in mine:
-                table[p - start] = new[p]
-            storage.write_bytes(u, _part_bytes(table, self.schema))
-            for p in mine:
-                self.resumed_status[p] = new[p]["status"]
+            groups = _item_groups([r["row"] for r in table])
+            out = [r for j, (a, b) in enumerate(groups) for r in new.get(start + j, table[a:b])]
+            storage.write_bytes(u, _part_bytes(out, self.schema))
+        status = []
+        for _, _, u in self._spans:
+            status += pq.read_table(pa.BufferReader(storage.read_bytes(u)), columns=["status"]).column(
+                "status").to_pylist()
+        self.resumed_status = status
 
     def write(self, rows: Iterable[dict]) -> None:
         self._buf.extend(rows)
@@ -216,8 +242,9 @@ class ResultsWriter:
         if not self._buf:
             return
         if self.fingerprint:
-            storage.write_bytes(storage.join(self.parts, f"part-{self.rows:012d}.parquet"),
+            storage.write_bytes(storage.join(self.parts, f"part-{self.items:012d}.parquet"),
                                 _part_bytes(self._buf, self.schema))
+            self.items += len(_item_groups([r.get("row") for r in self._buf]))
         else:
             table = _table(self._buf, self.schema)
             self._track(table)
@@ -272,6 +299,12 @@ class ResultsWriter:
             self._writer.close()
             self._ctx.__exit__(exc_type, exc, tb)
         return False
+
+
+def _item_groups(rows: list) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal ``row`` values: the rows of one item, written together."""
+    bounds = [i for i in range(1, len(rows)) if rows[i] != rows[i - 1]]
+    return list(zip([0, *bounds], [*bounds, len(rows)])) if rows else []
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -362,7 +395,7 @@ def cam_array(row) -> np.ndarray | None:
 # Columns evaluate() and the reports read; `cam` is deliberately absent (it is the bulk of the file).
 RESULT_COLUMNS = (
     "row", "image_id", "image", "status", "error", "label", "predicted_class", "predicted_label",
-    "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
+    "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "det_index",
 )
 REQUIRED_COLUMNS = ("status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid")
 

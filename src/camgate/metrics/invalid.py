@@ -16,6 +16,13 @@ differs by float32 rounding (about 1e-10 of its peak: the reductions run in anot
 exact comparison would flip such near-ties and with them the share (4e-4 between merged shards and
 one run), a tolerance far above rounding and far below any meaningful difference of heat does not.
 
+Detections (:func:`box_metrics`), with B the detection's box (pixels whose centre lies inside it):
+
+- ``outside_box_ratio`` = Σ(H·(1−B)) / ΣH — share of heat mass outside the box: how much the
+  detection rests on context rather than on the object;
+- ``box_invalid_area``  = Σ(M·B) / ΣB — share of the box's pixels that are invalid (NaN for a box
+  that covers no pixel centre).
+
 A map with ΣH = 0 has no activation: the ratios are NaN and the row's status is ``no_activation``.
 """
 from __future__ import annotations
@@ -96,3 +103,23 @@ def invalid_metrics(cams: torch.Tensor | list[torch.Tensor], masks: list[torch.T
         for k in out:
             out[k][sel] = getattr(part, k).to(out[k].dtype)
     return Metrics(**out)
+
+
+def box_metrics(cams: list[torch.Tensor], masks: list[torch.Tensor],
+                boxes: list[tuple[float, float, float, float]]) -> list[dict]:
+    """``outside_box_ratio`` and ``box_invalid_area`` per map; boxes xyxy in the mask's pixels."""
+    out = []
+    for cam, mask, box in zip(cams, masks, boxes):
+        h, w = mask.shape[-2:]
+        heat = upsample(cam[None].float(), (h, w))[0].clamp(min=0)
+        ys = torch.arange(h, device=heat.device, dtype=heat.dtype)[:, None] + 0.5
+        xs = torch.arange(w, device=heat.device, dtype=heat.dtype)[None, :] + 0.5
+        x1, y1, x2, y2 = (float(v) for v in box)
+        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        total = heat.sum()
+        ok = bool(total > 0) and bool(torch.isfinite(total))
+        outside = float((heat * ~inside).sum() / total) if ok else math.nan
+        n = int(inside.sum())
+        area = float((mask.to(heat.device).bool() & inside).sum()) / n if n else math.nan
+        out.append({"outside_box_ratio": outside, "box_invalid_area": area})
+    return out

@@ -11,7 +11,15 @@ A model card is YAML/JSON (local path or s3://)::
     target_layer: layer4                # or a list; default per architecture
     reshape: vit                        # token -> map reshape for ViT/Swin layers
 
-Black boxes (heatmaps from outputs only: methods ``decam``, ``rise``)::
+Object detectors (torchvision's output convention: per image ``boxes`` xyxy in input pixels,
+``labels``, ``scores``; class 0 is background by that convention)::
+
+    task: detection                     # classification (default) | detection
+    arch: torchvision/fcos_resnet50_fpn # or package.module:factory; kind onnx|callable: black boxes
+    input: {size: [512, 640]}           # the detector normalises inside: mean 0, std 1 by default
+    target_layer: backbone.body.layer4  # default: the backbone's last block; an FPN needs reshape: fpn
+
+Black boxes (heatmaps from outputs only: methods ``decam``, ``rise``; detectors: ``drise``)::
 
     kind: onnx                          # weights: the .onnx file; no arch, no target_layer
     kind: callable                      # arch: package.module:function, the scoring function itself
@@ -29,6 +37,9 @@ from ..errors import ModelCardError
 from ..io import storage
 from .backends import KINDS, OUTPUTS
 
+TASKS = ("classification", "detection")
+RESHAPES = ("vit", "swin", "fpn")
+
 
 @dataclass
 class ModelCard:
@@ -45,6 +56,11 @@ class ModelCard:
     sha256: str = ""
     kind: str = "torch"  # 'torch' | 'onnx' | 'callable' (the last two: black boxes)
     output: str = "logits"  # what a black box returns: 'logits' | 'probs'
+    task: str = "classification"
+
+    @property
+    def detection(self) -> bool:
+        return self.task == "detection"
 
     @property
     def black_box(self) -> bool:
@@ -55,6 +71,9 @@ class ModelCard:
         if not isinstance(d, dict):
             raise ModelCardError("model card must be a mapping")
         kind = d.get("kind") or "torch"
+        task = d.get("task") or "classification"
+        if task not in TASKS:
+            raise ModelCardError(f"model card task must be one of {list(TASKS)}, got {task!r}")
         if kind not in KINDS:
             raise ModelCardError(f"model card kind must be one of {list(KINDS)}, got {kind!r}")
         required = ("name", "num_classes") + (("weights",) if kind == "onnx" else ("arch",))
@@ -63,13 +82,15 @@ class ModelCard:
             raise ModelCardError(f"model card {uri or ''} misses required keys {missing}".replace("  ", " ")
                                  + (f" (kind {kind})" if kind != "torch" else ""))
         known = {"name", "kind", "arch", "num_classes", "weights", "classes", "input", "target_layer",
-                 "reshape", "allow_pickle", "output"}
+                 "reshape", "allow_pickle", "output", "task"}
         unknown = set(d) - known
         if unknown:
             raise ModelCardError(f"model card has unknown keys {sorted(unknown)} (known: {sorted(known)})")
         output = d.get("output") or "logits"
         if output not in OUTPUTS:
             raise ModelCardError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+        if task == "detection" and d.get("output"):
+            raise ModelCardError("output applies to classifiers; a detector returns boxes, labels and scores")
         if kind == "torch" and output != "logits":
             # gradient CAMs and predicted_score take the module's output as logits
             raise ModelCardError("output: probs applies to black-box kinds (onnx, callable); "
@@ -80,21 +101,28 @@ class ModelCard:
             moot += ["weights"] if kind == "callable" and d.get("weights") else []
             if moot:
                 raise ModelCardError(f"model card kind {kind!r} does not take {moot}: a black box is "
-                                     f"reached only through its outputs (methods decam, rise)")
+                                     f"reached only through its outputs (methods "
+                                 f"{'drise' if task == 'detection' else 'decam, rise'})")
         tl = d.get("target_layer")
         classes = d.get("classes")
         n = int(d["num_classes"])
         if classes is not None and len(classes) != n:
             raise ModelCardError(f"classes lists {len(classes)} names but num_classes is {n}")
-        if d.get("reshape") not in (None, "vit", "swin"):
-            raise ModelCardError(f"reshape must be 'vit' or 'swin', got {d.get('reshape')!r}")
+        if d.get("reshape") not in (None, *RESHAPES):
+            raise ModelCardError(f"reshape must be one of {list(RESHAPES)}, got {d.get('reshape')!r}")
+        if (d.get("reshape") == "fpn") != (task == "detection") and d.get("reshape"):
+            raise ModelCardError(f"reshape {d.get('reshape')!r} does not apply to a {task} model")
+        inp = dict(d.get("input") or {})
+        if task == "detection":  # detectors take pixels in [0, 1] and normalise inside
+            inp.setdefault("mean", (0.0, 0.0, 0.0))
+            inp.setdefault("std", (1.0, 1.0, 1.0))
         return cls(
             name=str(d["name"]), arch=None if d.get("arch") is None else str(d["arch"]), num_classes=n,
             weights=d.get("weights"), classes=[str(c) for c in classes] if classes else None,
-            input=InputSpec.from_card(d.get("input")),
+            input=InputSpec.from_card(inp),
             target_layer=[tl] if isinstance(tl, str) else (list(tl) if tl else None),
             reshape=d.get("reshape"), allow_pickle=bool(d.get("allow_pickle", False)),
-            uri=uri, sha256=sha256, kind=kind, output=output,
+            uri=uri, sha256=sha256, kind=kind, output=output, task=task,
         )
 
     @classmethod
@@ -120,4 +148,6 @@ class ModelCard:
              "target_layer": self.target_layer, "reshape": self.reshape}
         if self.black_box:  # torch cards stay as before, readable by earlier camgate versions
             d.update(kind=self.kind, output=self.output)
+        if self.detection:
+            d["task"] = self.task
         return d

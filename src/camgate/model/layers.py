@@ -12,6 +12,20 @@ from torch import nn
 from ..errors import ModelCardError
 
 
+def default_detection_layers(model: nn.Module) -> list[str]:
+    """A detector's default: the last block of the backbone's body (``backbone.body.layer4`` for a
+    ResNet FPN detector; the last feature block of a MobileNet body), else the last block of the
+    backbone's ``features`` (SSD: SSDlite runs the blocks one by one, never ``features`` itself)."""
+    names = dict(model.named_modules())
+    for parent in ("backbone.body", "backbone.features"):
+        if parent in names:
+            last = _last_child(parent, names)
+            if last and last != parent:
+                return [last]
+    raise ModelCardError("no default target layer for this detector (no backbone.body, no backbone.features): "
+                         "name the target layer")
+
+
 def _last_conv_name(model: nn.Module) -> str:
     last = None
     for name, m in model.named_modules():
@@ -81,6 +95,24 @@ def token_reshape(kind: str, grid: tuple[int, int] | None = None) -> Callable:
     return vit
 
 
+def fpn_reshape(level: int | str = -1, absolute: bool = False) -> Callable:
+    """A reshape transform for a layer returning an (ordered) dict of feature maps (torchvision's FPN):
+    every level bilinearly resized to the size of ``level`` (an index into the dict's order or a key;
+    -1 = the last, torchvision's 'pool', as pytorch-grad-cam's ``fasterrcnn_reshape_transform``) and
+    concatenated along channels. ``absolute=True`` takes |x| first, as that example does (its maps
+    then are EigenCAM's); for gradient methods leave it off: |gradient| loses the sign."""
+    import torch.nn.functional as F
+
+    def reshape(x) -> torch.Tensor:
+        if torch.is_tensor(x):
+            return x
+        keys = list(x)
+        size = x[keys[level] if isinstance(level, int) else level].shape[-2:]
+        return torch.cat([F.interpolate(v.abs() if absolute else v, size, mode="bilinear") for v in x.values()], 1)
+
+    return reshape
+
+
 def vit_grid(model: nn.Module, n_tokens: int, input_size: tuple[int, int]) -> tuple[int, int]:
     """The patch grid behind ``n_tokens`` tokens: from the model's own patch size when it states one
     (torchvision ``patch_size``, timm ``patch_embed.patch_size``), else the grid with the input's
@@ -148,7 +180,13 @@ def check_layers(model: nn.Module, layers: list[str], kind: str | None, device, 
         if len(calls) != 1:
             refuse(f"target layer {name!r} runs {len(calls)} times in one forward, not once")
         a = calls[0]
+        if kind == "fpn" and isinstance(a, dict) and a and all(torch.is_tensor(v) and v.ndim == 4 for v in a.values()):
+            reshape = fpn_reshape()
+            continue
         if not torch.is_tensor(a):
+            if isinstance(a, dict):
+                refuse(f"target layer {name!r} returns a dict of feature maps (an FPN): set 'reshape: fpn' in "
+                       f"the model card")
             refuse(f"target layer {name!r} returns a {type(a).__name__}, not a tensor")
         if kind == "vit" and a.ndim == 3:
             reshape = token_reshape("vit", vit_grid(model, a.shape[1], size))

@@ -17,20 +17,32 @@ from torch import nn
 from ..data.geometry import InputSpec
 from ..errors import ModelCardError
 from ..io import storage
-from .backends import Backend, BackendError, import_object, load_backend
+from .backends import (Backend, BackendError, DetectorOutputError, check_detections, import_object, load_backend,
+                       load_detector_backend)
 from .card import ModelCard
-from .layers import check_layers, default_target_layers, resolve_layers, token_kind
+from .layers import check_layers, default_detection_layers, default_target_layers, resolve_layers, token_kind
 
 # --- architectures -------------------------------------------------------------------------
 
-def build_arch(arch: str, num_classes: int) -> nn.Module:
-    """``torchvision/<name>`` or ``package.module:factory`` -> an uninitialised module."""
+def build_arch(arch: str, num_classes: int, task: str = "classification",
+               size: tuple[int, int] | None = None) -> nn.Module:
+    """``torchvision/<name>`` or ``package.module:factory`` -> an uninitialised module.
+
+    torchvision detectors are built without any (downloading) weights; those that resize inside
+    (R-CNN, RetinaNet, FCOS) keep the card's input size instead of their 800-pixel default."""
     if arch.startswith("torchvision/"):
         import torchvision.models as tvm
 
         name = arch.split("/", 1)[1]
         if name not in tvm.list_models():
             raise ModelCardError(f"unknown torchvision architecture {name!r}")
+        detectors = tvm.list_models(module=tvm.detection)
+        if (task == "detection") != (name in detectors):
+            raise ModelCardError(f"torchvision/{name} is {'a detector' if name in detectors else 'not a detector'}: "
+                                 f"the model card needs task: {'detection' if name in detectors else 'classification'}")
+        if task == "detection":
+            extra = {} if name.startswith("ssd") or size is None else {"min_size": min(size), "max_size": max(size)}
+            return tvm.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **extra)
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     if ":" not in arch:
         raise ModelCardError(f"arch must be 'torchvision/<name>' or 'package.module:factory', got {arch!r}")
@@ -93,8 +105,15 @@ class LoadedModel:
     def layers(self) -> list[nn.Module]:
         if self.model is None:
             raise ModelCardError(f"model card kind {self.card.kind!r} is a black box: it has no layers "
-                                 f"(heatmaps from outputs only: methods decam, rise)")
+                                 f"(heatmaps from outputs only: methods "
+                                 f"{'drise' if self.card.detection else 'decam, rise'})")
         return resolve_layers(self.model, self.target_layers)
+
+    def detector_backend(self):
+        """A torch detector as a black box (D-RISE reaches it through its outputs only)."""
+        from .backends import TorchDetectorBackend
+
+        return TorchDetectorBackend(self.model, self.device, num_classes=self.card.num_classes)
 
     def metadata(self) -> dict:
         md = {"name": self.card.name, "arch": self.card.arch, "num_classes": self.card.num_classes,
@@ -103,6 +122,8 @@ class LoadedModel:
               "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
         if self.card.black_box:  # absent = torch: torch runs keep their fingerprint (resume across versions)
             md.update(kind=self.card.kind, output=self.card.output)
+        if self.card.detection:
+            md["task"] = self.card.task
         return md
 
 
@@ -123,7 +144,7 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
         return _load_black_box(card, device, target_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a card without weights still gives the same model on every load
-        model = build_arch(card.arch, card.num_classes)
+        model = build_arch(card.arch, card.num_classes, card.task, card.input.size)
     sha = ""
     wuri = card.weights_uri()
     if wuri:
@@ -141,13 +162,21 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     if target_layer:
         layers = [target_layer] if isinstance(target_layer, str) else list(target_layer)
     else:
-        layers = card.target_layer or default_target_layers(model, card.arch)
+        layers = card.target_layer or (default_detection_layers(model) if card.detection
+                                       else default_target_layers(model, card.arch))
     resolve_layers(model, layers)  # fail now, before any data is read
     dev = pick_device(device)
     model.to(dev)
     kind = card.reshape or token_kind(card.arch, layers)
     # the dry forward finds every configuration problem now (layer, shape, output), not per batch
     reshape, out = check_layers(model, list(layers), kind, dev, card.input.size)
+    if card.detection:
+        try:
+            check_detections(out, 1, card.num_classes)
+        except DetectorOutputError as e:
+            raise ModelCardError(f"model card {card.name}: the detector returns the wrong structure: {e} "
+                                 f"(expected torchvision's convention: per image boxes, labels, scores)") from None
+        return LoadedModel(card, model, list(layers), sha, dev, reshape)
     if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != card.num_classes:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ModelCardError(f"model output has shape {shape}, expected (N, {card.num_classes})")
@@ -168,6 +197,13 @@ def _load_black_box(card: ModelCard, device: str, target_layer) -> LoadedModel:
         except storage.StorageError as e:
             raise ModelCardError(f"cannot read ONNX model: {e}") from e
         sha = hashlib.sha256(data).hexdigest()
+    if card.detection:
+        try:
+            backend = load_detector_backend(card.kind, num_classes=card.num_classes, input_size=card.input.size,
+                                            weights=data, arch=card.arch, device=device)
+        except BackendError as e:
+            raise ModelCardError(f"model card {card.name}: {str(e).replace('<bytes>', str(name))}") from e
+        return LoadedModel(card, None, [], sha, backend.device, backend=backend)
     try:
         backend = load_backend(card.kind, num_classes=card.num_classes, input_size=card.input.size, weights=data,
                                arch=card.arch, output=card.output, device=device)

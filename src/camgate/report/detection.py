@@ -11,13 +11,11 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from ..io.results import run_metadata
+from ..io.results import BOX_COLUMNS as BOX
+from ..io.results import DETECTION_FIELDS, STATUSES, run_metadata
 
 TASK = "detection"
-BOX = ("box_x1", "box_y1", "box_x2", "box_y2")
-COLUMNS = ("det_index", "det_class", "det_label", "det_score", *BOX, "gt_index", "iou", "outside_box_ratio",
-           "box_invalid_area")
-STATUSES = ("ok", "no_activation", "error", "no_detection", "missed")  # in the order the reports show them
+COLUMNS = tuple(name for name, _ in DETECTION_FIELDS)
 _MAPPED = ("ok", "no_activation")  # statuses of a detection whose map was computed
 
 

@@ -118,7 +118,7 @@ def _mask_for(row: dict, spec: InputSpec, mask_spec: MaskSpec, sm) -> tuple[np.n
 def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
     todo = [(row, pool.submit(_mask_for, row, spec, mask_spec, sm))  # fetched in parallel
             for row in rows if row["status"] != "error" and row.get("cam") is not None]
-    ready, cams, masks = [], [], []
+    ready, cams, masks, boxes = [], [], [], []
     for row, fut in todo:
         try:
             mask, row["mask_sha256"] = fut.result()
@@ -129,4 +129,7 @@ def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
             continue
         ready.append(row)
         cams.append(torch.from_numpy(res.cam_array(row)).to(dev))
-    apply_metrics(ready, cams, masks, topk)
+        if row.get("box_x1") is not None:  # a detection: its box in the mask's pixels
+            boxes.append(spec.box_to_region(tuple(row[c] for c in res.BOX_COLUMNS),
+                                            (row["image_width"], row["image_height"])))
+    apply_metrics(ready, cams, masks, topk, boxes if boxes else None)

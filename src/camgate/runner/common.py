@@ -14,7 +14,7 @@ from ..data.decode import Sample
 from ..data.manifest import Item, label_index
 from ..errors import ConfigError
 from ..io import results as res
-from ..metrics.invalid import invalid_metrics
+from ..metrics.invalid import box_metrics, invalid_metrics
 
 
 @dataclass
@@ -37,6 +37,13 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def classifier_only(lm, what: str) -> None:
+    """Refuse a detector where only classifiers are supported (before any data is read)."""
+    if lm.card.detection:
+        raise ConfigError(f"{what} explains classifiers; model card {lm.card.name!r} is a detector (task detection): "
+                          f"its per-detection maps and metrics come from `camgate run`")
 
 
 def parse_target(target: str | int | None, num_classes: int) -> str | int:
@@ -107,7 +114,8 @@ def guarded(compute, todo: list[int], targets: list[int], fail, oom: bool = Fals
                 fail(i, e)
 
 
-def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.Tensor], topk: float) -> None:
+def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.Tensor], topk: float,
+                  boxes: list | None = None) -> None:
     """Invalid-pixel metrics of each row's map and mask into the row (status ``ok`` or ``no_activation``).
 
     The one place metrics meet rows: ``run`` (maps fresh from the engine) and ``analyze`` (maps decoded
@@ -120,6 +128,9 @@ def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.
                                        "topk_invalid_share")})
         if not mi["active"]:
             row.update(status="no_activation", peak_in_invalid=None)
+    if boxes is not None:  # detections: each row's box in the mask's pixels
+        for row, bm in zip(rows, box_metrics(cams, masks, boxes)):
+            row.update(bm)
 
 
 def progress_bar(total: int, enabled: bool):

@@ -16,7 +16,8 @@ from ..io import results as res
 from ..metrics.invalid import check_topk
 from ..model.load import LoadedModel, load_model
 from ..settings import default
-from .common import RunSummary, apply_metrics, count_statuses, guarded, parse_target, progress_bar, triage
+from .common import (RunSummary, apply_metrics, classifier_only, count_statuses, guarded, parse_target, progress_bar,
+                     triage)
 from .identity import DataFingerprint, run_identity
 
 
@@ -37,6 +38,7 @@ def run_layers(model: str | LoadedModel, data: str, out: str, *, layers: str | l
 
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    classifier_only(lm, "maps of every layer (camgate layers, animate)")
     check_topk(topk)
     method = canonical(method)
     if lm.model is None:

@@ -19,7 +19,8 @@ from ..data.manifest import load_items
 from ..io import results as res
 from ..model.load import LoadedModel, load_model
 from ..settings import default
-from .common import RunSummary, count_statuses, guarded, parse_target, progress_bar, row_seed, triage
+from .common import (RunSummary, classifier_only, count_statuses, guarded, parse_target, progress_bar, row_seed,
+                     triage)
 from .identity import data_fingerprint, run_identity
 
 
@@ -42,6 +43,7 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
 
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    classifier_only(lm, "ROAD (camgate road)")
     percentiles = tuple(percentiles or fa.PERCENTILES)
     fa.check_percentiles(percentiles, lm.input.size)
     target = parse_target(target, lm.card.num_classes)

@@ -132,7 +132,8 @@ def run_shard(model, shard: str, *, attempts: int = 3, **run_args) -> dict:
     part, marker = part_uris(shard)
     key = hashlib.sha256(json.dumps(
         {"camgate": __version__, "model": lm.metadata(), "shard": storage.sha256(shard),
-         "content": _content(shard, run_args.get("static_mask")), "settings": run_args},
+         "content": _content(shard, run_args.get("static_mask")), "settings": run_args,
+         **({"annotations": storage.sha256(run_args["annotations"])} if run_args.get("annotations") else {})},
         sort_keys=True, default=str).encode()).hexdigest()
     if storage.exists(marker) and storage.exists(part):
         done = json.loads(storage.read_bytes(marker))
@@ -204,6 +205,9 @@ class _Part:
         t = pf.read(columns=[c for c in FINGERPRINT_COLUMNS if c in self.schema.names])
         self.rows = np.asarray(t.column("row").to_numpy(zero_copy_only=False), dtype=np.int64)
         self.images = t.column("image").to_pylist()
+        # one entry per item: a detector's image has a run of rows (one per detection) with its row
+        first = np.r_[True, self.rows[1:] != self.rows[:-1]] if len(self.rows) else np.zeros(0, bool)
+        self.item_rows = self.rows[first]
         self.keys = t  # what the merged file's data fingerprint is taken over
         # a column with no value at all was typed from nothing (string): the other parts say what it is
         meta = [f.name for f in self.schema if f.name not in res.COLUMNS]
@@ -292,8 +296,8 @@ def _merged_schema(parts: list[_Part], md: dict) -> pa.Schema:
 
 def _check_rows(parts: list[_Part], data: str | None) -> list | None:
     """Every row once, nothing foreign; returns the data set's items (None without ``data``)."""
-    rows = np.concatenate([p.rows for p in parts])
-    owner = np.repeat(np.arange(len(parts)), [len(p.rows) for p in parts])
+    rows = np.concatenate([p.item_rows for p in parts])
+    owner = np.repeat(np.arange(len(parts)), [len(p.item_rows) for p in parts])
     order = np.argsort(rows, kind="stable")
     srt, own = rows[order], owner[order]
     dup = np.nonzero(srt[1:] == srt[:-1])[0]
@@ -391,7 +395,7 @@ def merge(parts: list[str], out: str, data: str | None = None) -> dict:
         order = sorted(range(len(loaded)), key=lambda i: int(pos[i].min()) if len(pos[i]) else -1)
         loaded, pos = [loaded[i] for i in order], [pos[i] for i in order]
         bounds = [(int(q.min()), int(q.max())) for q in pos if len(q)]
-        streamable = all(np.all(np.diff(q) > 0) for q in pos) and \
+        streamable = all(np.all(np.diff(q) >= 0) for q in pos) and \
             all(a[1] < b[0] for a, b in zip(bounds, bounds[1:]))
         counts = {s: 0 for s in res.STATUSES}
         with storage.atomic_output(out) as path, pq.ParquetWriter(path, schema, compression="zstd") as w:
