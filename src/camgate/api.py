@@ -242,7 +242,7 @@ def _loaded(model, *, input, target_layer, num_classes, classes, reshape, device
     if given:
         raise ConfigError(f"{', '.join(given)}: only for an nn.Module; a model card states its own")
     if isinstance(model, LoadedModel):
-        yield _with_layers(model, target_layer) if target_layer else model
+        yield _classifier(_with_layers(model, target_layer) if target_layer else model)
         return
     if isinstance(model, Mapping):
         model = ModelCard.from_dict(dict(model))
@@ -251,7 +251,14 @@ def _loaded(model, *, input, target_layer, num_classes, classes, reshape, device
     if not isinstance(model, (str, ModelCard)):
         raise ConfigError(f"model: expected an nn.Module, a model card (path/URI, dict or ModelCard) or a "
                           f"LoadedModel, got {type(model).__name__}")
-    yield load_model(model, device=device, target_layer=target_layer)
+    yield _classifier(load_model(model, device=device, target_layer=target_layer))
+
+
+def _classifier(lm: LoadedModel) -> LoadedModel:
+    if lm.card.detection:
+        raise ConfigError(f"explain/evaluate take classifiers; model card {lm.card.name!r} is a detector: "
+                          f"camgate.run gives its per-detection maps and metrics")
+    return lm
 
 
 def _module_device(module: nn.Module, device: str) -> torch.device:

@@ -317,3 +317,10 @@ def test_torchvision_detectors_load_at_the_cards_size_and_fpn_layers_need_reshap
                                                        "num_classes": 3}))
     with pytest.raises(ModelCardError, match="task: classification"):
         load_model(str(tmp_path / "cls.yaml"), device="cpu")
+
+
+def test_the_python_api_refuses_a_detector(tmp_path):
+    import camgate
+
+    with pytest.raises(ConfigError, match="is a detector"):
+        camgate.explain(card(tmp_path), [np.zeros((48, 64, 3), np.uint8)])
