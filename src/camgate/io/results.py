@@ -34,6 +34,7 @@ FIELDS = [
     ("method", pa.string()), ("target_layer", pa.string()),
     ("invalid_activation_ratio", pa.float64()), ("invalid_area_ratio", pa.float64()),
     ("peak_in_invalid", pa.bool_()), ("topk_invalid_share", pa.float64()),
+    ("relevance_rank_accuracy", pa.float64()), ("auc", pa.float64()),
     ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam", pa.binary()),
     ("image_width", pa.int32()), ("image_height", pa.int32()),
     # sha256 of the image and mask bytes the row was computed from (None where not read): the run

@@ -8,13 +8,29 @@ invalid mask (True = invalid pixel):
 - ``peak_in_invalid``          — the map's maximum is reached on an invalid pixel (ties count);
 - ``topk_invalid_share``       — share of invalid pixels among the hottest ones: k = ceil(topk · N) with
   ``topk`` = 0.1 by default, taking every pixel at least as hot as the k-th hottest (ties included,
-  so the value does not depend on the order of equal pixels).
+  so the value does not depend on the order of equal pixels);
+- ``relevance_rank_accuracy`` — share of invalid pixels among the hottest |M| pixels (|M| = ΣM, the
+  number of invalid pixels): Quantus's RelevanceRankAccuracy with M as its ``s_batch``. Pixels tied
+  with the |M|-th value (within the tolerance below) share the slots left after the hotter pixels
+  pro rata: (invalid hotter + (|M| − hotter) · invalid tied / tied) / |M|. That is Quantus's value
+  whenever the tie does not straddle the |M|-th place, and its mean over all orders of the tied pixels
+  otherwise (Quantus takes whatever order ``np.argsort`` leaves them in); the count stays |M|, and a
+  flat map scores ΣM / N, like ``invalid_area_ratio``;
+- ``auc``                      — ROC-AUC of H as a score for invalid pixels (Quantus's AUC: sklearn on
+  the flattened M and H): the Mann–Whitney U of the invalid pixels' ranks over |M|·(N − |M|), ties
+  counted half (average ranks) — the probability that a random invalid pixel is hotter than a random
+  valid one. Exact ties, as sklearn: a near-tie flipped by rounding moves it by 1/(|M|·(N − |M|)).
+
+Both are NaN without activation and when M is empty or covers the image (no ranking to judge).
+Quantus gives NaN for an empty mask; for a full one 1.0 and NaN; for an all-zero map whatever order
+argsort leaves the zeros in, and 0.5. The README's "Metrics (per image)" compares all six columns.
 
 Ties are decided with a tolerance of :data:`TIE_TOL` times the map's peak: a pixel that close below
-the k-th value (or below the peak) counts as tied. The same map computed in batches of another size
-differs by float32 rounding (about 1e-10 of its peak: the reductions run in another order); an
-exact comparison would flip such near-ties and with them the share (4e-4 between merged shards and
-one run), a tolerance far above rounding and far below any meaningful difference of heat does not.
+the k-th value (or below the peak, or on either side of the |M|-th value) counts as tied. The same
+map computed in batches of another size differs by float32 rounding (about 1e-10 of its peak: the
+reductions run in another order); an exact comparison would flip such near-ties and with them the
+share (4e-4 between merged shards and one run), a tolerance far above rounding and far below any
+meaningful difference of heat does not.
 
 Detections (:func:`box_metrics`), with B the detection's box (pixels whose centre lies inside it):
 
@@ -38,7 +54,8 @@ from ..settings import default
 
 TOPK_DEFAULT = default("topk")  # the one definition: camgate.settings
 TIE_TOL = 1e-6  # relative to the map's peak: near-ties by float rounding count as ties
-METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share")
+METRIC_COLUMNS = ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid", "topk_invalid_share",
+                  "relevance_rank_accuracy", "auc")
 
 
 @dataclass
@@ -47,6 +64,8 @@ class Metrics:
     invalid_area_ratio: torch.Tensor        # (B,)
     peak_in_invalid: torch.Tensor           # (B,) bool
     topk_invalid_share: torch.Tensor        # (B,) float, NaN when no activation
+    relevance_rank_accuracy: torch.Tensor   # (B,) float, NaN when no activation or M empty/full
+    auc: torch.Tensor                       # (B,) float, NaN when no activation or M empty/full
     active: torch.Tensor                    # (B,) bool: ΣH > 0 and finite
 
     def rows(self) -> list[dict]:
@@ -68,11 +87,45 @@ def _metrics_same_size(cams: torch.Tensor, masks: torch.Tensor, topk: float) -> 
     peak = heat.max(1).values
     tol = TIE_TOL * peak
     peak_invalid = ((heat * m).max(1).values >= peak - tol) & (m.sum(1) > 0) & active
+    ascending, order = heat.sort(1)
     k = max(1, math.ceil(topk * n))
-    kth = heat.topk(k, dim=1).values[:, -1:]
+    kth = ascending[:, n - k:n - k + 1]
     hot = (heat >= kth - tol[:, None]).to(heat.dtype)
     topk_share = torch.where(active, (hot * m).sum(1) / hot.sum(1), nan)
-    return Metrics(ratio, area, peak_invalid, topk_share, active)
+    rank_acc, auc = _localisation(heat, ascending, order, masks.flatten(1).bool(), tol, active)
+    return Metrics(ratio, area, peak_invalid, topk_share, rank_acc, auc, active)
+
+
+def _localisation(heat: torch.Tensor, ascending: torch.Tensor, order: torch.Tensor, inv: torch.Tensor,
+                  tol: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``relevance_rank_accuracy`` and ``auc`` of heat (B, N) against the invalid pixels ``inv`` (B, N)
+    bool, given each row sorted (``ascending`` = heat.gather(1, order)); counts in integers, ratios in
+    float64."""
+    n = heat.shape[1]
+    n_inv = inv.sum(1)
+    judged = active & (n_inv > 0) & (n_inv < n)
+    nan = torch.full(n_inv.shape, math.nan, dtype=torch.float64, device=heat.device)
+    # the |M|-th hottest value; pixels within tol of it are tied, those above it by more are hotter
+    v = ascending.gather(1, (n - n_inv).clamp(0, n - 1)[:, None])
+    hotter = heat > v + tol[:, None]
+    tied = (heat - v).abs() <= tol[:, None]
+    n_hot, n_tied = hotter.sum(1), tied.sum(1).clamp(min=1)
+    slots = (n_inv - n_hot).double()  # the places left for the tied pixels: 1 .. n_tied
+    hits = (hotter & inv).sum(1).double() + slots * (tied & inv).sum(1).double() / n_tied.double()
+    rank_acc = torch.where(judged, hits / n_inv.clamp(min=1).double(), nan)
+    # Mann-Whitney in sorted order: a run of equal values at 0-based places first..last has the average
+    # 1-based rank (first + last + 2) / 2; U = Σ ranks of the invalid pixels - |M|(|M| + 1) / 2
+    place = torch.arange(n, dtype=torch.int32, device=heat.device).expand_as(order)  # N < 2^30
+    starts = torch.ones_like(inv)
+    starts[:, 1:] = ascending[:, 1:] != ascending[:, :-1]
+    ends = torch.ones_like(inv)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, place, 0).cummax(1).values
+    last = torch.where(ends, place, n).flip(1).cummin(1).values.flip(1)
+    twice_rank = torch.where(inv.gather(1, order), first + last + 2, 0).sum(1, dtype=torch.int64)
+    twice_u = twice_rank - n_inv * (n_inv + 1)
+    auc = torch.where(judged, twice_u.double() / (2 * n_inv * (n - n_inv)).clamp(min=1).double(), nan)
+    return rank_acc, auc
 
 
 def check_topk(topk: float) -> None:
@@ -88,13 +141,12 @@ def invalid_metrics(cams: torch.Tensor | list[torch.Tensor], masks: list[torch.T
     b = len(masks)
     if b == 0:
         e = torch.empty(0)
-        return Metrics(e, e, e.bool(), e, e.bool())
+        return Metrics(e, e, e.bool(), e, e, e, e.bool())
     groups: dict[tuple, list[int]] = {}
     for i, mk in enumerate(masks):
         groups.setdefault((tuple(mk.shape), tuple(cams[i].shape)), []).append(i)
     device = masks[0].device
-    out = {k: torch.empty(b, device=device) for k in ("invalid_activation_ratio", "invalid_area_ratio",
-                                                       "topk_invalid_share")}
+    out = {k: torch.empty(b, device=device) for k in METRIC_COLUMNS if k != "peak_in_invalid"}
     out["peak_in_invalid"] = torch.empty(b, dtype=torch.bool, device=device)
     out["active"] = torch.empty(b, dtype=torch.bool, device=device)
     for idx in groups.values():

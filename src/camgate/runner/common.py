@@ -125,7 +125,7 @@ def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.
     for row, mi in zip(rows, invalid_metrics(cams, masks, topk).rows()):
         row.update(status="ok", error=None, error_kind=None)
         row.update({k: mi[k] for k in ("invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
-                                       "topk_invalid_share")})
+                                       "topk_invalid_share", "relevance_rank_accuracy", "auc")})
         if not mi["active"]:
             row.update(status="no_activation", peak_in_invalid=None)
     if boxes is not None:  # detections: each row's box in the mask's pixels
