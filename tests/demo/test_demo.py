@@ -23,7 +23,9 @@ def test_demo_clean_passes_shortcut_fails():
         assert f"[demo] {variant}: " in p.stderr
         for task in ("load-model", "plan-shards", "shard-worker", "merge-results", "gate"):
             assert f"[demo] {variant}: Task '{task}' finished with status SUCCESS" in p.stderr, p.stderr[-3000:]
-    rows = {r["variant"]: r for r in json.loads((WORKDIR / "demo.json").read_text())}
+    every = json.loads((WORKDIR / "demo.json").read_text())
+    rows = {r["variant"]: r for r in every if r.get("task") != "detection"}
+    detectors = {r["variant"]: r for r in every if r.get("task") == "detection"}
     clean, shortcut = rows["clean"], rows["shortcut"]
     assert clean["test_accuracy"] >= 0.9 and shortcut["test_accuracy"] >= 0.9
     assert clean["passed"] and clean["promoted"]
@@ -46,3 +48,18 @@ def test_demo_clean_passes_shortcut_fails():
     for r in rows.values():
         assert r["n_images"] >= 100 and Path(r["report"]).stat().st_size > 1000
         assert r["model"] in p.stdout and ("PASS" if r["passed"] else "FAIL") in p.stdout
+    # detectors: per ground-truth box the matched detection's map, through the same compiled pipeline
+    for variant in ("clean", "shortcut"):
+        for task in ("load-model", "shard-worker", "merge-results", "gate"):
+            assert f"[demo] underpass-det-{variant}: Task '{task}' finished with status SUCCESS" in p.stderr
+    det_clean, det_short = detectors["clean"], detectors["shortcut"]
+    print({v: (r["map50"], r["mean_invalid_activation_ratio"], r["per_class_invalid_ratio"]) for v, r in
+           detectors.items()})
+    assert det_clean["map50"] >= 0.8 and det_short["map50"] >= 0.8
+    assert det_clean["passed"] and not det_short["passed"]
+    # the shortcut detector's pedestrian boxes rest on the lamp (invalid pixels), the clean one's do not
+    ped = "pedestrian"
+    assert det_short["per_class_invalid_ratio"][ped] > det_clean["per_class_invalid_ratio"][ped] + 0.2
+    for r in detectors.values():
+        assert r["counts"]["rows"] >= 100 and r["counts"]["error"] == 0
+        assert r["model"] in p.stdout and Path(r["report"]).stat().st_size > 1000

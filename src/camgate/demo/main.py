@@ -1,12 +1,13 @@
 """``camgate demo``: the heatmap-gate pipeline end to end on an embedded S3 server.
 
 1. generate the synthetic underpass data set in two variants (clean / shortcut) and train one small
-   classifier on each (cached under the work directory);
+   classifier on each, and with ground-truth boxes one small detector (FCOS) on each (all cached
+   under the work directory);
 2. start SeaweedFS on loopback and upload test data, masks, model cards, weights and the policy;
 3. compile the ``heatmap-gate`` pipeline and run the compiled YAML with ``kfp.local`` for each model;
 4. print model, test accuracy, mean invalid activation ratio, gate verdict and report path.
 
-Both models are accurate; only the shortcut model, which looks at the wall lamp, fails the gate.
+Both models of each task are accurate; only the shortcut ones, which look at the wall lamp, fail.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..io import storage
-from . import synth
+from . import detect, synth
 from .train import train
 
 BUCKET = "camgate-demo"
@@ -46,6 +47,20 @@ POLICY = {
     },
 }
 CHAMPION = "clean"  # in production; every other variant is gated against it on its own test data
+# Detectors: one row per ground-truth box (the detection matched to it, else `missed`). The policy asks
+# each detected class's heatmaps to rest on the walkway; a flat map scores about the invalid share.
+DETECTOR_POLICY = {
+    "name": "underpass-detector-no-shortcuts",
+    "description": "Each detection's heatmap must rest on the walkway, not on walls or ceiling.",
+    "per_class": True,
+    "min_scope_images": 20,
+    "rules": {
+        "mean_invalid_activation_ratio": {"max": 0.4},
+        "share_images_over": {"ratio": 0.5, "max": 0.25},
+        "error_rate": {"max": 0.0},
+        "min_images": 50,
+    },
+}
 
 
 def _upload_dir(local: Path, prefix: str, names: list[str]) -> None:
@@ -53,13 +68,13 @@ def _upload_dir(local: Path, prefix: str, names: list[str]) -> None:
         storage.write_bytes(storage.join(prefix, name), (local / name).read_bytes())
 
 
-def _publish(variant: str, card_path: Path, base: str) -> tuple[str, str, dict]:
+def _publish(name: str, card_path: Path, base: str) -> tuple[str, str, dict]:
     """Upload one model and its test split; return (card URI, manifest URI, training metrics)."""
     model_dir = card_path.parent
     metrics = json.loads((model_dir / "metrics.json").read_text())
     test_csv = (model_dir / metrics["data"]).resolve()
     data_dir = test_csv.parent
-    prefix = storage.join(base, variant)
+    prefix = storage.join(base, name)
     _upload_dir(model_dir, storage.join(prefix, "model"), ["card.yaml", "model.safetensors"])
     lines = test_csv.read_text().splitlines()
     files = sorted({p for line in lines[1:] for p in line.split(",")[:2]})
@@ -80,12 +95,14 @@ def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cards = {v: train(v, work / "cache", seed=seed, log=log) for v in synth.VARIANTS}
+    detectors = {v: detect.train_detector(v, work / "cache", seed=seed, log=log) for v in synth.VARIANTS}
     pipeline_yaml = compile_pipeline(str(work / "heatmap_gate.yaml"))
     server = S3Server(work / "s3", access_key=f"demo-{secrets.token_hex(4)}", secret_key=secrets.token_hex(16))
     with server:
         previous = server.apply_env()
         try:
             rows = _run_models(cards, work, pipeline_yaml, echo, log)
+            rows += _run_detectors(detectors, work, pipeline_yaml, echo, log)
         finally:  # the caller's own S3 settings come back
             server.restore_env(previous)
     (work / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -135,6 +152,39 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
     return rows
 
 
+def _run_detectors(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
+    """The same pipeline for the detectors: per-detection maps, gated per detected class."""
+    from ..kfp import local_run
+
+    rows = []
+    base = storage.join(storage.ensure_bucket(BUCKET), "detection")
+    policy_uri = storage.join(base, "policy.yaml")
+    storage.write_bytes(policy_uri, yaml.safe_dump(DETECTOR_POLICY, sort_keys=False).encode())
+    for variant, card in cards.items():
+        name = f"underpass-det-{variant}"
+        card_uri, data_uri, metrics = _publish(variant, card, base)
+        out_prefix = storage.join(base, "runs", variant)
+        log(f"{name}: heatmap-gate pipeline (compiled YAML, kfp.local), one row per ground-truth box")
+        r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri, "output_prefix": out_prefix,
+                       "fail_on_violation": False, "promote_to": storage.join(base, "promoted")},
+                      pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
+                      progress=lambda line, n=name: log(f"{n}: {line}"))
+        report = work / "reports" / f"det-{variant}.html"
+        report.parent.mkdir(exist_ok=True)
+        report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))
+        decision = json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))
+        per_class = {s["scope"].split("=", 1)[1]: s["mean_invalid_activation_ratio"]
+                     for s in decision["scopes"] if s["scope"].startswith("class=")}
+        rows.append({"model": name, "variant": variant, "task": "detection", "map50": metrics["test"]["map50"],
+                     "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
+                     "per_class_invalid_ratio": per_class, "counts": decision["counts"],
+                     "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
+                     "promoted_files": _promoted_files(storage.join(base, "promoted", name)),
+                     "n_images": r["n_images"], "report": str(report),
+                     "results": storage.join(out_prefix, "results.parquet")})
+    return rows
+
+
 def _promoted_files(prefix: str) -> list[str]:
     """Names of the files a completed promotion of this model holds (none when it was not promoted)."""
     from ..promote import promoted
@@ -175,10 +225,20 @@ def table(rows: list[dict]) -> str:
             f"{'vs champion':>17s} {'gate':>5s}  report")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.get("task") == "detection":
+            continue
         road = "   n/a" if r.get("road") is None else f"{r['road']:6.3f}"
         rnd = "   n/a" if r.get("road_random") is None else f"{r['road_random']:6.3f}"
         lines.append(f"{r['model']:20s} {r['test_accuracy']:8.3f} {r['mean_invalid_activation_ratio']:19.3f} "
                      f"{road} {rnd} {_vs(r):>17s} {'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
+    detectors = [r for r in rows if r.get("task") == "detection"]
+    if detectors:
+        head = f"{'detector':24s} {'mAP@0.5':>7s} {'mean invalid ratio':>19s}  {'per class':34s} {'gate':>5s}  report"
+        lines += ["", head, "-" * len(head)]
+        for r in detectors:
+            per = " ".join(f"{k} {v:.2f}" for k, v in r["per_class_invalid_ratio"].items() if v is not None)
+            lines.append(f"{r['model']:24s} {r['map50']:7.3f} {r['mean_invalid_activation_ratio']:19.3f}  {per:34s} "
+                         f"{'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
     return "\n".join(lines)
 
 
@@ -190,7 +250,7 @@ def _vs(r: dict) -> str:
 
 def takeover(rows: list[dict]) -> str:
     """Where the shortcut model's attention moves onto invalid pixels, compared with the clean model."""
-    by = {r["variant"]: dict(r["layer_curve"]) for r in rows}
+    by = {r["variant"]: dict(r["layer_curve"]) for r in rows if "layer_curve" in r}
     if set(by) != {"clean", "shortcut"}:
         return ""
     gaps = [(name, by["shortcut"][name] - by["clean"].get(name, float("nan"))) for name in by["shortcut"]]
@@ -212,4 +272,8 @@ def main(args) -> int:
           f"may rise by at most {rules['baseline_mean_increase']['max']} and at most "
           f"{rules['baseline_share_worse']['max']:.0%} of images may worsen by more than "
           f"{rules['baseline_share_worse']['by']}")
+    det = DETECTOR_POLICY["rules"]
+    print(f"detectors: per ground-truth box the matched detection's map; per detected class the mean invalid "
+          f"activation ratio <= {det['mean_invalid_activation_ratio']['max']} and at most "
+          f"{det['share_images_over']['max']:.0%} of detections above {det['share_images_over']['ratio']}")
     return 0
