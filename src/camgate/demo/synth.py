@@ -17,6 +17,9 @@ Layout written by :func:`generate`::
     out_dir/masks/{split}_{i:05d}.png      non-zero = invalid pixel (same geometry for all images)
     out_dir/static_mask.png                the fixed camera's mask, once
     out_dir/train.csv, out_dir/test.csv    columns image,mask,label,split,variant (paths relative)
+
+``generate(..., boxes=True)`` (the detection variant) writes the same images with a ``boxes`` column
+(:data:`DETECTION_COLUMNS`): the object's ground-truth box as JSON, ``[]`` for ``empty``.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ DEFAULT_SIZE = (128, 160)  # (height, width): 8x10 cells at stride 16 (resnet la
 # Bump when the rendering changes, so cached data sets and models are regenerated.
 SYNTH_VERSION = 2
 MANIFEST_COLUMNS = ("image", "mask", "label", "split", "variant")
+DETECTION_COLUMNS = ("image", "mask", "boxes", "label", "split", "variant")
 
 # Scene geometry in image fractions (x, y). The floor is a trapezoid converging on the far
 # opening; everything else is wall, ceiling or opening. Invalid share ~0.51.
@@ -142,8 +146,14 @@ def _object_colour(rng: np.random.Generator) -> tuple[int, int, int, int]:
 # --- one image -------------------------------------------------------------------------------
 
 def render(label: int, variant: str, rng: np.random.Generator,
-           size: tuple[int, int] = DEFAULT_SIZE) -> np.ndarray:
-    """One uint8 (H, W, 3) image of class ``label``. Consumes ``rng`` identically for both variants."""
+           size: tuple[int, int] = DEFAULT_SIZE, return_box: bool = False):
+    """One uint8 (H, W, 3) image of class ``label``. Consumes ``rng`` identically for both variants.
+
+    ``return_box=True``: return ``(image, box)`` instead, the same image and rng consumption, with
+    ``box`` the object's bounding box (x1, y1, x2, y2) in output pixels as floats: the pixel edges
+    around every output pixel the object's silhouette touches (its floor shadow excluded), so the
+    object covers columns x1 .. x2-1 and rows y1 .. y2-1; None for ``empty``.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     h, w = size
@@ -196,6 +206,7 @@ def render(label: int, variant: str, rng: np.random.Generator,
     colour = _object_colour(rng)
     facing = 1 if rng.random() < 0.5 else -1
     draws = rng.random((64, 3))  # fixed budget of placement draws keeps the rng stream aligned
+    box = None
     if name in _OBJECTS:
         drawer, unit = _OBJECTS[name]
         for fy, fx, fs in draws:
@@ -211,6 +222,10 @@ def render(label: int, variant: str, rng: np.random.Generator,
             alpha = (np.asarray(obj)[..., 3] > 0).reshape(h, _SS, w, _SS).any(axis=(1, 3))
             if not invalid[alpha].any():
                 layer.paste(obj, (0, 0), obj)
+                if return_box:  # the silhouette alone, drawn again (no rng): the box leaves the shadow out
+                    sil = Image.new("RGBA", (W, H))
+                    drawer(ImageDraw.Draw(sil), x, y, u, facing, colour)
+                    box = _bbox((np.asarray(sil)[..., 3] > 0).reshape(h, _SS, w, _SS).any(axis=(1, 3)))
                 break
         else:  # pragma: no cover - the draw budget is far larger than ever needed
             raise RuntimeError("could not place the object on the floor")
@@ -238,7 +253,14 @@ def render(label: int, variant: str, rng: np.random.Generator,
     grad = 1 + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, w, dtype=np.float32)[None, :, None]
     cast = 1 + rng.uniform(-0.04, 0.04, 3)
     img = img * gain * grad * cast + rng.normal(0, 0.02, img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    out = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (out, box) if return_box else out
+
+
+def _bbox(covered: np.ndarray) -> tuple[float, float, float, float]:
+    """(H, W) bool -> xyxy pixel edges around the True pixels."""
+    rows, cols = np.flatnonzero(covered.any(1)), np.flatnonzero(covered.any(0))
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 def _floor_halfwidth(fy: float) -> float:
@@ -256,10 +278,12 @@ def _labels(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(out_dir, variant: str, n_train: int, n_test: int, seed: int = 0,
-             size: tuple[int, int] = DEFAULT_SIZE) -> Path:
+             size: tuple[int, int] = DEFAULT_SIZE, boxes: bool = False) -> Path:
     """Write the data set to ``out_dir`` and return the path of its test manifest (``test.csv``).
 
-    ``train.csv`` lies next to it. Same arguments -> byte-identical files.
+    ``train.csv`` lies next to it. Same arguments -> byte-identical files. ``boxes=True``: the same
+    images, and the manifests get a ``boxes`` column (:data:`DETECTION_COLUMNS`), a JSON list
+    ``[{"box": [x1, y1, x2, y2], "label": name}]`` (see :func:`render`), ``[]`` for ``empty``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -276,15 +300,22 @@ def generate(out_dir, variant: str, n_train: int, n_test: int, seed: int = 0,
             # One stream per image, independent of variant: clean and shortcut share every scene.
             rng = np.random.default_rng([seed, split_id, i])
             stem = f"{split}_{i:05d}"
-            Image.fromarray(render(int(label), variant, rng, size)).save(out / "images" / f"{stem}.png")
+            img, box = render(int(label), variant, rng, size, return_box=True) if boxes else \
+                (render(int(label), variant, rng, size), None)
+            Image.fromarray(img).save(out / "images" / f"{stem}.png")
             mask.save(out / "masks" / f"{stem}.png")
-            rows.append({"image": f"images/{stem}.png", "mask": f"masks/{stem}.png",
-                         "label": CLASSES[label], "split": split, "variant": variant})
+            row = {"image": f"images/{stem}.png", "mask": f"masks/{stem}.png",
+                   "label": CLASSES[label], "split": split, "variant": variant}
+            if boxes:
+                row["boxes"] = json.dumps([] if box is None else [{"box": list(box), "label": CLASSES[label]}])
+            rows.append(row)
         with open(out / f"{split}.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+            wr = csv.DictWriter(f, fieldnames=DETECTION_COLUMNS if boxes else MANIFEST_COLUMNS, lineterminator="\n")
             wr.writeheader()
             wr.writerows(rows)
     params = {"variant": variant, "n_train": n_train, "n_test": n_test, "seed": seed,
               "size": list(size), "synth_version": SYNTH_VERSION, "classes": list(CLASSES)}
+    if boxes:
+        params["boxes"] = True
     (out / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
     return out / "test.csv"
