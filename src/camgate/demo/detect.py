@@ -26,6 +26,8 @@ import torchvision
 import yaml
 from PIL import Image
 
+from ..data.boxes import GtBox
+from ..data.boxes import match as match_boxes
 from . import synth
 from .train import MEAN, STD, TrainConfig, _digest
 from .train import config_hash as classifier_hash
@@ -208,22 +210,14 @@ def _average_precision(scores: list[float], hits: list[bool], n_gt: int) -> floa
 
 
 def match(outputs: list[dict], targets: list[dict], iou: float = IOU_MATCH) -> list[list[int]]:
-    """Per image and detection (in score order): the index of the ground-truth box it finds (IoU
-    >= ``iou``, same label, each box found once, greedily by score), -1 for a false positive."""
+    """Per image and detection: the index of the ground-truth box it finds (COCO's greedy matching of
+    :func:`camgate.data.boxes.match`: by score, IoU >= ``iou``, same label), -1 for a false positive."""
     found = []
     for out, tgt in zip(outputs, targets):
-        order = torch.argsort(out["scores"], descending=True, stable=True)
-        taken: set[int] = set()
-        hit = [-1] * len(order)
-        ious = torchvision.ops.box_iou(out["boxes"], tgt["boxes"]) if len(tgt["boxes"]) else None
-        for d in order.tolist():
-            if ious is None:
-                continue
-            cand = [(float(ious[d, g]), g) for g in range(len(tgt["boxes"]))
-                    if g not in taken and int(tgt["labels"][g]) == int(out["labels"][d]) and ious[d, g] >= iou]
-            if cand:
-                g = max(cand)[1]
-                taken.add(g)
+        gt = [GtBox(tuple(b.tolist()), int(lab)) for b, lab in zip(tgt["boxes"], tgt["labels"])]
+        hit = [-1] * len(out["scores"])
+        for g, d, _ in match_boxes(out["boxes"], out["labels"], out["scores"], gt, iou):
+            if d is not None:
                 hit[d] = g
         found.append(hit)
     return found
