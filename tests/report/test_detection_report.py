@@ -205,6 +205,7 @@ def test_the_report_of_a_detection_run_renders_in_a_browser(det_run, tmp_path):
     assert p.imgs == n_ok
     assert "#1 img3 (row 3, detection 0)" in dom and "detected: car 0.90 IoU 0.80 · box 20, 10, 60, 50" in dom
     assert "outside box 0.400 · box invalid area 0.200" in dom and "white rectangle: the box" in dom
+    assert "explaining each detection's box score" in dom
     assert tables[("image", "error")] == [["img3 (detection 1)", "model: NaN in the map"]]
 
 

@@ -148,7 +148,9 @@ def _identity(rec: dict) -> Table:
         ["model", f"{_text(m.get('name'))} ({m.get('kind') or 'torch'}: {_text(m.get('arch'))})"],
         ["model card sha256", _text(m.get("card_sha256"))],
         ["weights sha256", _text(m.get("weights_sha256"))],
-        ["method", f"{_text(meth.get('name'))}, explaining the {_text(meth.get('target'))} class"],
+        ["method", f"{_text(meth.get('name'))}, explaining "
+                   + ("each detection's box score" if rec.get("task") == "detection"
+                      else f"the {_text(meth.get('target'))} class")],
         ["target layer", _text(meth.get("target_layer"))],
         ["map resolution", f"{size[0]} × {size[1]}" if size else "n/a"],
         ["data manifest", _text(data.get("manifest"))],
