@@ -17,7 +17,7 @@ min / median / max of the per-round ratios. The first round also checks that the
 deviation after min-max at input resolution). The last line is one JSON object with every figure.
 
     python benchmarks/detection_bench.py [--arch fasterrcnn_resnet50_fpn] [--batch 2] [--dets 5]
-        [--size 160] [--rounds 3] [--threads 2]
+        [--size 160] [--rounds 3] [--threads 2] [--device cpu]
 """
 from __future__ import annotations
 
@@ -61,10 +61,11 @@ def main():
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = build(args)
-    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    base = build(args).to(args.device)
+    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(args.device)
     layer_name = [n for n, m in base.named_modules() if m is list(base.backbone.body.children())[-1]][0]
 
     ours_model = copy.deepcopy(base).requires_grad_(False)
@@ -90,6 +91,8 @@ def main():
         for n in order:
             t = time.perf_counter()
             out[n] = variants[n]()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
             if r:  # round 0: warm-up
                 times[n].append(time.perf_counter() - t)
         if r == 0:  # the maps agree: each reference detection against ours by box and label
@@ -100,7 +103,7 @@ def main():
                     iou = torchvision.ops.box_iou(b[None], res.boxes)[0]
                     j = int(iou.argmax())
                     assert iou[j] > 0.99 and res.labels[j] == lab, "a reference detection has no match"
-                    got = normalized(res.maps[j:j + 1], (args.size, args.size))[0].numpy()
+                    got = normalized(res.maps[j:j + 1], (args.size, args.size))[0].cpu().numpy()
                     dev = max(dev, float(np.abs(out["pytorch-grad-cam"][i][d] - got).max()))
     load = os.getloadavg()
     summary = {n: {"min": min(v), "median": statistics.median(v), "max": max(v)} for n, v in times.items()}
@@ -119,7 +122,8 @@ def main():
         q = ratios[n]
         print(f"{n:<18} {s['min']:8.2f} {s['median']:9.2f} {s['max']:8.2f}   {q['of_medians']:.2f}x "
               f"(per round {q['per_round_min']:.2f} .. {q['per_round_median']:.2f} .. {q['per_round_max']:.2f})")
-    print(json.dumps({"arch": args.arch, "batch": args.batch, "detections": n_dets, "size": args.size,
+    print(json.dumps({"arch": args.arch, "device": args.device, "batch": args.batch, "detections": n_dets,
+                      "size": args.size,
                       "rounds": args.rounds, "threads": torch.get_num_threads(), "load_average": load,
                       "max_deviation": dev, "seconds": summary, "ratios": ratios, "torch": torch.__version__}))
 

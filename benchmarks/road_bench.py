@@ -8,7 +8,7 @@ throughput ratio is taken on the medians. Then the curves are compared with the 
 building blocks with ``NoisyLinearImputer(noise=0)``; its percentile p keeps p %, so its curve at p
 is ours at 100 - p). The last line is one JSON object with every figure.
 
-    python benchmarks/road_bench.py [--images 16] [--size 64] [--rounds 3] [--threads 1] [--large]
+    python benchmarks/road_bench.py [--images 16] [--size 64] [--rounds 3] [--threads 1] [--large] [--device cpu]
 """
 from __future__ import annotations
 
@@ -42,18 +42,25 @@ def inputs(n: int, size: int, seed: int = 0):
     return x, raw, cams, torch.arange(n) % 5
 
 
-def bench(n: int, size: int, rounds: int, model) -> dict:
+def sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def bench(n: int, size: int, rounds: int, model, device: str = "cpu") -> dict:
     x01, raw, cams, targets = inputs(n, size)
-    xn = (x01 - MEAN) / STD
+    x01, raw, targets = x01.to(device), raw.to(device), targets.to(device)
+    mean, std = MEAN.to(device), STD.to(device)
+    xn = (x01 - mean) / std
     tgt = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
     cams_np = cams.numpy()
 
     def predict(x):
-        return torch.softmax(model((x - MEAN) / STD), 1)
+        return torch.softmax(model((x - mean) / std), 1)
 
     out = {}
     variants = {
-        "camgate": lambda: road(predict, x01, raw, targets, random_baseline=False).road.numpy(),
+        "camgate": lambda: road(predict, x01, raw, targets, random_baseline=False).road.cpu().numpy(),
         "pytorch-grad-cam": lambda: ROADCombined(percentiles=list(PERCENTILES))(xn, cams_np, tgt, model),
     }
     times = {k: [] for k in variants}
@@ -71,7 +78,7 @@ def bench(n: int, size: int, rounds: int, model) -> dict:
     for cls, curve in ((RemoveMostRelevantFirst, ours.morf), (RemoveLeastRelevantFirst, ours.lerf)):
         theirs = np.stack([PerturbationConfidenceMetric(cls(100 - p, NoisyLinearImputer(noise=0.0)))(
             xn, cams_np, tgt, model, return_diff=False) for p in PERCENTILES], 1)
-        dcurve = max(dcurve, float(np.abs(curve.numpy() - theirs).max()))
+        dcurve = max(dcurve, float(np.abs(curve.cpu().numpy() - theirs).max()))
     # the model's share: the forwards each variant makes, alone (camgate: one clean pass + 2·P imputed
     # images per image in chunks of 64; pytorch-grad-cam: a clean and an imputed batch per percentile
     # and direction). Their ratio bounds the speedup whatever the imputation costs.
@@ -81,10 +88,12 @@ def bench(n: int, size: int, rounds: int, model) -> dict:
         predict(x01)
         for j in range(0, 2 * n_p * n, 64):
             predict(x01[torch.arange(j, min(j + 64, 2 * n_p * n)) % n])
+        sync(x01)
         fwd_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(2 * n_p * 2):
             model(xn)
+        sync(xn)
         fwd_theirs = time.perf_counter() - t0
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"images": n, "size": size, "rounds": rounds,
@@ -112,14 +121,15 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fair to scipy's one-thread solve)")
     ap.add_argument("--large", action="store_true", help="also 2 images at 224x224, 1 round")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (pytorch-grad-cam's spsolve stays on the CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5).eval()
-    results = [bench(args.images, args.size, args.rounds, model)]
+    model = torchvision.models.resnet18(num_classes=5).eval().to(args.device)
+    results = [bench(args.images, args.size, args.rounds, model, args.device)]
     if args.large:
-        results.append(bench(2, 224, 1, model))
-    print(json.dumps({"threads": args.threads, "torch": torch.__version__, "runs": results}))
+        results.append(bench(2, 224, 1, model, args.device))
+    print(json.dumps({"device": args.device, "threads": args.threads, "torch": torch.__version__, "runs": results}))
 
 
 if __name__ == "__main__":
