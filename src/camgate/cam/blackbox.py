@@ -159,9 +159,14 @@ def _masked_probs(backend, timer: _Timer, x: Tensor, base: Tensor, masks: Tensor
     return out
 
 
-def _check(budget: int, grid: int):
+def check_budget(budget: int) -> None:
+    """A black-box method's forward passes per image (runners check it before any data is read)."""
     if int(budget) < 1:
         raise ConfigError(f"budget must be >= 1 forward pass per image, got {budget}")
+
+
+def _check(budget: int, grid: int):
+    check_budget(budget)
     if int(grid) < 2:
         raise ConfigError(f"grid must be >= 2, got {grid}")
 

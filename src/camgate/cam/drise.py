@@ -113,16 +113,24 @@ def drise(detector: Detector, x: Tensor, targets: Sequence[Mapping | None] | Non
 
 
 def drise_detections(detector: Detector, x: Tensor, budget: int = default("budget"), seeds=None,
+                     select: Callable[[int, Mapping[str, Tensor]], Sequence[int]] | None = None,
                      **kw) -> list[DetectionMaps]:
-    """Every detection of the clean images with its D-RISE map, as :class:`DetectionMaps` (maps at
-    input resolution; ``targets`` holds each detection's score)."""
+    """The detections of the clean images with their D-RISE maps, as :class:`DetectionMaps` (maps at
+    input resolution; ``targets`` holds each detection's score). ``select(i, output)``: which of image
+    i's detections to explain (indices into its output, kept in ``extra['index']``), as for
+    :class:`camgate.cam.detection.DetectionCamEngine`; default: all."""
     with torch.no_grad():
         dets = list(detector(x.float()))
+    index = [None if select is None else torch.as_tensor(list(select(i, d)), dtype=torch.long)
+             for i, d in enumerate(dets)]
+    dets = [d if idx is None else {k: torch.as_tensor(v)[idx] for k, v in d.items()} for d, idx in zip(dets, index)]
     maps = drise(detector, x, dets, budget=budget, seeds=seeds, **kw)
     out = []
-    for d, m in zip(dets, maps):
+    for d, m, idx in zip(dets, maps, index):
         scores = torch.as_tensor(d["scores"]).float().reshape(-1).cpu()
         extra = {"probs": torch.as_tensor(d["probs"]).cpu()} if "probs" in d else {}
+        if idx is not None:
+            extra["index"] = idx
         out.append(DetectionMaps(torch.as_tensor(d["boxes"]).float().reshape(-1, 4).cpu(),
                                  torch.as_tensor(d["labels"]).reshape(-1).cpu(), scores, m, scores.clone(),
                                  tuple(x.shape[-2:]), extra))

@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +29,7 @@ from ..data.boxes import match as match_boxes
 from . import synth
 from .train import MEAN, STD, TrainConfig, _digest
 from .train import config_hash as classifier_hash
+from .train import save_model
 from .train import train as train_classifier
 
 DET_VERSION = 1  # bump when detector training changes, so cached detectors are retrained
@@ -286,7 +285,7 @@ def train_detector(variant: str, cache_dir, seed: int = 0, config: DetConfig | N
     With ``init="classifier"`` the classification demo's model of the variant is trained first
     (or taken from the same cache). An existing card for the same hash is returned without training.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     config = config or DetConfig()
     config = replace(config, size=(int(config.size[0]), int(config.size[1])))
@@ -339,19 +338,5 @@ def train_detector(variant: str, cache_dir, seed: int = 0, config: DetConfig | N
                "init": None if init_card is None else os.path.relpath(init_card, model_dir),
                "data": os.path.relpath(test_csv, model_dir)}
 
-    # Write into a temporary sibling and rename, so a half-written model is never taken as cached.
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
-    try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        (tmp / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False, default_flow_style=None))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp/safetensors create owner-only files; the cache may be shared
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model_dir, model, card, metrics)
     return card_path

@@ -109,9 +109,21 @@ def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=
     return rows
 
 
-def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
+def _pipeline(name: str, params: dict, report: Path, work: Path, pipeline_yaml: str, echo: bool,
+              log) -> tuple[dict, dict]:
+    """One run of the compiled pipeline through kfp.local, its tasks announced as ``name``: (the
+    run's outputs, its decision); the HTML report is copied to ``report``."""
     from ..kfp import local_run
 
+    r = local_run(params, pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
+                  progress=lambda line: log(f"{name}: {line}"))
+    out_prefix = params["output_prefix"]
+    report.parent.mkdir(exist_ok=True)
+    report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))
+    return r, json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))
+
+
+def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
     rows = []
     base = storage.ensure_bucket(BUCKET)
     policy_uri = storage.join(base, "policy.yaml")
@@ -124,15 +136,12 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
         out_prefix = storage.join(base, "runs", variant)
         log(f"{variant}: heatmap-gate pipeline (compiled YAML, kfp.local)"
             + (f", champion: underpass-{CHAMPION}" if champion else ""))
-        r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri,
-                       "output_prefix": out_prefix, "fail_on_violation": False, "road_sample": ROAD_SAMPLE,
-                       "baseline_model_card": champion, "promote_to": storage.join(base, "promoted")},
-                      pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
-                      progress=lambda line, v=variant: log(f"{v}: {line}"))
         report = work / "reports" / f"{variant}.html"
-        report.parent.mkdir(exist_ok=True)
-        report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))
-        decision = json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))
+        r, decision = _pipeline(variant, {"model_card": card_uri, "data": data_uri, "policy": policy_uri,
+                                          "output_prefix": out_prefix, "fail_on_violation": False,
+                                          "road_sample": ROAD_SAMPLE, "baseline_model_card": champion,
+                                          "promote_to": storage.join(base, "promoted")},
+                                report, work, pipeline_yaml, echo, log)
         overall = decision["overall"]
         for name in ("record.json", "junit.xml"):
             (report.parent / f"{variant}-{name}").write_bytes(storage.read_bytes(storage.join(out_prefix, name)))
@@ -154,8 +163,6 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
 
 def _run_detectors(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
     """The same pipeline for the detectors: per-detection maps, gated per detected class."""
-    from ..kfp import local_run
-
     rows = []
     base = storage.join(storage.ensure_bucket(BUCKET), "detection")
     policy_uri = storage.join(base, "policy.yaml")
@@ -165,14 +172,11 @@ def _run_detectors(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log)
         card_uri, data_uri, metrics = _publish(variant, card, base)
         out_prefix = storage.join(base, "runs", variant)
         log(f"{name}: heatmap-gate pipeline (compiled YAML, kfp.local), one row per ground-truth box")
-        r = local_run({"model_card": card_uri, "data": data_uri, "policy": policy_uri, "output_prefix": out_prefix,
-                       "fail_on_violation": False, "promote_to": storage.join(base, "promoted")},
-                      pipeline_root=str(work / "kfp"), package_path=pipeline_yaml, echo=echo,
-                      progress=lambda line, n=name: log(f"{n}: {line}"))
         report = work / "reports" / f"det-{variant}.html"
-        report.parent.mkdir(exist_ok=True)
-        report.write_bytes(storage.read_bytes(storage.join(out_prefix, "report.html")))
-        decision = json.loads(storage.read_bytes(storage.join(out_prefix, "decision.json")))
+        r, decision = _pipeline(name, {"model_card": card_uri, "data": data_uri, "policy": policy_uri,
+                                       "output_prefix": out_prefix, "fail_on_violation": False,
+                                       "promote_to": storage.join(base, "promoted")},
+                                report, work, pipeline_yaml, echo, log)
         per_class = {s["scope"].split("=", 1)[1]: s["mean_invalid_activation_ratio"]
                      for s in decision["scopes"] if s["scope"].startswith("class=")}
         rows.append({"model": name, "variant": variant, "task": "detection", "map50": metrics["test"]["map50"],

@@ -128,8 +128,6 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
     ``models/underpass-<variant>-<hash>/`` (``card.yaml``, ``model.safetensors``, ``metrics.json``).
     An existing card for the same hash is returned without training.
     """
-    from safetensors.torch import save_file
-
     config = config or TrainConfig()
     config = replace(config, size=(int(config.size[0]), int(config.size[1])))
     key = config_hash(variant, seed, config)
@@ -180,7 +178,15 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
                "config": asdict(config), "torch": torch.__version__,
                "data": os.path.relpath(test_csv, model_dir)}
 
-    # Write into a temporary sibling and rename, so a half-written model is never taken as cached.
+    save_model(model_dir, model, card, metrics)
+    return card_path
+
+
+def save_model(model_dir: Path, model: torch.nn.Module, card: dict, metrics: dict) -> None:
+    """``card.yaml``, ``model.safetensors`` and ``metrics.json`` into ``model_dir``, written into a
+    temporary sibling and renamed, so a half-written model is never taken as cached."""
+    from safetensors.torch import save_file
+
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
     try:
@@ -196,4 +202,3 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
         os.replace(tmp, model_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return card_path

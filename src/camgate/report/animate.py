@@ -20,31 +20,22 @@ import io
 import json
 import subprocess
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from ..errors import CamgateError, ConfigError
 from ..settings import default
-from .overlays import boundary, colormap, resized_mask
+from .overlays import boundary, colormap, font, resized_mask
 
 BANNER = 18  # px of text strip above each panel
 
 
 class EncodeError(CamgateError, RuntimeError):
     """The video encoder failed (bad codec, unwritable path, ffmpeg crash)."""
-
-
-@lru_cache(maxsize=1)
-def _font():
-    try:
-        return ImageFont.load_default(size=12)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
 
 
 def _resize_map(heat, size: tuple[int, int]) -> np.ndarray:
@@ -67,10 +58,10 @@ def render_panel(base: np.ndarray, heat, title: str, note: str = "", edge: np.nd
     panel = Image.new("RGB", (w, h + BANNER))
     panel.paste(Image.fromarray(out), (0, BANNER))
     draw = ImageDraw.Draw(panel)
-    draw.text((3, 3), title, fill=(255, 255, 255), font=_font())
+    draw.text((3, 3), title, fill=(255, 255, 255), font=font(12))
     if note:
-        right = draw.textlength(note, font=_font())
-        draw.text((w - 3 - right, 3), note, fill=(255, 200, 80), font=_font())
+        right = draw.textlength(note, font=font(12))
+        draw.text((w - 3 - right, 3), note, fill=(255, 200, 80), font=font(12))
     return np.asarray(panel)
 
 
@@ -200,7 +191,7 @@ def contact_sheet(frames: Sequence[np.ndarray], cols: int = 8, labels: Sequence[
         x, y = pad + (i % cols) * (w + pad), pad + (i // cols) * (h + lh + pad)
         sheet.paste(Image.fromarray(f), (x, y))
         if labels:
-            draw.text((x + 2, y + h + 2), labels[i], fill=(230, 230, 230), font=_font())
+            draw.text((x + 2, y + h + 2), labels[i], fill=(230, 230, 230), font=font(12))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()

@@ -97,10 +97,11 @@ def _draw_box(out: np.ndarray, rect: tuple[int, int, int, int]) -> None:
                 line(y1 + k, y2 - k, x, x, v)
 
 
-@lru_cache(maxsize=1)
-def _font():
+@lru_cache(maxsize=None)
+def font(size: int = 10):
+    """Pillow's default font at ``size`` px (captions here, titles in the animations)."""
     try:
-        return ImageFont.load_default(size=10)
+        return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
 
@@ -109,7 +110,7 @@ def _caption(pic: Image.Image, text: str, rect: tuple[int, int, int, int], right
     """White text on black by the box's left corner: above it, else below it, else inside its top
     (where the box fills the panel's height); kept within the first panel (x < ``right``)."""
     draw = ImageDraw.Draw(pic)
-    left, top, r, bottom = draw.textbbox((0, 0), text, font=_font())
+    left, top, r, bottom = draw.textbbox((0, 0), text, font=font())
     tw, th = r - left + 4, bottom - top + 2
     x = min(max(rect[0], 0), max(0, right - tw))
     if rect[1] - 1 - th >= 0:
@@ -119,7 +120,7 @@ def _caption(pic: Image.Image, text: str, rect: tuple[int, int, int, int], right
     else:
         y = max(rect[1], 0) + 2
     draw.rectangle((x, y, min(x + tw, right) - 1, y + th - 1), fill=(0, 0, 0))
-    draw.text((x + 2 - left, y + 1 - top), text, fill=(255, 255, 255), font=_font())
+    draw.text((x + 2 - left, y + 1 - top), text, fill=(255, 255, 255), font=font())
 
 
 def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..cam import CamEngine, MethodError, canonical
+from ..cam.blackbox import check_budget
 from ..data import device as gpu
 from ..data.decode import Sample
-from ..errors import ConfigError
 from ..io import results as res
 from ..model.load import LoadedModel
 from ..settings import default
@@ -44,21 +44,17 @@ class Runner:
         from ..cam import BLACKBOX
         from ..model.backends import TorchBackend
 
-        self.lm, self.analyze, self.topk = lm, analyze, topk
-        self.amp = gpu.check_amp(amp)
-        self.split = gpu.OomSplitter(max_batch)  # halves the compute batch on out-of-memory
+        self._setup(lm, analyze, topk, meta_types, amp, max_batch)
         # conv models on CUDA run in channels_last (converted in place), and their inputs alike
         self.memory_format = torch.channels_last if (
             lm.model is not None and gpu.channels_last(lm.model, lm.device)) else torch.contiguous_format
-        self.meta_types = meta_types or {}
         if str(method).lower() == "drise":
             raise MethodError(f"drise explains object detectors (model card task: detection); model card "
                               f"{lm.card.name!r} is a classifier: use decam or rise")
         name = canonical(method)
         self.black_box = name in BLACKBOX
         if self.black_box:
-            if int(budget) < 1:
-                raise ConfigError(f"budget must be >= 1 forward pass per image, got {budget}")
+            check_budget(budget)
             backend = lm.backend if lm.backend is not None else \
                 TorchBackend(lm.model, lm.device, lm.card.num_classes)
             self.engine = Runner._BlackBox(backend, name, budget, seed)
@@ -69,6 +65,14 @@ class Runner:
             self.engine = CamEngine(lm.model, lm.layers(), method, lm.reshape_transform)
         self.target = parse_target(target, lm.card.num_classes)
         self.layer_name = None if self.black_box else ",".join(lm.target_layers)
+
+    def _setup(self, lm: LoadedModel, analyze: bool, topk: float, meta_types: dict | None, amp: str,
+               max_batch: int) -> None:
+        """What every runner holds: the model, the analysis settings, the precision and the batch splitter."""
+        self.lm, self.analyze, self.topk = lm, analyze, topk
+        self.amp = gpu.check_amp(amp)
+        self.split = gpu.OomSplitter(max_batch)  # halves the compute batch on out-of-memory
+        self.meta_types = meta_types or {}
 
     def base_row(self, s: Sample) -> dict:
         it = s.item

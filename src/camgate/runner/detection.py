@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..cam import MethodError, canonical
+from ..cam.blackbox import check_budget
 from ..cam.detection import DetectionCamEngine
-from ..cam.drise import drise
+from ..cam.drise import drise_detections
 from ..data import device as gpu
 from ..data.boxes import GtBox, load_coco, match, parse_boxes
 from ..data.decode import Sample
@@ -50,18 +51,14 @@ class DetectionRunner(Runner):
                  seed: int = default("seed"), amp: str = default("amp"),
                  score_threshold: float = default("score_threshold"), annotations: str | None = None,
                  max_batch: int = 1 << 30):
-        self.lm, self.analyze, self.topk = lm, analyze, topk
-        self.amp = gpu.check_amp(amp)
-        self.split = gpu.OomSplitter(max_batch)
+        self._setup(lm, analyze, topk, meta_types, amp, max_batch)
         self.memory_format = torch.contiguous_format  # detectors take a list of images
-        self.meta_types = meta_types or {}
         self.score_threshold = check_score_threshold(score_threshold)
         self.coco = load_coco(annotations) if annotations else None
         self.target = "predicted"  # the detections themselves are explained
         self.black_box = str(method).lower() == "drise"
         if self.black_box:
-            if int(budget) < 1:
-                raise ConfigError(f"budget must be >= 1 forward pass per image, got {budget}")
+            check_budget(budget)
             self.detector = lm.backend if lm.backend is not None else lm.detector_backend()
             self.engine = _Drise(self.detector, int(budget), int(seed))
         elif lm.model is None:
@@ -184,19 +181,8 @@ class _Drise:
         self.detector, self.budget, self.seed = detector, budget, seed
 
     def __call__(self, x: torch.Tensor, select, rows: list[int]):
-        from ..cam.detection import DetectionMaps
-
-        with torch.no_grad():
-            outs = list(self.detector(x.float()))  # the clean pass: the detections to explain
-        chosen = []
-        for i, out in enumerate(outs):
-            idx = torch.as_tensor(list(select(i, out)), dtype=torch.long)
-            chosen.append({k: torch.as_tensor(v)[idx] for k, v in out.items()} | {"index": idx})
-        targets = [{k: v for k, v in c.items() if k != "index"} for c in chosen]
-        maps = drise(self.detector, x, targets, budget=self.budget, seeds=[row_seed(self.seed, r) for r in rows])
-        return [DetectionMaps(c["boxes"].float().reshape(-1, 4), c["labels"].reshape(-1),
-                              c["scores"].float().reshape(-1), m, c["scores"].float().reshape(-1),
-                              tuple(x.shape[-2:]), {"index": c["index"]}) for c, m in zip(chosen, maps)]
+        return drise_detections(self.detector, x, budget=self.budget, seeds=[row_seed(self.seed, r) for r in rows],
+                                select=select)
 
     def close(self):
         pass
