@@ -229,3 +229,45 @@ def region_callable(x):
         _CALLABLE["det"] = region_detector().eval()
     with torch.no_grad():
         return _CALLABLE["det"](x)
+
+
+class InputTap(nn.Module):
+    """A model with its input as a named layer (``tap``): what a map that ignores the model reads."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.tap = nn.Identity()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(self.tap(x))
+
+
+def tapped_tiny_cnn(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return InputTap(TinyCNN(num_classes))
+
+
+def sobel_map(a: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """A native-method signature for an edge map of the activations (the image, at ``tap``): no gradient,
+    no class, no weight enters it."""
+    import torch.nn.functional as F
+
+    gray = a.mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=a.device).view(1, 1, 3, 3)
+    gx, gy = F.conv2d(gray, kx, padding=1), F.conv2d(gray, kx.transpose(2, 3), padding=1)
+    return (gx.square() + gy.square()).sqrt()[:, 0]
+
+
+def tapped_resnet18(num_classes: int = 4) -> nn.Module:
+    """torchvision's resnet18 with its input as a layer (``tap``): the same state dict as resnet18."""
+    from torchvision.models import ResNet, resnet18
+
+    class TappedResNet(ResNet):
+        def forward(self, x):
+            return super().forward(self.tap(x))
+
+    m = resnet18(weights=None, num_classes=num_classes)
+    m.__class__ = TappedResNet
+    m.tap = nn.Identity()
+    return m

@@ -81,7 +81,7 @@ def cmd_road(args) -> int:
     s = runner.run_road(args.model, args.data, args.out, method=args.method, layers=args.layers,
                         percentiles=percentiles, sample=args.sample, seed=args.seed, target=args.target,
                         batch_size=args.batch_size, device=args.device, workers=args.workers,
-                        progress=not args.quiet)
+                        sanity=args.sanity, progress=not args.quiet)
     out = s.to_dict()
     if args.plot:
         from .io import results

@@ -152,6 +152,11 @@ _TABLE = (
             # the pipeline's switch: ROAD is optional there
             at=_at(("road_step", "road_faithfulness"),
                    help="images scored (a seeded random sample); 0 = none: an empty ROAD file, no model loaded")),
+    Setting("sanity", bool, False, "also the sanity checks of the same maps: similarity to the map of the fully "
+                                   "randomised model and to the map of a seeded other class (the policy's sanity rule)",
+            verbs=("road",), steps=("road_step",), components=("road_faithfulness",), pipeline=True,
+            at={"heatmap_gate": dict(help="with road_sample: also the sanity checks on the ROAD sample "
+                                          "(model-parameter randomisation, random logit) for the sanity rule")}),
 )
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _TABLE}

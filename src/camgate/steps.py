@@ -211,7 +211,7 @@ def animate_step(model_path: str, image: str, out_dir: str, *, mask: str = "", l
 def road_step(model_path: str, data: str, out_path: str, *, method: str = default("method"),
               layers: str = default("layers", "road_step"), sample: int = default("sample"),
               seed: int = default("seed"), target: str = default("target"), device: str = default("device"),
-              card_sha256: str = "") -> dict:
+              sanity: bool = default("sanity"), card_sha256: str = "") -> dict:
     """ROAD faithfulness of the maps on a seeded sample -> ROAD Parquet; returns flat metrics.
 
     ``sample`` 0 writes an empty ROAD file at once (the pipeline's switch: no model is loaded).
@@ -224,7 +224,7 @@ def road_step(model_path: str, data: str, out_path: str, *, method: str = defaul
     from .runner import run_road
 
     if int(sample) <= 0:
-        schema = results.schema(None, {"stage": "road", "sample": 0}, results.road_fields(PERCENTILES))
+        schema = results.schema(None, {"stage": "road", "sample": 0}, results.road_fields(PERCENTILES, bool(sanity)))
         with results.ResultsWriter(out_path, schema):
             pass
         return {"road_images": 0}
@@ -233,7 +233,7 @@ def road_step(model_path: str, data: str, out_path: str, *, method: str = defaul
         card.sha256 = card_sha256
     lm = load_model(card, device=device)
     run_road(lm, data, out_path, method=method, layers=layers, sample=int(sample), seed=int(seed), target=target,
-             progress=False)
+             sanity=bool(sanity), progress=False)
     stats = {k: v for k, v in road_stats(out_path).items() if isinstance(v, (int, float))}
     md = results.run_metadata(out_path)
     if "ybroad" in md:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKDIR = ROOT / ".cache" / "demo"  # shared with `make demo`: trained models are reused
@@ -42,6 +43,11 @@ def test_demo_clean_passes_shortcut_fails():
     # the heatmaps behind the verdicts are faithful: ROAD of Grad-CAM clears the random map by far
     for r in (clean, shortcut):
         assert r["road"] > r["road_random"] + 0.1, r
+    # ... and pass both sanity checks: they change when the weights are randomised and between classes
+    print({v: (r["randomised_similarity"], r["random_logit_similarity"]) for v, r in rows.items()})
+    for r in (clean, shortcut):
+        assert r["trusted"] is True, r["trust_reason"]
+        assert r["randomised_similarity"] <= 0.5 and r["random_logit_similarity"] <= 0.5
     # per layer, the shortcut model rests on the wall far more than the clean one somewhere in the net
     gap = max(dict(shortcut["layer_curve"])[n] - v for n, v in clean["layer_curve"])
     assert gap > 0.3 and "largest at" in p.stdout
@@ -63,3 +69,39 @@ def test_demo_clean_passes_shortcut_fails():
     for r in detectors.values():
         assert r["counts"]["rows"] >= 100 and r["counts"]["error"] == 0
         assert r["model"] in p.stdout and Path(r["report"]).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_an_edge_map_of_the_demo_images_is_not_trusted(tmp_path, monkeypatch):
+    """On the demo's clean model and test images: Grad-CAM passes the demo policy's faithfulness and
+    sanity rules; a Sobel edge map of the image, offered as a method (it reads the input, through a
+    layer that passes the image on), fails the sanity checks and the decision is not trusted."""
+    from zoo import sobel_map
+
+    from camgate.cam.methods import NATIVE
+    from camgate.demo.main import POLICY
+    from camgate.demo.train import train
+    from camgate.gating.decision import gate
+    from camgate.runner import run, run_road
+
+    monkeypatch.setitem(NATIVE, "sobel", (sobel_map, False))
+    card_path = train("clean", WORKDIR / "cache")  # cached by the demo
+    card = yaml.safe_load(card_path.read_text())
+    test_csv = str((card_path.parent / json.loads((card_path.parent / "metrics.json").read_text())["data"]).resolve())
+    policy = {"rules": {k: POLICY["rules"][k] for k in ("faithfulness", "sanity")}}
+    figures = {}
+    for method, arch, layer in (("gradcam", card["arch"], card["target_layer"]),
+                                ("sobel", "zoo:tapped_resnet18", "tap")):
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump({**card, "arch": arch, "target_layer": layer,
+                                        "weights": str(card_path.parent / card["weights"])}))
+        res, road = str(tmp_path / f"{method}.parquet"), str(tmp_path / f"{method}-road.parquet")
+        run(str(path), test_csv, res, method=method, progress=False)
+        run_road(str(path), test_csv, road, method=method, sample=16, sanity=True, progress=False)
+        d = gate(res, policy, road=road)
+        figures[method] = {k: round(d.overall[k], 3) for k in ("faithfulness_margin", "mean_randomised_spearman",
+                                                               "mean_random_logit_spearman")}
+        assert d.trusted is (method == "gradcam"), d.trust_reason
+    print(figures)  # the edge map may well beat a random map on ROAD: ROAD alone would trust it
+    assert figures["sobel"]["mean_randomised_spearman"] == pytest.approx(1.0)
+    assert figures["sobel"]["mean_random_logit_spearman"] == pytest.approx(1.0)

@@ -162,16 +162,24 @@ def test_markdown_has_no_raw_html(real_run):
 
 
 def test_kfp_metrics_stay_few_with_every_rule():
+    sanity = ("randomised_similarity", "random_logit_similarity")
     every = {name: ({"min_margin": 0.0} if name == "faithfulness" else 1 if name == "min_images" else {"max": 0.9})
-             for name in RULES}
-    road = pa.table({"road": [0.3, 0.4], "road_random": [0.0, 0.1]})
-    d = evaluate(table([0.2, 0.5, 0.9]), {"rules": every, "per_class": True}, road=road, baseline=table([0.1] * 3))
+             for name in RULES if name not in sanity}
+    every["sanity"] = {"max_randomised_similarity": 0.5, "max_random_logit_similarity": 0.5}
+    road = pa.table({"road": [0.3, 0.4], "road_random": [0.0, 0.1], "status": ["ok", "ok"],
+                     "randomised_spearman": [0.1, 0.2], "randomised_ssim": [0.1, 0.2],
+                     "random_logit_spearman": [0.3, 0.4], "random_logit_ssim": [0.3, 0.4]})
+    results = table([0.2, 0.5, 0.9]).append_column("relevance_rank_accuracy", pa.array([0.1, 0.2, 0.3])) \
+        .append_column("auc", pa.array([0.5, 0.6, 0.7]))
+    d = evaluate(results, {"rules": every, "per_class": True}, road=road, baseline=table([0.1] * 3))
     m = metrics(d)
-    assert len(m) <= MAX_METRICS == 30
+    assert len(m) <= MAX_METRICS == 36
     assert {f"margin_{name}" for name in RULES} <= set(m)
     assert m["p95_invalid_activation_ratio"] == pytest.approx(np.percentile([0.2, 0.5, 0.9], 95))
     assert m["margin_mean_invalid_activation_ratio"] == pytest.approx(0.9 - np.mean([0.2, 0.5, 0.9]))
     assert m["margin_faithfulness"] == pytest.approx(0.3)
+    assert m["margin_randomised_similarity"] == pytest.approx(0.35)
+    assert m["mean_random_logit_spearman"] == pytest.approx(0.35)
     assert m["trusted"] == 1.0 and m["passed"] == 0.0  # share_images_over ... fails, margin negative
     assert min(v for k, v in m.items() if k.startswith("margin_")) < 0
 

@@ -171,6 +171,13 @@ def test_policy_file_and_parquet_path(tmp_path):
     ({"rules": {"error_rate": {"max": float("nan")}}}, "rules.error_rate.max"),
     ({"rules": {"error_rate": {"maximum": 0.1}}}, "rules.error_rate.maximum"),
     ({"rules": {"min_images": 2.5}}, "rules.min_images"),
+    ({"rules": {"sanity": 0.5}}, "rules.sanity"),
+    ({"rules": {"sanity": {}}}, "rules.sanity"),
+    ({"rules": {"sanity": {"max_randomised_similarity": 1.5}}}, "rules.sanity.max_randomised_similarity"),
+    ({"rules": {"sanity": {"max_random_logit_similarity": 0.5, "measure": "pearson"}}}, "rules.sanity.measure"),
+    ({"rules": {"sanity": {"max_similarity": 0.5}}}, "rules.sanity.max_similarity"),
+    ({"rules": {"randomised_similarity": {"max": 0.5}}}, "rules.randomised_similarity"),  # only via sanity
+    ({"rules": {"mean_auc": {"max": 1.5}}}, "rules.mean_auc.max"),
     ({"per_class": "yes"}, "per_class"),
     ({"slices": [1]}, "slices"),
 ])
@@ -208,3 +215,48 @@ def test_uris_go_through_storage(monkeypatch, tmp_path):
     d = gate("s3://b/r.parquet", "s3://b/p.yaml")
     assert d.policy == "remote" and d.overall["mean_invalid_activation_ratio"] == pytest.approx(0.15)
     assert d.passed
+
+
+def test_sanity_policy_round_trips_and_picks_its_measure():
+    p = load_policy({"rules": {"sanity": {"max_randomised_similarity": 0.4, "max_random_logit_similarity": 0.6,
+                                          "measure": "ssim"}}})
+    assert p.to_dict()["rules"]["sanity"] == {"max_randomised_similarity": 0.4, "max_random_logit_similarity": 0.6,
+                                              "measure": "ssim"}
+    assert load_policy(p.to_dict()) == load_policy({**p.to_dict(), "name": p.name})
+    one = load_policy({"rules": {"sanity": {"max_random_logit_similarity": 0.6}}})
+    assert [r.name for r in one.rules if "measure" in r.params] == ["random_logit_similarity"]
+    road = pa.table({"status": ["ok", "ok", "no_activation"], "road": [0.3, 0.2, NAN], "road_random": [0.0, 0.0, NAN],
+                     "randomised_spearman": [0.1, 0.3, NAN], "randomised_ssim": [0.5, 0.9, NAN],
+                     "random_logit_spearman": [0.2, 0.2, NAN], "random_logit_ssim": [0.4, 0.8, NAN]})
+    d = evaluate(results([0.1, 0.2]), p, road=road)
+    # the mean over the scored (ok) rows of the measure the policy names: ssim 0.7 > 0.4 fails, 0.6 <= 0.6 passes
+    assert rule(d, "randomised_similarity")["value"] == pytest.approx(0.7)
+    assert rule(d, "randomised_similarity")["verdict"] == "fail" and rule(d, "randomised_similarity")["n"] == 2
+    assert rule(d, "random_logit_similarity")["verdict"] == "pass"
+    assert d.trusted is False and not d.passed
+    assert "SSIM similarity of the maps to the fully randomised model's is 0.700 (not <= 0.4)" in d.trust_reason
+    assert "another class's is 0.600 (<= 0.6)" in d.trust_reason
+    d = evaluate(results([0.1, 0.2]), {"rules": {"sanity": {"max_randomised_similarity": 0.4}}}, road=road)
+    assert d.trusted is True and d.overall["mean_randomised_spearman"] == pytest.approx(0.2)
+
+
+def test_localisation_rules_judge_only_masks_with_both_kinds_of_pixels():
+    t = results([0.1, 0.2, 0.3, 0.4], area=[0.0, 0.5, 0.25, 1.0])
+    t = t.append_column("relevance_rank_accuracy", pa.array([NAN, 0.2, 0.4, NAN])) \
+         .append_column("auc", pa.array([NAN, 0.6, 0.8, NAN]))
+    pol = {"rules": {"mean_relevance_rank_accuracy": {"max": 0.3}, "mean_auc": 0.7}}
+    d = evaluate(t, pol)
+    rra, auc = rule(d, "mean_relevance_rank_accuracy"), rule(d, "mean_auc")
+    assert rra["value"] == pytest.approx(0.3) and rra["n"] == 2 and rra["verdict"] == "pass"
+    assert auc["value"] == pytest.approx(0.7) and auc["verdict"] == "pass"
+    # a NaN where the mask has both kinds of pixels is missing, not undefined: the rule fails
+    bad = t.set_column(t.column_names.index("auc"), "auc", pa.array([NAN, NAN, 0.8, NAN]))
+    assert rule(evaluate(bad, pol), "mean_auc")["verdict"] == "fail"
+    # no image in the metrics' domain: skipped, saying why
+    empty = results([0.1, 0.2], area=[0.0, 1.0]).append_column("relevance_rank_accuracy", pa.array([NAN, NAN])) \
+        .append_column("auc", pa.array([NAN, NAN]))
+    r = rule(evaluate(empty, pol), "mean_auc")
+    assert r["verdict"] == "skip" and "undefined on an empty or full mask" in r["reason"]
+    # results written without the columns cannot pass the rule
+    r = rule(evaluate(results([0.1]), pol), "mean_relevance_rank_accuracy")
+    assert r["verdict"] == "fail" and "no relevance_rank_accuracy column" in r["reason"]

@@ -44,6 +44,10 @@ POLICY = {
         # champion/challenger: a new model may not look at invalid pixels more than production does
         "baseline_mean_increase": {"max": 0.05},
         "baseline_share_worse": {"by": 0.1, "max": 0.2},
+        # the verdict is evidence only if the maps show what the model uses: ROAD beats a random map,
+        # and the maps change when the weights are randomised and between classes
+        "faithfulness": {"min_margin": 0.05},
+        "sanity": {"max_randomised_similarity": 0.5, "max_random_logit_similarity": 0.5},
     },
 }
 CHAMPION = "clean"  # in production; every other variant is gated against it on its own test data
@@ -139,7 +143,8 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
         report = work / "reports" / f"{variant}.html"
         r, decision = _pipeline(variant, {"model_card": card_uri, "data": data_uri, "policy": policy_uri,
                                           "output_prefix": out_prefix, "fail_on_violation": False,
-                                          "road_sample": ROAD_SAMPLE, "baseline_model_card": champion,
+                                          "road_sample": ROAD_SAMPLE, "sanity": True,
+                                          "baseline_model_card": champion,
                                           "promote_to": storage.join(base, "promoted")},
                                 report, work, pipeline_yaml, echo, log)
         overall = decision["overall"]
@@ -151,6 +156,9 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
                      "test_accuracy": metrics["test_accuracy"],
                      "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
                      "road": overall.get("road_mean"), "road_random": overall.get("road_random_mean"),
+                     "randomised_similarity": overall.get("mean_randomised_spearman"),
+                     "random_logit_similarity": overall.get("mean_random_logit_spearman"),
+                     "trusted": decision["trusted"], "trust_reason": decision["trust_reason"],
                      "champion": f"underpass-{CHAMPION}" if champion else None,
                      "baseline_mean_increase": overall.get("baseline_mean_increase"),
                      "regression": _regression(decision),
@@ -226,15 +234,19 @@ def _layer_curve(card: Path, data_uri: str, out: Path, log) -> list[tuple[str, f
 
 def table(rows: list[dict]) -> str:
     head = (f"{'model':20s} {'test acc':>8s} {'mean invalid ratio':>19s} {'ROAD':>6s} {'random':>6s} "
-            f"{'vs champion':>17s} {'gate':>5s}  report")
+            f"{'rand. model':>11s} {'other class':>11s} {'trusted':>7s} {'vs champion':>17s} {'gate':>5s}  report")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("task") == "detection":
             continue
         road = "   n/a" if r.get("road") is None else f"{r['road']:6.3f}"
         rnd = "   n/a" if r.get("road_random") is None else f"{r['road_random']:6.3f}"
+        sims = " ".join("        n/a" if r.get(k) is None else f"{r[k]:11.3f}"
+                        for k in ("randomised_similarity", "random_logit_similarity"))
+        trusted = {True: "yes", False: "NO", None: "n/a"}[r.get("trusted")]
         lines.append(f"{r['model']:20s} {r['test_accuracy']:8.3f} {r['mean_invalid_activation_ratio']:19.3f} "
-                     f"{road} {rnd} {_vs(r):>17s} {'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
+                     f"{road} {rnd} {sims} {trusted:>7s} {_vs(r):>17s} {'PASS' if r['passed'] else 'FAIL':>5s}  "
+                     f"{r['report']}")
     detectors = [r for r in rows if r.get("task") == "detection"]
     if detectors:
         head = f"{'detector':24s} {'mAP@0.5':>7s} {'mean invalid ratio':>19s}  {'per class':34s} {'gate':>5s}  report"
@@ -275,7 +287,10 @@ def main(args) -> int:
           f"invalid pixels = walls, ceiling, far opening; against the champion (underpass-{CHAMPION}) the mean ratio "
           f"may rise by at most {rules['baseline_mean_increase']['max']} and at most "
           f"{rules['baseline_share_worse']['max']:.0%} of images may worsen by more than "
-          f"{rules['baseline_share_worse']['by']}")
+          f"{rules['baseline_share_worse']['by']}; the heatmaps are trusted when ROAD beats a random map by "
+          f"{rules['faithfulness']['min_margin']} and their Spearman similarity to the maps of the randomised model "
+          f"and of another class stays <= {rules['sanity']['max_randomised_similarity']} / "
+          f"{rules['sanity']['max_random_logit_similarity']} (on {ROAD_SAMPLE} images)")
     det = DETECTOR_POLICY["rules"]
     print(f"detectors: per ground-truth box the matched detection's map; per detected class the mean invalid "
           f"activation ratio <= {det['mean_invalid_activation_ratio']['max']} and at most "

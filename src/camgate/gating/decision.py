@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.results import RESULT_COLUMNS, STATUSES, read_results
-from .policy import DEFAULT_WORSE_BY, RULES, RUN_WIDE, Policy, PolicyError, Rule, load_policy
-from .stats import (MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, ROAD_COLUMNS, Frame, baseline_identity, baseline_stats,
-                    road_binding, road_stats)
+from .policy import DEFAULT_WORSE_BY, RULES, RUN_WIDE, TRUST_RULES, Policy, PolicyError, Rule, load_policy
+from .stats import (JUDGED_COLUMNS, MEAN_ABS_TOL, PAIR_COLUMNS, REL_TOL, ROAD_COLUMNS, Frame, baseline_identity,
+                    baseline_stats, road_binding, road_stats)
 
 # --------------------------------------------------------------------------- decision
 
@@ -85,8 +85,10 @@ def _json_float(v):
 
 def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
     op, key, basis, _ = RULES[rule.name]
+    key = key.format(**rule.params)  # a sanity rule's statistic depends on its measure
     n = {"ok": stats["ok"], "rows": stats["rows"], "road": stats.get("road_images", 0),
-         "paired": stats.get("baseline_compared", 0)}[basis]
+         "sanity": stats.get("sanity_images", 0), "paired": stats.get("baseline_compared", 0),
+         "judged": stats.get(f"{key.removeprefix('mean_')}_images", 0)}[basis]
     value = float(stats.get(key, math.nan)) if rule.name != "min_images" else stats["ok"]
     res = dict(rule=rule.name, scope=scope, threshold=rule.threshold, op=op, n=n, params=rule.params)
     if rule.name != "min_images":
@@ -94,14 +96,23 @@ def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
             return RuleResult(value=None, verdict="skip", reason="no rows in scope", **res)
         if basis == "road" and n == 0:
             return RuleResult(value=None, verdict="fail", reason=stats.get("road_reason") or "no ROAD scores", **res)
+        if basis == "sanity" and n == 0:
+            return RuleResult(value=None, verdict="fail", reason=stats.get("sanity_reason") or "no sanity checks "
+                              "(camgate road --sanity, then gate --road)", **res)
+        if basis == "judged" and key not in stats:
+            return RuleResult(value=None, verdict="fail", reason=f"the results have no "
+                              f"{key.removeprefix('mean_')} column (written by camgate run and analyze)", **res)
         if basis == "paired" and "baseline_compared" not in stats:  # a first model has no champion
             return RuleResult(value=None, verdict="skip", reason="no baseline (champion) results given", **res)
         if basis == "paired" and n == 0:
             return RuleResult(value=None, verdict="fail", reason="no image is ok in both the results and the baseline",
                               **res)
-        if basis == "ok" and stats["ok"] < min_ok:
+        if basis in ("ok", "judged") and stats["ok"] < min_ok:
             why = "no ok images in scope" if stats["ok"] == 0 else f"{stats['ok']} ok images < {min_ok}"
             return RuleResult(value=None, verdict="skip", reason=why, **res)
+        if basis == "judged" and n == 0:
+            return RuleResult(value=None, verdict="skip", reason=f"no ok image has both valid and invalid pixels: "
+                              f"{key.removeprefix('mean_')} is undefined on an empty or full mask", **res)
         if math.isnan(value):
             return RuleResult(value=value, verdict="fail",
                               reason="value is NaN: missing per-image values among ok rows", **res)
@@ -109,6 +120,17 @@ def _judge(rule: Rule, stats: dict, scope: str, min_ok: int) -> RuleResult:
     close = math.isclose(value, rule.threshold, rel_tol=REL_TOL, abs_tol=slack)
     ok = close or (value <= rule.threshold if op == "<=" else value >= rule.threshold)
     return RuleResult(value=value, verdict="pass" if ok else "fail", **res)
+
+
+def _trust_reason(v: RuleResult) -> str:
+    """One trust rule's verdict in words."""
+    measure = {"spearman": "Spearman", "ssim": "SSIM"}.get(v.params.get("measure", ""), "")
+    subject = {"faithfulness": "ROAD's margin over a random map",
+               "randomised_similarity": f"{measure} similarity of the maps to the fully randomised model's",
+               "random_logit_similarity": f"{measure} similarity of the maps to another class's"}[v.rule]
+    if v.value is None:
+        return f"{subject}: {v.reason}"
+    return f"{subject} is {v.value:.3f} ({'' if v.verdict == 'pass' else 'not '}{v.op} {v.threshold:g})"
 
 
 def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | str | os.PathLike,
@@ -121,16 +143,17 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
     the champion's results on the same data, for the baseline rules (the decision then names the
     champion and the paired statistics; a champion measured differently is a warning)."""
     policy = load_policy(policy)
-    table = read_results(results, RESULT_COLUMNS + ("target_layer", "image_sha256", "mask_sha256") + policy.slices)
+    table = read_results(results, RESULT_COLUMNS + JUDGED_COLUMNS + ("target_layer", "image_sha256", "mask_sha256")
+                         + policy.slices)
     missing = [s for s in policy.slices if s not in table.column_names]
     if missing:
         raise PolicyError(f"{policy.source}: slices: column {missing[0]!r} not in results")
     frame = Frame.of(table)
     ratio = policy.share_ratio
     overall = frame.stats(np.ones(frame.n, dtype=bool), ratio)
-    faith = policy.rule("faithfulness")
+    trust_rules = [r for r in policy.rules if r.name in TRUST_RULES]
     road_name = road if isinstance(road, (str, os.PathLike)) else None
-    if faith or road is not None:
+    if trust_rules or road is not None:
         layers = (table.column("target_layer").drop_null().unique().to_pylist()
                   if "target_layer" in table.column_names else [])
         if road is not None:
@@ -156,12 +179,12 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
                             f"ratio changes may come from the masks")
     rules = [_judge(r, overall, "all", 1) for r in policy.rules]
     trusted = reason = None
-    if faith:
-        verdict = next(r for r in rules if r.rule == "faithfulness")
-        trusted = verdict.verdict == "pass"
-        reason = (f"ROAD beats the random map by {verdict.value:.3f} (margin >= {faith.threshold:g})" if trusted else
-                  verdict.reason or f"ROAD beats the random map by only {verdict.value:.3f} (< {faith.threshold:g}): "
-                                    f"a verdict on heatmaps that do not show what the model uses is not evidence")
+    if trust_rules:
+        verdicts = [r for r in rules if r.rule in TRUST_RULES]
+        trusted = all(v.verdict == "pass" for v in verdicts)
+        reason = "; ".join(_trust_reason(v) for v in verdicts)
+        if not trusted:
+            reason += ": a verdict on heatmaps that do not show what the model uses is not evidence"
 
     scoped = [r for r in policy.rules if r.name not in RUN_WIDE]
     groupings: list[tuple[str, str]] = []
@@ -181,7 +204,7 @@ def evaluate(results: pa.Table | str | os.PathLike, policy: Policy | Mapping | s
                 rules.append(_judge(r, stats, scope, policy.min_scope_images))
 
     counts = {k: overall[k] for k in ("rows", *STATUSES) if k in overall}
-    metrics = {k: v for k, v in overall.items() if k not in counts and k != "road_reason"}
+    metrics = {k: v for k, v in overall.items() if k not in counts and k not in ("road_reason", "sanity_reason")}
     return Decision(policy.name, all(r.verdict != "fail" for r in rules), counts, metrics, rules, scopes,
                     trusted, reason, ident, warnings)
 

@@ -11,7 +11,11 @@ A policy is a small YAML file (local path or s3://)::
       no_activation_rate: {max: 0.05}               # share of rows with status=='no_activation'
       error_rate: {max: 0.0}                        # share of rows with status=='error'
       min_images: 20                                # fewer ok images in the whole run -> fail
+      mean_relevance_rank_accuracy: {max: 0.30}     # mean share of the top-|M| pixels that are invalid
+      mean_auc: {max: 0.60}                         # mean ROC-AUC of the map as a score for invalid pixels
       faithfulness: {min_margin: 0.05}              # ROAD - random-map ROAD (gate --road)
+      sanity: {max_randomised_similarity: 0.5,      # the maps must change when the model is randomised
+               max_random_logit_similarity: 0.7}    # ... and between classes (gate --road, road --sanity)
       baseline_mean_increase: {max: 0.02}           # mean ratio - the champion's (gate --baseline)
       baseline_share_worse: {by: 0.05, max: 0.10}   # share of images whose ratio rose by > 0.05
     per_class: predicted      # false (default) | true = predicted | predicted | label
@@ -31,6 +35,15 @@ relative slack, so ``error_rate: {max: 0.0}`` stays strict however many rows the
 value with images behind it fails: a missing per-image number must never pass silently. Rules over
 rows (error/no-activation rates) are not applied to predicted-class scopes, which hold no error
 rows by construction.
+
+``mean_relevance_rank_accuracy`` and ``mean_auc`` are judged over the ok images whose mask has both
+valid and invalid pixels (``0 < invalid_area_ratio < 1``): elsewhere the metrics are undefined (NaN)
+by definition; with no such image the rule is skipped with that reason.
+
+``faithfulness`` and ``sanity`` judge the faithfulness file (``camgate road [--sanity]``, ``gate
+--road``) and together decide whether the decision is ``trusted``. ``sanity`` bounds the mean, over
+the scored images, of each map's similarity (``measure: spearman`` (default) or ``ssim``) to the map
+of the fully randomised model and to the map of another class; either bound may be left out.
 
 Baseline rules compare with the champion's results on the same data, paired by ``row`` and
 ``image`` over the images that are ok in both runs. Without a baseline they are skipped with that
@@ -61,14 +74,29 @@ RULES: dict[str, tuple[str, str, str, tuple[float, float]]] = {
     "share_images_over": ("<=", "share_images_over", "ok", (0.0, 1.0)),
     "peak_in_invalid_rate": ("<=", "peak_in_invalid_rate", "ok", (0.0, 1.0)),
     "mean_excess_over_area": ("<=", "mean_excess_over_area", "ok", (-1.0, 1.0)),
+    # 'judged': over the ok images whose mask has valid and invalid pixels (the metric's domain)
+    "mean_relevance_rank_accuracy": ("<=", "mean_relevance_rank_accuracy", "judged", (0.0, 1.0)),
+    "mean_auc": ("<=", "mean_auc", "judged", (0.0, 1.0)),
     # over the images of a ROAD file (`camgate road`): mean(road - road_random), run-wide only
     "faithfulness": (">=", "faithfulness_margin", "road", (-1.0, 1.0)),
+    # written `sanity: {max_randomised_similarity: s, max_random_logit_similarity: t, measure: m}`: over the
+    # images of a ROAD file with the sanity checks, the mean similarity (measure) of their maps to the
+    # fully randomised model's and to another class's, run-wide only
+    "randomised_similarity": ("<=", "mean_randomised_{measure}", "sanity", (-1.0, 1.0)),
+    "random_logit_similarity": ("<=", "mean_random_logit_{measure}", "sanity", (-1.0, 1.0)),
     # against a baseline (champion) results file of the same images (gate --baseline), run-wide only,
     # over the images that are ok in both runs, paired by row and image
     "baseline_mean_increase": ("<=", "baseline_mean_increase", "paired", (-1.0, 1.0)),
     "baseline_share_worse": ("<=", "baseline_share_worse", "paired", (0.0, 1.0)),
 }
-RUN_WIDE = ("min_images", "faithfulness", "baseline_mean_increase", "baseline_share_worse")
+RUN_WIDE = ("min_images", "faithfulness", "randomised_similarity", "random_logit_similarity",
+            "baseline_mean_increase", "baseline_share_worse")
+# the rules that decide whether the heatmaps are trusted (a verdict on them is evidence)
+TRUST_RULES = ("faithfulness", "randomised_similarity", "random_logit_similarity")
+# `sanity: {...}` in a policy: its bounds -> the rules they set; `measure` picks the similarity
+SANITY_BOUNDS = {"max_randomised_similarity": "randomised_similarity",
+                 "max_random_logit_similarity": "random_logit_similarity"}
+MEASURES = ("spearman", "ssim")
 DEFAULT_SHARE_RATIO = 0.5
 DEFAULT_WORSE_BY = 0.05  # baseline_share_worse: a ratio rise above this counts as "worse"
 # Checked unless the policy sets them to null: every image must be judged; an all-zero map is
@@ -117,6 +145,10 @@ class Policy:
         """Normalised form (defaults filled in): recordable in Parquet metadata, reloadable."""
         rules: dict[str, Any] = {}
         for r in self.rules:
+            if r.name in SANITY_BOUNDS.values():
+                bound = next(b for b, n in SANITY_BOUNDS.items() if n == r.name)
+                rules.setdefault("sanity", {}).update({bound: r.threshold, **r.params})
+                continue
             bound = "min_margin" if r.name == "faithfulness" else "max"
             rules[r.name] = r.threshold if r.name == "min_images" else {bound: r.threshold, **r.params}
         for name in DEFAULT_RULES:  # keep explicit opt-outs explicit
@@ -173,10 +205,12 @@ def _parse_policy(doc: Mapping, where: str, default_name: str = "policy") -> Pol
     raw_rules = doc.get("rules") or {}
     if not isinstance(raw_rules, Mapping):
         fail("rules", f"must be a mapping of rule name -> threshold, got {type(raw_rules).__name__}")
-    unknown = sorted(set(map(str, raw_rules)) - set(RULES))
+    named = [r for r in RULES if r not in SANITY_BOUNDS.values()] + ["sanity"]
+    unknown = sorted(set(map(str, raw_rules)) - set(named))
     if unknown:
-        fail(f"rules.{unknown[0]}", f"unknown rule (expected one of {list(RULES)})")
-    specs = {**DEFAULT_RULES, **raw_rules}
+        fail(f"rules.{unknown[0]}", f"unknown rule (expected one of {named})")
+    specs = {**DEFAULT_RULES, **{k: v for k, v in raw_rules.items() if k != "sanity"}}
+    specs.update(_sanity_specs(raw_rules.get("sanity"), fail))
 
     rules = []
     for rname, (op, _, _, (lo, hi)) in RULES.items():  # fixed order -> stable decision output
@@ -195,6 +229,9 @@ def _parse_policy(doc: Mapping, where: str, default_name: str = "policy") -> Pol
             continue
         params = {}
         bound = "min_margin" if rname == "faithfulness" else "max"
+        if rname in SANITY_BOUNDS.values():  # checked by _sanity_specs, under the names the policy uses
+            rules.append(Rule(rname, float(spec["max"]), op, {"measure": spec["measure"]}))
+            continue
         if not isinstance(spec, Mapping):
             spec = {bound: spec}
         allowed = {bound, *_PARAMS.get(rname, {})}
@@ -225,6 +262,25 @@ def _parse_policy(doc: Mapping, where: str, default_name: str = "policy") -> Pol
         fail("min_scope_images", f"must be a positive integer, got {min_scope!r}")
 
     return Policy(name.strip(), tuple(rules), per_class, tuple(slices), min_scope, description, where)
+
+
+def _sanity_specs(spec: Any, fail) -> dict:
+    """`sanity: {max_randomised_similarity: s, max_random_logit_similarity: t, measure: m}` -> the specs of
+    the rules it sets."""
+    if spec is None:
+        return {}
+    bounds = f"{' and/or '.join(SANITY_BOUNDS)} (and measure: {' | '.join(MEASURES)})"
+    if not isinstance(spec, Mapping):
+        fail("rules.sanity", f"must be a mapping of {bounds}, got {spec!r}")
+    _only_keys(spec, {*SANITY_BOUNDS, "measure"}, "rules.sanity", fail)
+    measure = spec.get("measure", MEASURES[0])
+    if measure not in MEASURES:
+        fail("rules.sanity.measure", f"must be one of {list(MEASURES)}, got {measure!r}")
+    out = {rname: {"max": _number(spec[b], -1.0, 1.0, f"rules.sanity.{b}", fail), "measure": measure}
+           for b, rname in SANITY_BOUNDS.items() if spec.get(b) is not None}
+    if not out:
+        fail("rules.sanity", f"names no bound: give {bounds}")
+    return out
 
 
 def _only_keys(spec: Mapping, allowed: set, key: str, fail) -> None:

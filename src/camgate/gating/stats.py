@@ -20,6 +20,8 @@ _COMPARABLE = ("method", "target", "target_layer", "static_mask", "mask_spec", "
 # What a ROAD file must share with the results to vouch for their maps (besides the layer and images).
 _ROAD_BINDS = ("model_card_sha256", "weights_sha256", "method", "target")
 _SHOWN = 5  # rows named in one message
+# per-image metrics undefined on an empty or full mask (judged over the images where they are defined)
+JUDGED_COLUMNS = ("relevance_rank_accuracy", "auc")
 REL_TOL = 1e-9
 MEAN_ABS_TOL = 1e-6  # well below any meaningful threshold, above float32 storage error
 
@@ -85,7 +87,21 @@ class Frame:
             "mean_excess_over_area": float(np.mean(r - a)) if n_ok else nan,
             "error_rate": n_err / n_rows if n_rows else nan,
             "no_activation_rate": n_noact / n_rows if n_rows else nan,
+            **self._judged(ok),
         }
+
+    def _judged(self, ok: np.ndarray) -> dict:
+        """Means of the localisation metrics defined only for a mask with valid and invalid pixels, over
+        the ok images whose mask has both (a NaN there is missing and makes the mean NaN); absent from
+        results written without them."""
+        out = {}
+        domain = ok & (self.area > 0) & (self.area < 1)
+        for col in JUDGED_COLUMNS:
+            if col in self.table.column_names:
+                v = _floats(self.table, col)[domain]
+                out[f"mean_{col}"] = float(np.mean(v)) if len(v) else float("nan")
+                out[f"{col}_images"] = int(domain.sum())
+        return out
 
     def groups(self, by: str) -> list[tuple[str, np.ndarray]]:
         """(display value, row mask) per distinct value; by = 'predicted' | 'label' | column."""
@@ -123,7 +139,9 @@ def _sorted_indices(values: list) -> list[int]:
         return sorted(idx, key=lambda i: str(values[i]))
 
 
-ROAD_COLUMNS = ("row", "image", "image_sha256", "layer", "status", "road", "road_random")
+ROAD_COLUMNS = ("row", "image", "image_sha256", "layer", "status", "road", "road_random", "randomised_spearman",
+                "randomised_ssim", "random_logit_spearman", "random_logit_ssim")
+_SANITY = ("randomised_spearman", "randomised_ssim", "random_logit_spearman", "random_logit_ssim")
 
 
 def _answers_to(table):
@@ -189,12 +207,25 @@ def road_stats(road, layer: str | None = None) -> dict:
     if "layer" in t.column_names and layer and len(set(t.column("layer").to_pylist())) > 1:
         answers = _answers_to(t)
         keep &= np.array([answers(v, layer) for v in t.column("layer").to_pylist()])
+    out = _sanity_stats(t, keep)
     r, rnd = _floats(t, "road")[keep], _floats(t, "road_random")[keep]
     ok = np.isfinite(r) & np.isfinite(rnd)
     if not ok.any():
-        return {"road_images": 0, "road_reason": "no image has a finite ROAD score (all-zero maps?)"}
-    return {"road_images": int(ok.sum()), "road_mean": float(r[ok].mean()), "road_random_mean": float(rnd[ok].mean()),
-            "faithfulness_margin": float((r[ok] - rnd[ok]).mean())}
+        return {**out, "road_images": 0, "road_reason": "no image has a finite ROAD score (all-zero maps?)"}
+    return {**out, "road_images": int(ok.sum()), "road_mean": float(r[ok].mean()),
+            "road_random_mean": float(rnd[ok].mean()), "faithfulness_margin": float((r[ok] - rnd[ok]).mean())}
+
+
+def _sanity_stats(t: pa.Table, keep: np.ndarray) -> dict:
+    """Mean similarities of the sanity checks over the images the file scored (status ok)."""
+    if not set(_SANITY) <= set(t.column_names):
+        return {"sanity_images": 0, "sanity_reason": "the ROAD file holds no sanity checks (camgate road --sanity, "
+                                                     "or the pipeline's sanity input)"}
+    ok = keep & (t.column("status").cast(pa.string()).to_numpy(zero_copy_only=False) == "ok")
+    if not ok.any():
+        return {"sanity_images": 0, "sanity_reason": "no image of the ROAD file was scored (all-zero maps?)"}
+    # a NaN among scored images (a map too small for SSIM) makes its mean NaN: judged as missing
+    return {"sanity_images": int(ok.sum()), **{f"mean_{c}": float(_floats(t, c)[ok].mean()) for c in _SANITY}}
 
 
 PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",

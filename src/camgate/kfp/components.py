@@ -267,7 +267,7 @@ def animate_layers(model: Input[Model], image: str, animation: Output[HTML], fil
 @documented
 def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], metrics: Output[Metrics],
                       method: str = "gradcam", layers: str = "final", sample: int = 0, seed: int = 0,
-                      device: str = "auto", target: str = "predicted"):
+                      device: str = "auto", target: str = "predicted", sanity: bool = False):
     """ROAD faithfulness of the heatmaps on a seeded sample: do they point at what the model uses?
 
     Args:
@@ -275,13 +275,13 @@ def road_faithfulness(model: Input[Model], data: str, road: Output[Dataset], met
         data: Manifest (csv/jsonl/parquet) or prefix holding images/.
 
     Returns:
-        road: ROAD Parquet: per (image, layer) MoRF/LeRF curves, road and road_random; ybROAD summary in its metadata.
-        metrics: Mean ROAD, mean ROAD of the random map, their margin (and ybROAD max/mean over layers).
+        road: ROAD Parquet: per (image, layer) MoRF/LeRF curves, road and road_random (with sanity: the sanity checks' similarities); ybROAD summary in its metadata.
+        metrics: Mean ROAD, mean ROAD of the random map, their margin (and ybROAD max/mean over layers; with sanity: the mean similarities).
     """
     from camgate.steps import road_step
 
     for name, value in road_step(model.path, data, road.path, method=method, layers=layers, sample=sample,
-                                 seed=seed, target=target, device=device,
+                                 seed=seed, target=target, device=device, sanity=sanity,
                                  card_sha256=model.metadata.get("card_sha256", "")).items():
         metrics.log_metric(name, float(value))
 

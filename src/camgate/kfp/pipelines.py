@@ -78,7 +78,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
     def heatmap_gate(model_card: str, data: str, policy: str, output_prefix: str, static_mask: str = "",
                      method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
                      mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
-                     shards: int = 1, amp: str = "off", seed: int = 0, budget: int = 1024,
+                     sanity: bool = False, shards: int = 1, amp: str = "off", seed: int = 0, budget: int = 1024,
                      score_threshold: float = 0.5, annotations: str = "", baseline_model_card: str = "", baseline_results: str = "",
                      promote_to: str = "", registry_address: str = "", s3_secret: str = "camgate-s3",
                      s3_config: str = "camgate-s3",
@@ -124,7 +124,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
         # with road_sample=0 it writes an empty file without loading the model. On the GPU: ROAD is
         # 36 forwards per image.
         faith = road_faithfulness(model=loaded.outputs["model"], data=data, method=method, target=target,
-                                  sample=road_sample, seed=seed)
+                                  sample=road_sample, seed=seed, sanity=sanity)
         faith.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         faith.set_cpu_request("2").set_memory_request("8Gi")
         # Always a task too (an empty 'no baseline' file when no champion is named); on the GPU when it computes.

@@ -138,6 +138,22 @@ def _reset(module: nn.Module, seed: int, device: torch.device) -> None:
         module.reset_parameters()
 
 
+def randomised_copy(model: nn.Module, depth: int | None = None, *, seed: int = 0,
+                    order: str = "top_down") -> nn.Module:
+    """A deep copy of ``model`` with its first ``depth`` :func:`randomisable` modules (in ``order``; None =
+    all of them) re-initialised, each seeded as Quantus seeds it. Every module's reset is seeded alike,
+    so the cascade's end state does not depend on the depths visited before: ``depth=None`` is the
+    last step of Quantus' cascading MPRT."""
+    rand = copy.deepcopy(model)
+    mods = randomisable(rand, order)
+    if not mods:
+        raise ValueError("the model has no module with reset_parameters to randomise")
+    device = next(rand.parameters(), torch.empty(0)).device
+    for _, m in mods[:depth]:
+        _reset(m, seed, device)
+    return rand
+
+
 def randomisation_similarity(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor,
                              targets: torch.Tensor | None = None, *, method: str = "gradcam", seed: int = 0,
                              order: str = "top_down", depths: Sequence[int] | None = None,
@@ -176,15 +192,19 @@ def randomisation_similarity(model: nn.Module, layers: Sequence[nn.Module], x: t
     return out
 
 
-def other_classes(targets: torch.Tensor, num_classes: int, seed: int = 0, start: int = 0) -> torch.Tensor:
+def other_classes(targets: torch.Tensor, num_classes: int, seed: int = 0,
+                  rows: Sequence[int] | None = None) -> torch.Tensor:
     """Per image a class other than its target, uniform over the others, from a generator seeded by
-    ``seed`` and the image's row (``start`` + position in the batch): one image's draw does not
-    depend on the batch it comes in."""
+    ``seed`` and the image's row (``rows``, default its position in the batch): one image's draw does
+    not depend on the batch it comes in."""
     if num_classes < 2:
         raise ValueError("random logit needs at least two classes")
+    rows = range(len(targets)) if rows is None else list(rows)
+    if len(rows) != len(targets):
+        raise ValueError(f"{len(targets)} targets but {len(rows)} rows")
     out = []
-    for i, t in enumerate(targets.tolist()):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + start + i)
+    for r, t in zip(rows, targets.tolist()):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(r))
         k = int(torch.randint(num_classes - 1, (1,), generator=g))
         out.append(k + (k >= t))
     return torch.tensor(out, dtype=torch.long, device=targets.device)
@@ -192,14 +212,72 @@ def other_classes(targets: torch.Tensor, num_classes: int, seed: int = 0, start:
 
 def random_logit_similarity(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor,
                             targets: torch.Tensor | None = None, *, num_classes: int, method: str = "gradcam",
-                            seed: int = 0, start: int = 0, others: torch.Tensor | None = None,
+                            seed: int = 0, rows: Sequence[int] | None = None, others: torch.Tensor | None = None,
                             explain: Explainer | None = None) -> dict[str, torch.Tensor]:
     """Per image the similarity of the map of its target class to the map of another class
     (:func:`other_classes`, or ``others`` given): ``{"spearman": (B,), "ssim": (B,)}``, SSIM of the 2-D
     maps (only for maps at least 7 wide)."""
     explain = explain or cam_explainer(model, layers, method)
     targets = _definite_targets(model, x, targets)
-    others = other_classes(targets, num_classes, seed, start) if others is None else others.to(targets.device)
+    others = other_classes(targets, num_classes, seed, rows) if others is None else others.to(targets.device)
     if (others == targets).any():
         raise ValueError("an 'other' class equals the target class")
     return _similarities(explain(model, x, targets), explain(model, x, others))
+
+
+# The sanity columns of a ROAD file (``camgate road --sanity``), in this order.
+SANITY_COLUMNS = ("randomised_spearman", "randomised_ssim", "random_logit_class", "random_logit_spearman",
+                  "random_logit_ssim")
+
+
+class SanityChecks:
+    """Both checks on the maps of a :class:`CamEngine`, computed beside ROAD on the same images.
+
+    Randomisation is done once, in full (every :func:`randomisable` module, the end of Quantus'
+    top-down cascade, where a map that depends on the model must have changed); per batch it costs
+    one map of the randomised copy and one map of each image's other class, the explained class's map
+    being the one ROAD scores. Similarities are those of Quantus on the maps upsampled to the input,
+    except that a map that came out constant (an all-zero Grad-CAM of a random model or of a class
+    the image does not show) has similarity 0 with a non-constant one, where Spearman's formula
+    gives NaN: it shares nothing with it."""
+
+    def __init__(self, engine: CamEngine, num_classes: int, seed: int = 0):
+        self.engine, self.num_classes, self.seed = engine, num_classes, seed
+        self.randomised = len(randomisable(engine.model))
+        rand = randomised_copy(engine.model, seed=seed)
+        names = {id(m): n for n, m in engine.model.named_modules()}
+        self.rand_engine = CamEngine(rand, [rand.get_submodule(names[id(layer)]) for layer in engine.layers],
+                                     engine.method, engine.reshape)
+
+    def describe(self) -> dict:
+        """What was checked, for the file's metadata and the test record."""
+        return {"randomisation": f"all {self.randomised} parameterised modules re-initialised (top-down cascade "
+                                 f"to the end), seeded {self.seed} + 1 per module as Quantus",
+                "random_logit": f"one other class per image, uniform over the other {self.num_classes - 1}, "
+                                f"seeded by seed {self.seed} and the image's row",
+                "similarity": "Spearman rank correlation and SSIM of the maps upsampled to the model input "
+                              "(1 = the same map); a constant map against another: 0",
+                "modules_randomised": self.randomised, "seed": self.seed}
+
+    def __call__(self, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+                 rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``maps`` (B, h, w): the engine's maps of ``x`` for ``targets``; ``rows``: each image's manifest
+        row (seeds its other class). -> {column: (B,)} for :data:`SANITY_COLUMNS`."""
+        size = tuple(x.shape[-2:])
+        orig = upsample(maps.float(), size)
+        others = other_classes(targets, self.num_classes, self.seed, rows)
+        out = {}
+        for name, m in (("randomised", self.rand_engine(x, targets).cams),
+                        ("random_logit", self.engine(x, others).cams)):
+            sims = _similarities(orig, upsample(m.float(), size))
+            flat = orig.flatten(1)
+            defined = (flat.amax(1) > flat.amin(1)).to(sims["spearman"].device)
+            # NaN only because the other map is constant: it shares no ranking with this one
+            out[f"{name}_spearman"] = torch.where(sims["spearman"].isnan() & defined,
+                                                  torch.zeros_like(sims["spearman"]), sims["spearman"])
+            out[f"{name}_ssim"] = sims.get("ssim", torch.full_like(sims["spearman"], float("nan")))
+        out["random_logit_class"] = others
+        return {c: out[c] for c in SANITY_COLUMNS}
+
+    def close(self) -> None:
+        self.rand_engine.close()

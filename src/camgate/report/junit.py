@@ -26,7 +26,7 @@ def junit(decision: Decision, name: str = "camgate", record: dict | None = None)
         for k in ("task", "images", "detections", "explained", "missed", "no_detection", "error"):
             ET.SubElement(props, "property", name=k, value=str(det.get(k)))
     for r in decision.rules:
-        label = r.rule + "".join(f" {k}={v:g}" for k, v in r.params.items())
+        label = r.rule + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in r.params.items())
         case = ET.SubElement(suite, "testcase", classname=f"{name}.{decision.policy}.{r.scope}", name=label)
         text = f"{r.rule} @ {r.scope}: {_num(r.value)} {_OPS[r.op]} {_num(r.threshold)} required (n={r.n})"
         if r.verdict == "fail":

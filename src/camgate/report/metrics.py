@@ -1,7 +1,7 @@
 """A gate decision as a few flat scalars for KFP Metrics.
 
 KFP's compare view lines runs up by metric name, so the set is small and fixed (at most
-:data:`MAX_METRICS`): the decision, counts, the ratio's mean and p95, ROAD and baseline figures when
+:data:`MAX_METRICS`): the decision, counts, the ratio's mean and p95, ROAD, sanity and baseline figures when
 given, and one margin per run-wide rule (positive = headroom, negative = by how much it failed).
 Class and slice scopes stay in the report and the record, or the list would grow with the data.
 """
@@ -11,11 +11,11 @@ import math
 
 from ..gating.decision import Decision
 
-MAX_METRICS = 30
+MAX_METRICS = 36
 _COUNTS = {"rows": "n_images", "ok": "n_ok", "no_activation": "n_no_activation", "error": "n_error"}
 _OVERALL = ("mean_invalid_activation_ratio", "p95_invalid_activation_ratio", "mean_invalid_area_ratio",
             "error_rate", "no_activation_rate", "faithfulness_margin", "baseline_mean", "baseline_mean_increase",
-            "baseline_share_worse")
+            "baseline_share_worse", "mean_randomised_spearman", "mean_random_logit_spearman")
 
 
 def margin(rule) -> float | None:

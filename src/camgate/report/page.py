@@ -80,7 +80,26 @@ def _text(v) -> str:
 def _rule_name(r: RuleResult) -> str:
     if r.rule == "share_images_over" and "ratio" in r.params:
         return f"share_images_over (ratio > {r.params['ratio']:g})"
+    if "measure" in r.params:  # the sanity rule's two bounds
+        return f"sanity: {r.rule} ({r.params['measure']})"
     return r.rule
+
+
+def _faithfulness(o: dict, rec: dict | None) -> list:
+    """ROAD and the sanity checks, as the faithfulness file gave them."""
+    rows = []
+    if o.get("road_images"):
+        rows += [["images scored by ROAD", str(o["road_images"])], ["mean ROAD of the maps", _fmt(o.get("road_mean"))],
+                 ["mean ROAD of a random map", _fmt(o.get("road_random_mean"))],
+                 ["margin (faithfulness)", _fmt(o.get("faithfulness_margin"))]]
+    if o.get("sanity_images"):
+        rows += [["images sanity-checked", str(o["sanity_images"])]]
+        rows += [[f"mean {m} similarity to the {what}", _fmt(o.get(f"mean_{c}_{m}"))]
+                 for c, what in (("randomised", "fully randomised model's map"),
+                                 ("random_logit", "map of another class")) for m in ("spearman", "ssim")]
+    checked = ((rec or {}).get("sanity") or {}).get("checked") or {}
+    notes = [f"{k.replace('_', ' ')}: {v}" for k, v in checked.items() if isinstance(v, str)]
+    return ([Table(["statistic", "value"], rows)] + notes) if rows else []
 
 
 def _failure(r: RuleResult) -> str:
@@ -425,6 +444,9 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
                            [r.scope == "all" or r.verdict == "fail" for r in d.rules],  # kept when capped
                            limit, "rules (passed or skipped; every rule is in record.json and junit.xml)")]),
     ]
+    faith = _faithfulness(o, rec)
+    if faith:
+        p.sections.append(("Faithfulness of the heatmaps", faith))
     if table is not None:
         p.sections.append(("Invalid activation ratio vs invalid area",
                            _distribution(table, o.get("share_over_ratio", 0.5), html)))

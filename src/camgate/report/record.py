@@ -70,6 +70,12 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
                                                                 "faithfulness_margin")},
                         "file": _file(road)}
     d = decision.to_dict()
+    sanity = None
+    if decision.overall.get("sanity_images") or any("measure" in r.params for r in decision.rules):
+        checked = run_metadata(read_results(road, ("row",))).get("sanity") if road is not None else None
+        sanity = {"checked": checked, "images": decision.overall.get("sanity_images", 0),
+                  **{k: d["overall"].get(k) for k in ("mean_randomised_spearman", "mean_randomised_ssim",
+                                                      "mean_random_logit_spearman", "mean_random_logit_ssim")}}
     # the data as far as the results prove it: the manifest's hash only where there is a manifest file
     # (not for a prefix data set, nor for parts merged without one), the fingerprint where the run took it
     data_rec: dict = {"manifest": data}
@@ -104,6 +110,7 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
         "overall": d["overall"],
         "baseline": d["baseline"],
         "road": road_summary,
+        "sanity": sanity,
         "files": {"results": _file(results if isinstance(results, (str, os.PathLike)) else None),
                   "baseline": _file(baseline), "road": _file(road)},
         "environment": env,

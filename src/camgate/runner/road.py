@@ -16,6 +16,7 @@ from ..data import device as gpu
 from ..data.batches import iter_batches
 from ..data.decode import MaskSpec
 from ..data.manifest import load_items
+from ..errors import ConfigError
 from ..io import results as res
 from ..model.load import LoadedModel, load_model
 from ..settings import default
@@ -28,14 +29,19 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
              layers: str = default("layers", "road"), percentiles=None, sample: int = default("sample"),
              seed: int = default("seed"), target: str | int = default("target"),
              batch_size: int = default("batch_size", "road"), device: str = default("device"),
-             workers: int = default("workers"), progress: bool = True) -> RunSummary:
+             workers: int = default("workers"), sanity: bool = default("sanity"),
+             progress: bool = True) -> RunSummary:
     """ROAD faithfulness of the maps (:mod:`camgate.metrics.road`) -> ROAD Parquet, one row per (image, layer).
 
     ``layers``: ``final`` (the card's target layer, the maps the gate judges), ``all``, or names as
     for :func:`run_layers`. ``sample`` > 0 scores a seeded random sample of that many items (in
     manifest order). Each image's noise is seeded by ``seed`` and its ``row``, so a score does not
     depend on the sample or the batch. With several layers the metadata holds the ybROAD summary
-    (per-layer mean ROAD: ``ybroad_max``, ``ybroad_mean``, ``best_layer``, ``curve``)."""
+    (per-layer mean ROAD: ``ybroad_max``, ``ybroad_mean``, ``best_layer``, ``curve``).
+
+    ``sanity``: also the sanity checks of the same maps (:class:`camgate.metrics.sanity.SanityChecks`:
+    similarity to the map of the fully randomised model and to the map of a seeded other class), as
+    columns of the same rows: one faithfulness file. Only for the maps the gate judges (``final``)."""
     import random
 
     from ..cam.layers import plan_layers
@@ -47,6 +53,8 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
     percentiles = tuple(percentiles or fa.PERCENTILES)
     fa.check_percentiles(percentiles, lm.input.size)
     target = parse_target(target, lm.card.num_classes)
+    if sanity and layers != "final":
+        raise ConfigError(f"the sanity checks score the maps the gate judges: use layers 'final', got {layers!r}")
     if layers == "final":
         engine = CamEngine(lm.model, lm.layers(), method, lm.reshape_transform)
         names = [",".join(lm.target_layers)]
@@ -57,6 +65,13 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
             raise MethodError(f"ROAD over several layers takes a native method {sorted(NATIVE)}, got {method!r}")
         plan = plan_layers(lm.model, torch.zeros(1, 3, *lm.input.size, device=lm.device), layers)
         names = plan.names()
+    checks = None
+    if sanity:
+        from ..metrics.sanity import SanityChecks
+
+        if lm.card.num_classes < 2:
+            raise ConfigError("the random-logit check needs a model with at least two classes")
+        checks = SanityChecks(engine, lm.card.num_classes, seed)
     items = load_items(data)
     if sample and sample < len(items):
         items = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), sample))]
@@ -71,8 +86,9 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
           "model_card_sha256": lm.card.sha256, "weights_sha256": lm.weights_sha256,
           "method": engine.method if engine else method, "layers": names, "percentiles": list(percentiles),
           "layer_aliases": {} if engine else plan.aliases(),
-          "sample": sample, "seed": seed, "data": data, "target": str(target)}
-    fields = res.road_fields(percentiles)
+          "sample": sample, "seed": seed, "data": data, "target": str(target),
+          "sanity": checks.describe() if checks else None}
+    fields = res.road_fields(percentiles, sanity=bool(checks))
     per_layer: dict[str, list[float]] = {n: [] for n in names}
     summary = RunSummary(out)
     rows_all: list[dict] = []
@@ -81,12 +97,15 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
         for batch in iter_batches(items, lm.input, MaskSpec(), batch_size, workers=loaders, with_masks=False,
                                   overlap=overlap):
             rows_all += _road_rows(lm, batch, names, target, engine, plan if engine is None else None, method,
-                                   predict, mean, std, percentiles, seed, per_layer)
+                                   predict, mean, std, percentiles, seed, per_layer, checks)
             summary.computed += len(batch)
             bar.update(len(batch))
+    if checks:
+        checks.close()
     # the maps it scored: a gate takes ROAD scores only for a run of the same model, method, layer and images
     ident = run_identity(lm, method=md["method"], target=target, layers=names,
-                         road={"percentiles": list(percentiles), "sample": sample, "seed": seed})
+                         road={"percentiles": list(percentiles), "sample": sample, "seed": seed,
+                               "sanity": bool(checks)})
     ident["data"] = data_fingerprint([pa.Table.from_pylist(rows_all, schema=pa.schema(fields))])
     md[res.IDENTITY_KEY] = ident
     if len(names) > 1:
@@ -100,7 +119,7 @@ def run_road(model: str | LoadedModel, data: str, out: str, *, method: str = def
 
 
 def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, std, percentiles, seed,
-               per_layer) -> list[dict]:
+               per_layer, checks=None) -> list[dict]:
     from ..cam.layers import layer_maps
     from ..metrics import road as fa
 
@@ -125,10 +144,12 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
             lmaps = layer_maps(lm.model, x, plan, method, t)
             maps, explained = lmaps.maps, lmaps.targets
         seeds = torch.tensor([row_seed(seed, s.item.index) for s in good])
+        sane = ({k: v.tolist() for k, v in checks(x, maps[0], explained, [s.item.index for s in good]).items()}
+                if checks else {})
         done, scores = [], []  # kept only if every layer of these images is scored
         for j, m in enumerate(maps):
             scored = fa.road(predict, x * std + mean, m.float(), explained, percentiles, seed=seeds).rows()
-            for s, r, tc in zip(good, scored, explained.tolist()):
+            for i, (s, r, tc) in enumerate(zip(good, scored, explained.tolist())):
                 row = {**base(s, j), "target_class": tc, "clean_probability": r["clean"], "road": r["road"],
                        "road_random": r["road_random"]}
                 for q, p in enumerate(percentiles):
@@ -138,6 +159,7 @@ def _road_rows(lm, batch, names, target, engine, plan, method, predict, mean, st
                                                              f"{r['reason']}")
                 else:
                     row["status"] = "ok"
+                    row.update({k: v[i] for k, v in sane.items()})
                     scores.append((names[j], r["road"]))
                 done.append(row)
         rows.extend(done)
