@@ -297,3 +297,19 @@ def segmenter_scores(x):
         _CALLABLE["seg"] = region_segmenter(4).eval()
     with torch.no_grad():
         return _CALLABLE["seg"](torch.as_tensor(x))
+
+
+def fixed_segmenter() -> nn.Module:
+    """Three classes whatever the card says (no num_classes argument)."""
+    return region_segmenter(3)
+
+
+class DictSegmenter(RegionSegmenter):
+    """torchvision's segmentation convention: a dict whose ``out`` holds the scores."""
+
+    def forward(self, x):
+        return {"out": super().forward(x)}
+
+
+def dict_segmenter(num_classes: int = 3) -> nn.Module:
+    return DictSegmenter(SEG_SIZE, SEG_REGIONS, num_classes)

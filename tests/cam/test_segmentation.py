@@ -21,7 +21,7 @@ from camgate.cam.segmentation import (NO_REGION, MultiLabelCamEngine, Segmentati
 from camgate.errors import ConfigError
 from camgate.metrics.invalid import invalid_metrics, region_metrics
 from camgate.model.backends import TorchBackend
-from camgate.model.load import SegmentationOutput
+from camgate.model.load import segmentation_output
 from zoo import SEG_REGIONS, SEG_SIZE, region_segmenter, tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ REFERENCE = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam
 def seg_model(arch):
     torch.manual_seed(0)
     m = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=4, aux_loss=False)
-    return SegmentationOutput(m).eval().requires_grad_(False)
+    return segmentation_output(m).eval().requires_grad_(False)
 
 
 def reference(model, layer, method, x, targets):

@@ -32,7 +32,7 @@ def build_arch(arch: str, num_classes: int, task: str = "classification",
     torchvision detectors and segmentation models are built without any (downloading) weights;
     detectors that resize inside (R-CNN, RetinaNet, FCOS) keep the card's input size instead of their
     800-pixel default; segmentation models without the auxiliary head, returning their ``out`` scores
-    (:class:`SegmentationOutput`)."""
+    (:func:`segmentation_output`)."""
     if arch.startswith("torchvision/"):
         import torchvision.models as tvm
 
@@ -50,8 +50,8 @@ def build_arch(arch: str, num_classes: int, task: str = "classification",
             extra = {} if name.startswith("ssd") or size is None else {"min_size": min(size), "max_size": max(size)}
             return tvm.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **extra)
         if task == "segmentation":
-            return SegmentationOutput(tvm.get_model(name, weights=None, weights_backbone=None,
-                                                    num_classes=num_classes, aux_loss=False))
+            return segmentation_output(tvm.get_model(name, weights=None, weights_backbone=None,
+                                                     num_classes=num_classes, aux_loss=False))
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     if ":" not in arch:
         raise ModelCardError(f"arch must be 'torchvision/<name>' or 'package.module:factory', got {arch!r}")
@@ -63,30 +63,36 @@ def build_arch(arch: str, num_classes: int, task: str = "classification",
 
 
 class SegmentationOutput(nn.Module):
-    """A segmentation model whose forward returns a dict (torchvision: ``out``, and ``aux`` with the
-    auxiliary head) as one returning the ``key`` scores (B, K, H, W), so every consumer of
-    ``model(x)`` (CAM engines, backends, sanity checks) sees a plain tensor.
+    """The mark (and forward) of a segmentation model turned by :func:`segmentation_output` into one
+    returning its scores tensor (B, K, H, W) instead of torchvision's dict (``out``, and ``aux`` with
+    the auxiliary head), so every consumer of ``model(x)`` (CAM engines, backends, sanity checks)
+    sees a plain tensor."""
 
-    The wrapper holds the model's own children under their own names: target layers
-    (``backbone.layer4``) and state_dict keys stay torchvision's, so its weight files load as they are.
-    The model's forward runs on those same children (its hooks fire)."""
-
-    def __init__(self, model: nn.Module, key: str = "out"):
-        super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        if any(True for _ in model.named_parameters(recurse=False)) or any(True for _ in model.named_buffers(
-                recurse=False)):
-            raise ModelCardError(f"{type(model).__name__} holds parameters outside its submodules: wrap it yourself")
-        self.__dict__["_inner_forward"] = model.forward  # not a child: its children are this module's
-        self.key, self.wrapped = key, type(model).__name__
+    scores_key = "out"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._inner_forward(x)
-        return out[self.key] if isinstance(out, dict) else out
+        out = super().forward(x)
+        return out[self.scores_key] if isinstance(out, Mapping) else out
 
-    def extra_repr(self) -> str:
-        return f"{self.wrapped}[{self.key!r}]"
+
+_SCORE_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def segmentation_output(model: nn.Module, key: str = "out") -> nn.Module:
+    """``model`` itself, its class swapped for a subclass whose forward returns the dict output's ``key``.
+
+    In place rather than wrapped: the module keeps its names (target layers such as
+    ``backbone.layer4``), state_dict keys (torchvision's weight files load as they are), parameters,
+    buffers and hooks; a wrapper module would prefix every name."""
+    if isinstance(model, SegmentationOutput):
+        return model
+    cls = type(model)
+    sub = _SCORE_CLASSES.get((cls, key))
+    if sub is None:
+        sub = type(f"{cls.__name__}Scores", (SegmentationOutput, cls), {"scores_key": key, "__module__": __name__})
+        _SCORE_CLASSES[(cls, key)] = sub
+    model.__class__ = sub
+    return model
 
 
 # --- weights ---------------------------------------------------------------------------------
@@ -215,8 +221,8 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
                                  f"(expected torchvision's convention: per image boxes, labels, scores)") from None
         return LoadedModel(card, model, list(layers), sha, dev, reshape)
     if card.segmentation and isinstance(out, Mapping) and "out" in out:  # a factory in torchvision's convention
-        model, out = SegmentationOutput(model), out["out"]
-    check_scores(out, card.task, card.num_classes, f"model card {card.name}: the model")
+        model, out = segmentation_output(model), out["out"]
+    check_scores(out, card.task, card.num_classes, f"model card {card.name}: the model", error=ModelCardError)
     return LoadedModel(card, model, list(layers), sha, dev, reshape)
 
 
