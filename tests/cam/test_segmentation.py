@@ -150,6 +150,10 @@ def test_empty_region_is_a_status_and_bad_class_an_error():
     gt = torch.zeros(SEG_SIZE, dtype=torch.long)
     r = engine(x[:1], classes=[[2]], regions=[gt])[0]
     assert r.status == [NO_REGION] and r.reasons == ["class 2 has no pixel in the given region"]
+    # boolean regions given per class (e.g. ground-truth instances): class 1 explained on R_2 reads nothing there
+    r = engine(x[:1], classes=[[1, 1]], regions=[[region_mask(0), region_mask(1)]])[0]
+    assert r.status == ["ok", "ok"] and torch.equal(r.regions[1], region_mask(1)) and r.maps[1].abs().max() == 0
+    assert torch.equal(r.maps[0], res[0].maps[0])  # on its own predicted region: the same map as before
     with pytest.raises(ConfigError, match=r"class 7 is outside the model's 4 classes \(0 to 3\)"):
         engine(x, classes=[[1, 7], None])
     with pytest.raises(ConfigError, match="class -1 is outside"):
@@ -172,6 +176,9 @@ def test_wrong_output_is_refused_by_the_engines():
     seg = region_segmenter(4).eval().requires_grad_(False)
     with pytest.raises(ConfigError, match=r"shape \(1, 4, 48, 64\).*multilabel model must output \(B, K\)"):
         MultiLabelCamEngine(seg, ["gate"])(textures(1))
+    resnet = torchvision.models.resnet18(num_classes=5).eval().requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"label 5 is outside the model's 5 classes \(0 to 4\)"):
+        MultiLabelCamEngine(resnet, ["layer4"], num_classes=5)(torch.rand(1, 3, 32, 32), labels=[[5]])
     with pytest.raises(ConfigError, match="K = num_classes = 5"):
         SegmentationCamEngine(seg, ["gate"], num_classes=5)(textures(1))
 

@@ -113,7 +113,8 @@ def segmentation_rows(pred: Tensor, num_classes: int, classes=None, region=None,
     size = tuple(pred.shape[-2:])
     where = "predicted"
     if region is not None:
-        region = torch.as_tensor(region).to(pred.device)
+        stacked = torch.stack([torch.as_tensor(r) for r in region]) if isinstance(region, (list, tuple)) else region
+        region = torch.as_tensor(stacked).to(pred.device)
         where = "given"
     if region is not None and region.dtype == torch.bool:
         if region.ndim == 2:
@@ -159,6 +160,13 @@ def _per_image(arg, n: int, what: str) -> list:
     return arg
 
 
+def _check_lists(lists: list, num_classes: int | None, what: str) -> None:
+    """Per-image id lists checked up front when K is known (a wrong id fails before any forward)."""
+    for ids in lists if num_classes else ():
+        if ids is not None:
+            check_class_ids(ids, num_classes, what)
+
+
 # --- gradient engines ----------------------------------------------------------------------------------
 
 class _TargetEngine:
@@ -170,9 +178,7 @@ class _TargetEngine:
                  reshape_transform: Callable | None = None, num_classes: int | None = None):
         from ..model.layers import resolve_layers
 
-        self.num_classes = num_classes  # checked against every output when given
-
-        self.model = model
+        self.model, self.num_classes = model, num_classes  # K checked against every output when given
         names = [t for t in target_layers if isinstance(t, str)]
         resolved = iter(resolve_layers(model, names))
         self.layers = [next(resolved) if isinstance(t, str) else t for t in target_layers]
@@ -294,6 +300,7 @@ class SegmentationCamEngine(_TargetEngine):
                  min_pixels: int = 1, ignore: Sequence[int] = ()) -> list[ClassMaps]:
         B = x.shape[0]
         classes, regions = _per_image(classes, B, "class lists"), _per_image(regions, B, "regions")
+        _check_lists(classes, self.num_classes, "class")
 
         def choose(out: Tensor):
             pred = out.detach().argmax(1)
@@ -331,6 +338,7 @@ class MultiLabelCamEngine(_TargetEngine):
     def __call__(self, x: Tensor, labels: Sequence | None = None) -> list[ClassMaps]:
         B = x.shape[0]
         labels = _per_image(labels, B, "label lists")
+        _check_lists(labels, self.num_classes, "label")
 
         def choose(out: Tensor):
             probs = out.detach().float().sigmoid()
