@@ -51,7 +51,8 @@ THRESHOLD = 0.5  # a multi-label's positive: sigmoid(logit) >= 0.5, i.e. logit >
 class ClassMaps:
     """One image's explained classes (segmentation) or labels (multi-label) and their maps."""
     classes: Tensor      # (T,) int64 class / label explained (results: target_class), CPU
-    maps: Tensor         # (T, h, w) raw ReLU'd maps, float32, on the model's device; all zero unless 'ok'
+    maps: Tensor         # (T, h, w) raw maps >= 0, float32, on the model's / x's device; all zero unless 'ok'
+    #                      (gradient engines: feature resolution; RISE: input resolution; DE-CAM: its grid)
     targets: Tensor      # (T,) the value explained: class scores summed over the region / the label's logit
     scores: Tensor       # (T,) mean softmax probability over the region (NaN when empty) / sigmoid probability
     status: list[str]    # per row 'ok' | 'no_region'
