@@ -271,3 +271,86 @@ def tapped_resnet18(num_classes: int = 4) -> nn.Module:
     m.__class__ = TappedResNet
     m.tap = nn.Identity()
     return m
+
+class RegionGate(nn.Module):
+    """Multiplies the features by a fixed (C, h, w) gate: channel group k lives only in region R_k."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.register_buffer("gate", gate)
+
+    def forward(self, a):
+        return a * self.gate
+
+
+class RegionSegmenter(nn.Module):
+    """A semantic segmentation model whose evidence is known: stride-4 conv features, channel group k
+    gated to region R_k (``gate``, the target layer), and per-pixel scores (B, K, H, W) of class 0
+    (background) = 0, class k = 1 + a fixed positive mix of group k inside R_k and -1 outside. So class k
+    is predicted exactly on R_k and its scores read R_k and nothing else; classes beyond the regions
+    score -2 everywhere (never predicted)."""
+
+    def __init__(self, size, regions, num_classes=None, channels=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        H, W = size
+        n = len(regions)
+        self.num_classes = num_classes or n + 1
+        self.channels = channels
+        self.features = nn.Sequential(nn.Conv2d(3, channels * n, 4, stride=4), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.randn(channels * n, 3, 4, 4, generator=g) * 0.2)
+            self.features[0].bias.fill_(0.05)
+        inside = torch.zeros(n, H // 4, W // 4)
+        for k, (x1, y1, x2, y2) in enumerate(regions):  # xyxy, multiples of 4
+            inside[k, y1 // 4:y2 // 4, x1 // 4:x2 // 4] = 1
+        self.register_buffer("inside", inside)
+        self.gate = RegionGate(inside.repeat_interleave(channels, 0))
+        self.mix = nn.Parameter(torch.rand(channels * n, generator=g) + 0.5)
+
+    def forward(self, x):
+        a = self.gate(self.features(x)) * self.mix[None, :, None, None]
+        b, _, h, w = a.shape
+        per = a.view(b, -1, self.channels, h, w).sum(2)  # (B, n, h, w)
+        cls = torch.where(self.inside[None] > 0, 1 + per, -torch.ones_like(per))
+        extra = torch.full((b, self.num_classes - 1 - per.shape[1], h, w), -2.0, device=x.device)
+        scores = torch.cat([torch.zeros_like(per[:, :1]), cls, extra], 1)
+        return nn.functional.interpolate(scores, scale_factor=4, mode="nearest")
+
+
+SEG_SIZE = (48, 64)  # (H, W); regions xyxy in these pixels
+SEG_REGIONS = [[0, 0, 32, 24], [40, 24, 64, 48]]
+
+
+def region_segmenter(num_classes: int = 3) -> nn.Module:
+    """Classes 1 and 2 on two regions (0 = background); ``num_classes`` > 3 adds never-predicted classes."""
+    return RegionSegmenter(SEG_SIZE, SEG_REGIONS, num_classes)
+
+
+def flat_segmenter(num_classes: int = 3) -> nn.Module:
+    """A classifier's (B, K) output where a segmentation model's (B, K, H, W) is expected."""
+    return TinyCNN(num_classes)
+
+
+def segmenter_scores(x):
+    """The region segmenter as a vendor function (kind callable, task segmentation): logits (B, K, H, W)."""
+    if "seg" not in _CALLABLE:
+        _CALLABLE["seg"] = region_segmenter(4).eval()
+    with torch.no_grad():
+        return _CALLABLE["seg"](torch.as_tensor(x))
+
+
+def fixed_segmenter() -> nn.Module:
+    """Three classes whatever the card says (no num_classes argument)."""
+    return region_segmenter(3)
+
+
+class DictSegmenter(RegionSegmenter):
+    """torchvision's segmentation convention: a dict whose ``out`` holds the scores."""
+
+    def forward(self, x):
+        return {"out": super().forward(x)}
+
+
+def dict_segmenter(num_classes: int = 3) -> nn.Module:
+    return DictSegmenter(SEG_SIZE, SEG_REGIONS, num_classes)

@@ -96,11 +96,20 @@ def fill_image(x: Tensor, fill: str = "blur", sigma: float | None = None) -> Ten
 
 
 def resolve_targets(backend, x: Tensor, targets) -> Tensor:
-    """(B,) class per image; None or -1 entries = the predicted class (one forward pass each)."""
+    """(B,) class per image; None or -1 entries = the predicted class (one forward pass each).
+    (B, T): T classes per image (RISE explains them all with the same masks), none of them -1."""
     B = x.shape[0]
     if targets is None:
         targets = torch.full((B,), -1, dtype=torch.long)
-    t = torch.as_tensor(targets, dtype=torch.long).reshape(-1).cpu()
+    t = torch.as_tensor(targets, dtype=torch.long).cpu()
+    if t.ndim == 2:
+        if t.shape[0] != B:
+            raise ConfigError(f"{t.shape[0]} target rows for {B} images")
+        if t.numel() and (t.min() < 0 or t.max() >= backend.num_classes):
+            bad = int(t[(t < 0) | (t >= backend.num_classes)][0])
+            raise ConfigError(f"target class {bad} out of range for {backend.num_classes} classes")
+        return t.to(x.device)
+    t = t.reshape(-1)
     if t.numel() != B:
         raise ConfigError(f"{t.numel()} targets for {B} images")
     need = (t < 0).nonzero().flatten()
@@ -326,7 +335,10 @@ def rise_masks(draws: tuple, i0: int, i1: int, j0: int, j1: int, size: tuple[int
 def rise(backend, x: Tensor, targets=None, budget: int = default("budget"), seeds=None, grid: int = 7, p: float = 0.5,
          fill: str = "zero", sigma: float | None = None, max_batch: int = 256,
          stats: dict | None = None) -> Tensor:
-    """RISE maps (B, H, W), float32, non-negative, on x's device; ``budget`` masks per image."""
+    """RISE maps (B, H, W), float32, non-negative, on x's device; ``budget`` masks per image.
+
+    ``targets`` (B, T) explains T classes per image from the same ``budget`` masked passes: maps
+    (B, T, H, W), each equal to the map of that class alone."""
     _check(budget, grid)
     if not 0 < p < 1:
         raise ConfigError(f"p must be in (0, 1), got {p}")
@@ -334,21 +346,26 @@ def rise(backend, x: Tensor, targets=None, budget: int = default("budget"), seed
     B, (H, W) = x.shape[0], x.shape[-2:]
     x = x.float()
     tgt = resolve_targets(backend, x, targets)
+    several = tgt.ndim == 2
+    tgt = tgt if several else tgt[:, None]  # (B, T)
+    T = tgt.shape[1]
     base = fill_image(x, fill, sigma)
     dev = x.device
     draws = rise_draws(seeds, B, budget, grid, p, (H, W), dev)
-    sal = torch.zeros(B, H, W, device=dev)
+    sal = torch.zeros(B, T, H, W, device=dev)
     diff = x - base
     for i0, i1, j0, j1 in _blocks(B, budget, max_batch):
         ni, nj = i1 - i0, j1 - j0
         n = ni * nj
         m = rise_masks(draws, i0, i1, j0, j1, (H, W)).view(ni, nj, 1, H, W)
         xs = torch.addcmul(base[i0:i1, None], diff[i0:i1, None], m).view(n, -1, H, W)
-        pt = timer.probs(backend, xs).to(dev).view(ni, nj, -1).gather(2, tgt[i0:i1, None, None].expand(ni, nj, 1))
+        pt = timer.probs(backend, xs).to(dev).view(ni, nj, -1).gather(2, tgt[i0:i1, None, :].expand(ni, nj, T))
         owner = torch.arange(i0, i1, device=dev).repeat_interleave(nj)
-        sal.index_add_(0, owner, (pt[..., None] * m[:, :, 0]).view(n, H, W))  # sequential: chunking-independent
+        # sequential: chunking-independent
+        sal.index_add_(0, owner, (pt[..., None, None] * m[:, :, :1]).view(n, T, H, W))
     timer.report(stats, B, B * budget)
-    return (sal / (budget * p)).float()
+    sal = (sal / (budget * p)).float()
+    return sal if several else sal[:, 0]
 
 
 METHODS = {"decam": decam, "rise": rise}

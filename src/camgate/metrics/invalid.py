@@ -39,6 +39,13 @@ Detections (:func:`box_metrics`), with B the detection's box (pixels whose centr
 - ``box_invalid_area``  = Σ(M·B) / ΣB — share of the box's pixels that are invalid (NaN for a box
   that covers no pixel centre).
 
+Segmentation classes (:func:`region_metrics`), with R the class's region (the pixels predicted as the
+class, or a given region) brought to the mask's resolution by nearest neighbour (as masks are):
+
+- ``outside_region_ratio`` = Σ(H·(1−R)) / ΣH — share of heat mass outside the class's own region;
+- ``region_invalid_area``  = Σ(M·R) / ΣR — share of the region's pixels that are invalid (NaN for an
+  empty region).
+
 A map with ΣH = 0 has no activation: the ratios are NaN and the row's status is ``no_activation``.
 """
 from __future__ import annotations
@@ -175,3 +182,42 @@ def box_metrics(cams: list[torch.Tensor], masks: list[torch.Tensor],
         area = float((mask.to(heat.device).bool() & inside).sum()) / n if n else math.nan
         out.append({"outside_box_ratio": outside, "box_invalid_area": area})
     return out
+
+
+
+def _region_at(region: torch.Tensor, size: tuple[int, int], device) -> torch.Tensor:
+    """A (H', W') region -> bool (H, W) at ``size``, nearest neighbour (as masks are resized)."""
+    r = torch.as_tensor(region, device=device)
+    if r.ndim != 2:
+        raise ConfigError(f"a region must be (H, W), got shape {tuple(r.shape)}")
+    if tuple(r.shape) != tuple(size):
+        r = torch.nn.functional.interpolate(r[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0]
+    return r.bool()
+
+
+def outside_region_ratio(cam: torch.Tensor, region: torch.Tensor, size: tuple[int, int] | None = None) -> float:
+    """Σ(H·(1−R)) / ΣH with H the raw map (h, w) upsampled bilinearly to ``size`` (default: the region's)
+    and R the region brought to that size; NaN without activation."""
+    size = tuple(size or region.shape[-2:])
+    heat = upsample(cam[None].float(), size)[0].clamp(min=0)
+    inside = _region_at(region, size, heat.device)
+    total = heat.sum()
+    if not (bool(total > 0) and bool(torch.isfinite(total))):
+        return math.nan
+    return float((heat * ~inside).sum() / total)
+
+
+def region_invalid_area(region: torch.Tensor, mask: torch.Tensor) -> float:
+    """Σ(M·R) / ΣR: the share of the region's pixels that are invalid, at the mask's resolution; NaN
+    for an empty region."""
+    inside = _region_at(region, tuple(mask.shape[-2:]), mask.device)
+    n = int(inside.sum())
+    return float((mask.bool() & inside).sum()) / n if n else math.nan
+
+
+def region_metrics(cams: list[torch.Tensor], masks: list[torch.Tensor], regions: list[torch.Tensor]) -> list[dict]:
+    """``outside_region_ratio`` and ``region_invalid_area`` per map, at each mask's resolution: cams
+    (h, w) raw, masks (H, W) invalid pixels, regions (H', W') bool (e.g. ``ClassMaps.regions[t]``)."""
+    return [{"outside_region_ratio": outside_region_ratio(cam, region, tuple(mask.shape[-2:])),
+             "region_invalid_area": region_invalid_area(region, mask)}
+            for cam, mask, region in zip(cams, masks, regions)]

@@ -1,5 +1,9 @@
 """Run a classifier as a black box: normalised images in, class probabilities out.
 
+The same backends run multi-label classifiers (``task='multilabel'``: (B, K) sigmoid probabilities)
+and semantic segmentation models (``task='segmentation'``: (B, K, H, W), softmax over K per pixel);
+:func:`check_scores` is the one check of such raw outputs, at load and on every call.
+
 Black-box saliency (:mod:`camgate.cam.blackbox`) needs nothing from a model but ``probs(x)``, so
 models without gradients fit too: exported ONNX graphs and vendor models behind a Python function.
 
@@ -34,6 +38,7 @@ from ..errors import CamgateError, ConfigError
 
 OUTPUTS = ("logits", "probs")
 KINDS = ("torch", "onnx", "callable")
+SCORE_TASKS = {"classification": "(B, K)", "multilabel": "(B, K)", "segmentation": "(B, K, H, W)"}
 
 
 class BackendError(ConfigError):
@@ -50,9 +55,47 @@ class Backend(Protocol):
     def probs(self, x: Tensor) -> Tensor: ...
 
 
-def _to_probs(scores: Tensor, output: str) -> Tensor:
+def _to_probs(scores: Tensor, output: str, task: str = "classification") -> Tensor:
     scores = scores.float()
-    return scores.softmax(1) if output == "logits" else scores
+    if output == "probs":
+        return scores
+    return scores.sigmoid() if task == "multilabel" else scores.softmax(1)  # segmentation: over K per pixel
+
+
+def _check_task(task: str) -> None:
+    if task not in SCORE_TASKS:
+        raise BackendError(f"task must be one of {list(SCORE_TASKS)} for a scoring backend, got {task!r}")
+
+
+def output_scores(out):
+    """A model's raw output -> its scores: torchvision's segmentation models return a dict whose
+    ``out`` holds them; anything else is returned as it is."""
+    return out["out"] if isinstance(out, Mapping) and "out" in out else out
+
+
+def check_scores(out, task: str, num_classes: int, who: str = "the model", n: int | None = None,
+                 error: type[ConfigError] | None = None) -> Tensor:
+    """A classifier's, multi-label classifier's or segmentation model's output for ``n`` images ->
+    the same tensor, checked: rank 2, (B, K), or for segmentation rank 4, (B, K, H, W), with
+    K = ``num_classes`` (and B = ``n`` when given). ``error`` (a ConfigError type, default
+    :class:`BackendError`) names ``who``, the shape found and the shape expected."""
+    _check_task(task)
+    error = error or BackendError
+    want = SCORE_TASKS[task]
+    if not torch.is_tensor(out):
+        raise error(f"{who} returns a {type(out).__name__}, expected a tensor {want} of {task} scores")
+    rank = 4 if task == "segmentation" else 2
+    k_ok = out.ndim > 1 and out.shape[1] == num_classes
+    if out.ndim != rank or not k_ok or (n is not None and out.shape[0] != n):
+        got = f"for {n} image{'s' * (n != 1)} " if n is not None else ""
+        hint = ""
+        if out.ndim == 2 and task == "segmentation":
+            hint = " (a classifier's output: set task classification or multilabel)"
+        elif out.ndim == 4 and rank == 2:
+            hint = " (per-pixel scores: set task segmentation)"
+        raise error(f"{who} outputs shape {tuple(out.shape)} {got}but a {task} model must output {want} "
+                    f"with K = num_classes = {num_classes}{hint}")
+    return out
 
 
 class _Base:
@@ -62,16 +105,19 @@ class _Base:
     output = "logits"
     batch_size = 64
 
-    def __init__(self, num_classes: int, device: torch.device, output: str, batch_size: int | None):
+    def __init__(self, num_classes: int, device: torch.device, output: str, batch_size: int | None,
+                 task: str = "classification"):
         if output not in OUTPUTS:
             raise BackendError(f"output must be one of {OUTPUTS}, got {output!r}")
         if int(num_classes) < 1:
             raise BackendError(f"num_classes must be >= 1, got {num_classes!r}")
+        _check_task(task)
         self.num_classes, self.device, self.output = int(num_classes), torch.device(device), output
+        self.task = task
         self.batch_size = int(batch_size or self.batch_size)
         self.calls = 0
 
-    def _scores(self, x: Tensor) -> Tensor:  # one chunk -> (n, K) raw scores
+    def _scores(self, x: Tensor) -> Tensor:  # one chunk -> (n, K) or (n, K, H, W) raw scores
         raise NotImplementedError
 
     @torch.no_grad()
@@ -82,10 +128,11 @@ class _Base:
         for i in range(0, x.shape[0], self.batch_size):
             chunk = x[i:i + self.batch_size]
             s = torch.as_tensor(self._scores(chunk))
-            if s.ndim != 2 or s.shape[0] != chunk.shape[0]:
+            if s.ndim != (4 if self.task == "segmentation" else 2) or s.shape[0] != chunk.shape[0]:
                 raise BackendError(f"{self.kind} model returned shape {tuple(s.shape)} for "
-                                   f"{chunk.shape[0]} images: not a classifier (expected (B, K))")
-            outs.append(_to_probs(s.to(self.device), self.output))
+                                   f"{chunk.shape[0]} images: not a {self.task} model "
+                                   f"(expected {SCORE_TASKS[self.task]})")
+            outs.append(_to_probs(s.to(self.device), self.output, self.task))
             self.calls += chunk.shape[0]
         if not outs:
             return torch.zeros(0, self.num_classes, device=self.device)
@@ -106,13 +153,23 @@ class _Base:
         finally:
             self.calls = 0
         if p.shape[1] != self.num_classes:
+            shape = f" (output shape {tuple(p.shape)}, expected (B, K, H, W))" if self.task == "segmentation" else ""
             raise BackendError(f"{self.kind} model outputs {p.shape[1]} scores, but num_classes is "
-                               f"{self.num_classes}")
+                               f"{self.num_classes}{shape}")
         if not torch.isfinite(p).all():
             raise BackendError(f"{self.kind} model outputs non-finite scores on a zero image")
-        if self.output == "probs" and (abs(float(p.sum()) - 1) > 1e-3 or float(p.min()) < -1e-6):
-            raise BackendError(f"output is 'probs' but the {self.kind} model's scores on a zero image "
-                               f"sum to {float(p.sum()):.4g} (min {float(p.min()):.4g}); use output: logits")
+        if self.output == "probs" and self.task == "multilabel":
+            if float(p.min()) < -1e-6 or float(p.max()) > 1 + 1e-6:
+                raise BackendError(f"output is 'probs' but the {self.kind} model's scores on a zero image range "
+                                   f"from {float(p.min()):.4g} to {float(p.max()):.4g}, not within [0, 1]; "
+                                   f"use output: logits")
+        elif self.output == "probs":
+            total = p.sum(1)  # per image, and per pixel for segmentation
+            worst = float((total - 1).abs().max())
+            if worst > 1e-3 or float(p.min()) < -1e-6:
+                raise BackendError(f"output is 'probs' but the {self.kind} model's scores on a zero image sum to "
+                                   f"{float(total.flatten()[(total - 1).abs().flatten().argmax()]):.4g} "
+                                   f"(min {float(p.min()):.4g}); use output: logits")
         return self
 
 
@@ -122,7 +179,8 @@ class TorchBackend(_Base):
     kind = "torch"
 
     def __init__(self, model: nn.Module, device: torch.device | str | None = None,
-                 num_classes: int | None = None, output: str = "logits", batch_size: int | None = None):
+                 num_classes: int | None = None, output: str = "logits", batch_size: int | None = None,
+                 task: str = "classification"):
         if device is None:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
@@ -132,15 +190,16 @@ class TorchBackend(_Base):
             if not last:
                 raise BackendError("give num_classes: the model has no Linear layer to read it from")
             num_classes = last[-1].out_features
-        super().__init__(num_classes, device, output, batch_size)
+        super().__init__(num_classes, device, output, batch_size, task)
 
     @classmethod
     def from_loaded(cls, lm, batch_size: int | None = None) -> "TorchBackend":
         """A ``modelspec.LoadedModel`` (gradient CAMs' model) as a black box."""
-        return cls(lm.model, lm.device, lm.card.num_classes, batch_size=batch_size)
+        task = lm.card.task if lm.card.task in SCORE_TASKS else "classification"
+        return cls(lm.model, lm.device, lm.card.num_classes, batch_size=batch_size, task=task)
 
     def _scores(self, x: Tensor) -> Tensor:
-        return self.model(x.to(self.device))
+        return output_scores(self.model(x.to(self.device)))
 
 
 class CallableBackend(_Base):
@@ -150,11 +209,11 @@ class CallableBackend(_Base):
     kind = "callable"
 
     def __init__(self, fn: Callable, num_classes: int, output: str = "logits",
-                 device: torch.device | str = "cpu", batch_size: int | None = None):
+                 device: torch.device | str = "cpu", batch_size: int | None = None, task: str = "classification"):
         if not callable(fn):
             raise BackendError(f"callable backend needs a function, got {type(fn).__name__}")
         self.fn = fn
-        super().__init__(num_classes, device, output, batch_size)
+        super().__init__(num_classes, device, output, batch_size, task)
 
     def _scores(self, x: Tensor) -> Tensor:
         s = self.fn(x.detach().float().cpu().contiguous())
@@ -222,9 +281,9 @@ class OnnxBackend(_Base):
 
     def __init__(self, source: str | os.PathLike | bytes, num_classes: int, output: str = "logits",
                  providers: Sequence[str] | None = None, input_size: Sequence[int] | None = None,
-                 batch_size: int | None = None, threads: int | None = None):
+                 batch_size: int | None = None, threads: int | None = None, task: str = "classification"):
         self.session, name, dev = _ort_session(source, providers, threads)
-        super().__init__(num_classes, dev, output, batch_size)
+        super().__init__(num_classes, dev, output, batch_size, task)
         self._check_graph(name, input_size)
 
     def _check_graph(self, name: str, input_size: Sequence[int] | None):
@@ -238,9 +297,11 @@ class OnnxBackend(_Base):
         if len(inp.shape) != 4:
             raise BackendError(f"ONNX model {name} input {inp.name!r} has shape {inp.shape}; "
                                f"expected (B, 3, H, W)")
-        if out.shape is not None and len(out.shape) != 2:
-            raise BackendError(f"ONNX model {name} is not a classifier: output {out.name!r} has shape "
-                               f"{out.shape} (rank {len(out.shape)}), expected (B, K)")
+        rank = 4 if self.task == "segmentation" else 2
+        if out.shape is not None and len(out.shape) != rank:
+            what = "a classifier" if self.task == "classification" else f"a {self.task} model"
+            raise BackendError(f"ONNX model {name} is not {what}: output {out.name!r} has shape "
+                               f"{out.shape} (rank {len(out.shape)}), expected {SCORE_TASKS[self.task]}")
         want = (3, *(int(s) for s in input_size)) if input_size is not None else None
         got = inp.shape[1:]
         if want is not None and any(isinstance(g, int) and g != w for g, w in zip(got, want)):
@@ -261,8 +322,9 @@ class OnnxBackend(_Base):
         if self.fixed_batch and n < self.fixed_batch:  # pad the last chunk; results for padding dropped
             a = np.concatenate([a, np.zeros((self.fixed_batch - n, *a.shape[1:]), a.dtype)])
         y = self.session.run([self.output_name], {self.input_name: a})[0]
-        if y.ndim != 2:
-            raise BackendError(f"ONNX model is not a classifier: output has shape {y.shape}, expected (B, K)")
+        if y.ndim != (4 if self.task == "segmentation" else 2):
+            raise BackendError(f"ONNX model is not a {self.task} model: output has shape {y.shape}, "
+                               f"expected {SCORE_TASKS[self.task]}")
         return torch.from_numpy(np.ascontiguousarray(y[:n]))
 
 
@@ -281,7 +343,7 @@ def import_object(spec: str, what: str, error: type[Exception] = None) -> Callab
 def load_backend(kind: str, *, num_classes: int, input_size: Sequence[int], weights: bytes | str | None = None,
                  arch: str | None = None, output: str = "logits", device: str | torch.device = "auto",
                  model: nn.Module | None = None, providers: Sequence[str] | None = None,
-                 batch_size: int | None = None) -> Backend:
+                 batch_size: int | None = None, task: str = "classification") -> Backend:
     """Build and validate a backend from model-card fields.
 
     * ``kind='onnx'``: ``weights`` = the .onnx file (bytes, local path or any URI ``storage`` reads);
@@ -289,11 +351,13 @@ def load_backend(kind: str, *, num_classes: int, input_size: Sequence[int], weig
     * ``kind='callable'``: ``arch`` = ``package.module:function``, the scoring function itself.
     * ``kind='torch'``: ``model`` = an ``nn.Module`` (e.g. ``LoadedModel.model``).
 
-    ``output`` says whether the model gives 'logits' (softmax applied) or 'probs'. One dry call on a
-    zero image checks everything before any data is read; failures raise :class:`BackendError`.
+    ``output`` says whether the model gives 'logits' (softmax applied; multilabel: sigmoid) or 'probs'.
+    ``task``: 'classification' (B, K), 'multilabel' (B, K) or 'segmentation' (B, K, H, W). One dry call
+    on a zero image checks everything before any data is read; failures raise :class:`BackendError`.
     """
     if kind not in KINDS:
         raise BackendError(f"backend kind must be one of {KINDS}, got {kind!r}")
+    _check_task(task)
     if output not in OUTPUTS:
         raise BackendError(f"output must be one of {OUTPUTS}, got {output!r}")
     if len(tuple(input_size)) != 2:
@@ -301,16 +365,16 @@ def load_backend(kind: str, *, num_classes: int, input_size: Sequence[int], weig
     dev = str(device)
     if kind == "onnx":
         weights, providers = _onnx_source(weights, providers, dev)
-        b: _Base = OnnxBackend(weights, num_classes, output, providers, input_size, batch_size)
+        b: _Base = OnnxBackend(weights, num_classes, output, providers, input_size, batch_size, task=task)
     elif kind == "callable":
         b = CallableBackend(import_object(arch or "", "kind 'callable' arch (a scoring function)"), num_classes, output,
-                            "cpu" if dev == "auto" else device, batch_size)
+                            "cpu" if dev == "auto" else device, batch_size, task=task)
     else:
         if model is None:
             raise BackendError("kind 'torch' needs the model")
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-        b = TorchBackend(model.to(dev), dev, num_classes, output, batch_size)
+        b = TorchBackend(model.to(dev), dev, num_classes, output, batch_size, task=task)
     return b.validate(input_size)
 
 

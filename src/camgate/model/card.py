@@ -19,11 +19,21 @@ Object detectors (torchvision's output convention: per image ``boxes`` xyxy in i
     input: {size: [512, 640]}           # the detector normalises inside: mean 0, std 1 by default
     target_layer: backbone.body.layer4  # default: the backbone's last block; an FPN needs reshape: fpn
 
+Semantic segmentation (per-pixel class scores (B, K, H, W); a class's map explains its scores summed
+over its region) and multi-label classifiers (independent sigmoid logits (B, K); one map per positive
+label)::
+
+    task: segmentation                  # torchvision/fcn_*, deeplabv3_*, lraspp_* or a module:factory
+    arch: torchvision/deeplabv3_mobilenet_v3_large
+    target_layer: backbone.16           # default: the backbone's last block (backbone.layer4 for ResNets)
+    task: multilabel                    # any classifier arch; its (B, K) outputs read as sigmoid logits
+
 Black boxes (heatmaps from outputs only: methods ``decam``, ``rise``; detectors: ``drise``)::
 
     kind: onnx                          # weights: the .onnx file; no arch, no target_layer
     kind: callable                      # arch: package.module:function, the scoring function itself
     output: probs                       # what the model returns: logits (default) or probs
+                                        # (multilabel: sigmoid probabilities; segmentation: per pixel)
 """
 from __future__ import annotations
 
@@ -37,7 +47,7 @@ from ..errors import ModelCardError
 from ..io import storage
 from .backends import KINDS, OUTPUTS
 
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation", "multilabel")
 RESHAPES = ("vit", "swin", "fpn")
 
 
@@ -61,6 +71,14 @@ class ModelCard:
     @property
     def detection(self) -> bool:
         return self.task == "detection"
+
+    @property
+    def segmentation(self) -> bool:
+        return self.task == "segmentation"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     @property
     def black_box(self) -> bool:
@@ -148,6 +166,6 @@ class ModelCard:
              "target_layer": self.target_layer, "reshape": self.reshape}
         if self.black_box:  # torch cards stay as before, readable by earlier camgate versions
             d.update(kind=self.kind, output=self.output)
-        if self.detection:
+        if self.task != "classification":  # classifier cards stay as before
             d["task"] = self.task
         return d

@@ -26,6 +26,17 @@ def default_detection_layers(model: nn.Module) -> list[str]:
                          "name the target layer")
 
 
+def default_segmentation_layers(model: nn.Module, arch: str) -> list[str]:
+    """A segmentation model's default: the backbone's last block (torchvision's FCN / DeepLabV3 on a
+    ResNet: ``backbone.layer4``, as pytorch-grad-cam's segmentation tutorial; on a MobileNet, LR-ASPP
+    included: its last feature block, ``backbone.16``); without a ``backbone`` the last conv block."""
+    names = dict(model.named_modules())
+    last = _last_child("backbone", names)
+    if last and last != "backbone":
+        return [last]
+    return default_target_layers(model, arch)
+
+
 def _last_conv_name(model: nn.Module) -> str:
     last = None
     for name, m in model.named_modules():

@@ -9,7 +9,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,10 +17,11 @@ from torch import nn
 from ..data.geometry import InputSpec
 from ..errors import ModelCardError
 from ..io import storage
-from .backends import (Backend, BackendError, DetectorOutputError, check_detections, import_object, load_backend,
-                       load_detector_backend)
+from .backends import (Backend, BackendError, DetectorOutputError, check_detections, check_scores, import_object,
+                       load_backend, load_detector_backend)
 from .card import ModelCard
-from .layers import check_layers, default_detection_layers, default_target_layers, resolve_layers, token_kind
+from .layers import (check_layers, default_detection_layers, default_segmentation_layers, default_target_layers,
+                     resolve_layers, token_kind)
 
 # --- architectures -------------------------------------------------------------------------
 
@@ -28,21 +29,29 @@ def build_arch(arch: str, num_classes: int, task: str = "classification",
                size: tuple[int, int] | None = None) -> nn.Module:
     """``torchvision/<name>`` or ``package.module:factory`` -> an uninitialised module.
 
-    torchvision detectors are built without any (downloading) weights; those that resize inside
-    (R-CNN, RetinaNet, FCOS) keep the card's input size instead of their 800-pixel default."""
+    torchvision detectors and segmentation models are built without any (downloading) weights;
+    detectors that resize inside (R-CNN, RetinaNet, FCOS) keep the card's input size instead of their
+    800-pixel default; segmentation models without the auxiliary head, returning their ``out`` scores
+    (:func:`segmentation_output`)."""
     if arch.startswith("torchvision/"):
         import torchvision.models as tvm
 
         name = arch.split("/", 1)[1]
         if name not in tvm.list_models():
             raise ModelCardError(f"unknown torchvision architecture {name!r}")
-        detectors = tvm.list_models(module=tvm.detection)
-        if (task == "detection") != (name in detectors):
-            raise ModelCardError(f"torchvision/{name} is {'a detector' if name in detectors else 'not a detector'}: "
-                                 f"the model card needs task: {'detection' if name in detectors else 'classification'}")
+        family = ("detection" if name in tvm.list_models(module=tvm.detection) else
+                  "segmentation" if name in tvm.list_models(module=tvm.segmentation) else None)
+        fits = (family,) if family else ("classification", "multilabel")
+        if task not in fits:
+            what = {"detection": "a detector", "segmentation": "a segmentation model"}.get(family, "a classifier")
+            raise ModelCardError(f"torchvision/{name} is {what}, not a {task} model: the model card needs "
+                                 f"task: {' or '.join(fits)}")
         if task == "detection":
             extra = {} if name.startswith("ssd") or size is None else {"min_size": min(size), "max_size": max(size)}
             return tvm.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **extra)
+        if task == "segmentation":
+            return segmentation_output(tvm.get_model(name, weights=None, weights_backbone=None,
+                                                     num_classes=num_classes, aux_loss=False))
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     if ":" not in arch:
         raise ModelCardError(f"arch must be 'torchvision/<name>' or 'package.module:factory', got {arch!r}")
@@ -51,6 +60,39 @@ def build_arch(arch: str, num_classes: int, task: str = "classification",
         return factory(num_classes=num_classes)
     except TypeError:  # factories without a num_classes argument
         return factory()
+
+
+class SegmentationOutput(nn.Module):
+    """The mark (and forward) of a segmentation model turned by :func:`segmentation_output` into one
+    returning its scores tensor (B, K, H, W) instead of torchvision's dict (``out``, and ``aux`` with
+    the auxiliary head), so every consumer of ``model(x)`` (CAM engines, backends, sanity checks)
+    sees a plain tensor."""
+
+    scores_key = "out"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out[self.scores_key] if isinstance(out, Mapping) else out
+
+
+_SCORE_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def segmentation_output(model: nn.Module, key: str = "out") -> nn.Module:
+    """``model`` itself, its class swapped for a subclass whose forward returns the dict output's ``key``.
+
+    In place rather than wrapped: the module keeps its names (target layers such as
+    ``backbone.layer4``), state_dict keys (torchvision's weight files load as they are), parameters,
+    buffers and hooks; a wrapper module would prefix every name."""
+    if isinstance(model, SegmentationOutput):
+        return model
+    cls = type(model)
+    sub = _SCORE_CLASSES.get((cls, key))
+    if sub is None:
+        sub = type(f"{cls.__name__}Scores", (SegmentationOutput, cls), {"scores_key": key, "__module__": __name__})
+        _SCORE_CLASSES[(cls, key)] = sub
+    model.__class__ = sub
+    return model
 
 
 # --- weights ---------------------------------------------------------------------------------
@@ -122,7 +164,7 @@ class LoadedModel:
               "weights_sha256": self.weights_sha256, "card_sha256": self.card.sha256}
         if self.card.black_box:  # absent = torch: torch runs keep their fingerprint (resume across versions)
             md.update(kind=self.card.kind, output=self.card.output)
-        if self.card.detection:
+        if self.card.task != "classification":  # classifier runs keep their fingerprint
             md["task"] = self.card.task
         return md
 
@@ -162,7 +204,8 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
     if target_layer:
         layers = [target_layer] if isinstance(target_layer, str) else list(target_layer)
     else:
-        layers = card.target_layer or (default_detection_layers(model) if card.detection
+        layers = card.target_layer or (default_detection_layers(model) if card.detection else
+                                       default_segmentation_layers(model, card.arch) if card.segmentation
                                        else default_target_layers(model, card.arch))
     resolve_layers(model, layers)  # fail now, before any data is read
     dev = pick_device(device)
@@ -177,9 +220,9 @@ def load_model(card: ModelCard | str, device: str = "auto", target_layer: Sequen
             raise ModelCardError(f"model card {card.name}: the detector returns the wrong structure: {e} "
                                  f"(expected torchvision's convention: per image boxes, labels, scores)") from None
         return LoadedModel(card, model, list(layers), sha, dev, reshape)
-    if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != card.num_classes:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ModelCardError(f"model output has shape {shape}, expected (N, {card.num_classes})")
+    if card.segmentation and isinstance(out, Mapping) and "out" in out:  # a factory in torchvision's convention
+        model, out = segmentation_output(model), out["out"]
+    check_scores(out, card.task, card.num_classes, f"model card {card.name}: the model", error=ModelCardError)
     return LoadedModel(card, model, list(layers), sha, dev, reshape)
 
 
@@ -206,7 +249,7 @@ def _load_black_box(card: ModelCard, device: str, target_layer) -> LoadedModel:
         return LoadedModel(card, None, [], sha, backend.device, backend=backend)
     try:
         backend = load_backend(card.kind, num_classes=card.num_classes, input_size=card.input.size, weights=data,
-                               arch=card.arch, output=card.output, device=device)
+                               arch=card.arch, output=card.output, device=device, task=card.task)
     except BackendError as e:  # the backend names bytes '<bytes>'; say which file the card points to
         raise ModelCardError(f"model card {card.name}: {str(e).replace('<bytes>', str(name))}") from e
     return LoadedModel(card, None, [], sha, backend.device, backend=backend)
