@@ -130,6 +130,7 @@ if [ "$SMOKE" = 1 ]; then
   step road 120 "$PY" benchmarks/road_bench.py --device cpu --images 2 --size 32 --rounds 1 --threads 1
   step detection 120 "$PY" benchmarks/detection_bench.py --device cpu --batch 1 --dets 1 --size 64 \
     --classes 3 --rounds 1 --threads 1
+  step sanity 120 "$PY" benchmarks/sanity_bench.py --device cpu --images 2 --size 32 --rounds 1 --threads 1
 else
   step bench 100 "$PY" -m camgate.cli bench --device cuda --batch-size 64 --rounds 5 --warmup 1 --threads 0 \
     --mem-images ''
@@ -142,6 +143,7 @@ else
   step layers 60 "$PY" benchmarks/layers_bench.py --device cuda --arch resnet50 --batch 16 --size 224 --rounds 3
   step road 90 "$PY" benchmarks/road_bench.py --device cuda --images 16 --size 64 --rounds 3 --large
   step detection 60 "$PY" benchmarks/detection_bench.py --device cuda --batch 4 --dets 5 --size 320 --rounds 3
+  step sanity 45 "$PY" benchmarks/sanity_bench.py --device cuda --images 32 --size 224 --rounds 3 --threads 0
 fi
 
 {

@@ -42,24 +42,30 @@ def main() -> None:
     p.add_argument("--layer", default="layer4")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-
-    import quantus
+    try:
+        import quantus
+    except ImportError:  # a GPU machine without it: camgate's variants alone
+        quantus = None
+        print("quantus is not installed: camgate's variants only")
 
     from camgate.cam import CamEngine
     from camgate.metrics.sanity import (SanityChecks, cam_explainer, random_logit_similarity, randomisable,
                                         randomisation_similarity)
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:  # 0: torch's default
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = torchvision.models.get_model(args.arch, weights=None, num_classes=args.classes).eval()
-    x = torch.rand(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    dev = torch.device(args.device)
+    base = torchvision.models.get_model(args.arch, weights=None, num_classes=args.classes).eval().to(dev)
+    x = torch.rand(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(dev)
     with torch.no_grad():
         y = base(x).argmax(1)
     n_layers = len(randomisable(base, "top_down"))
     q_kw = dict(normalise=False, abs=False, disable_warnings=True, display_progressbar=False)
 
-    ramp = torch.linspace(0, 1e-9, args.size * args.size).view(args.size, args.size)
+    ramp = torch.linspace(0, 1e-9, args.size * args.size, device=dev).view(args.size, args.size)
 
     def shared(model, layers):
         """Grad-CAM plus a 1e-9 ramp: a randomised network can give all-zero maps for a whole batch,
@@ -71,7 +77,8 @@ def main() -> None:
         ours = shared(model, layers)
 
         def explain(model, inputs, targets, **kwargs):
-            return ours(model, torch.as_tensor(inputs), torch.as_tensor(targets))[:, None].numpy()
+            return ours(model, torch.as_tensor(inputs, device=dev), torch.as_tensor(targets, device=dev))[:, None] \
+                .cpu().numpy()
 
         return explain
 
@@ -105,12 +112,18 @@ def main() -> None:
                                          similarity_func=quantus.functions.similarity_func.correlation_spearman,
                                          **q_kw)
         kw = {"batch_size": len(x)} if name == "quantus MPRT" else {}
-        return lambda: metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(),
-                              a_batch=explain(model, x.numpy(), y.numpy()), explain_func=explain, device="cpu", **kw)
+        xs, ys = x.cpu().numpy(), y.cpu().numpy()
+        return lambda: metric(model=model, x_batch=xs, y_batch=ys, a_batch=explain(model, xs, ys), explain_func=explain,
+                              device=args.device, **kw)
+
+    def sync(f):
+        return (lambda: (f(), torch.cuda.synchronize())) if dev.type == "cuda" else f
 
     built: list[float] = []
     names = ["camgate(all)", "camgate(3)", "quantus MPRT", "camgate logit", "quantus logit", "camgate checks"]
-    runs = {n: variant(n) for n in names}
+    if quantus is None:
+        names = [n for n in names if not n.startswith("quantus")]
+    runs = {n: sync(variant(n)) for n in names}
     for n in names:  # untimed warm-up
         runs[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -119,8 +132,9 @@ def main() -> None:
             t = time.perf_counter()
             runs[n]()
             times[n].append(time.perf_counter() - t)
-    print(f"{args.arch}, {args.images} images at {args.size} px, target layer {args.layer}, {n_layers} randomisable "
-          f"modules, {args.rounds} rounds, {args.threads} threads; seconds per image, median (min .. max)")
+    print(f"{args.arch} on {args.device}, {args.images} images at {args.size} px, target layer {args.layer}, "
+          f"{n_layers} randomisable modules, {args.rounds} rounds, {args.threads} threads; seconds per image, "
+          f"median (min .. max)")
     for n in names:
         ts = [t / args.images for t in times[n]]
         print(f"  {n:14s} {statistics.median(ts):8.4f} ({min(ts):.4f} .. {max(ts):.4f})")
@@ -130,12 +144,14 @@ def main() -> None:
         return (f"{statistics.median(times[b]) / statistics.median(times[a]):.2f}x (per round "
                 f"{min(per):.2f} .. {statistics.median(per):.2f} .. {max(per):.2f})")
 
+    print(f"camgate checks, once per run: building the randomised copy {built[0]:.3f} s")
+    if quantus is None:
+        return
     print(f"quantus MPRT / camgate(all): {ratio('camgate(all)', 'quantus MPRT')}")
     print(f"quantus MPRT / camgate(3):   {ratio('camgate(3)', 'quantus MPRT')}")
     print(f"quantus logit / camgate logit: {ratio('camgate logit', 'quantus logit')}")
     both = [a + b for a, b in zip(times["quantus MPRT"], times["quantus logit"])]
     per = [q / c for q, c in zip(both, times["camgate checks"])]
-    print(f"camgate checks, once per run: building the randomised copy {built[0]:.3f} s")
     whole = statistics.median(both) / statistics.median(times["camgate checks"])
     print(f"quantus MPRT + RandomLogit / camgate checks: {whole:.2f}x "
           f"(per round {min(per):.2f} .. {statistics.median(per):.2f} .. {max(per):.2f})")

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
-STEPS = ("bench", "e2e", "amp-bf16", "layers", "road", "detection")
+STEPS = ("bench", "e2e", "amp-bf16", "layers", "road", "detection", "sanity")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and timeout")

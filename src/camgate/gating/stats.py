@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import IdentityError
-from ..io.results import (REQUIRED_COLUMNS, STATUSES, ResultsError, file_identity, identity_differences,
-                          read_results, run_metadata)
+from ..io.results import (REQUIRED_COLUMNS, SANITY_SIMILARITIES, STATUSES, ResultsError, file_identity,
+                          identity_differences, read_results, run_metadata)
 from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
 
 # Settings that make two runs' ratios comparable; a baseline that differs in one gets a warning.
@@ -139,9 +139,7 @@ def _sorted_indices(values: list) -> list[int]:
         return sorted(idx, key=lambda i: str(values[i]))
 
 
-ROAD_COLUMNS = ("row", "image", "image_sha256", "layer", "status", "road", "road_random", "randomised_spearman",
-                "randomised_ssim", "random_logit_spearman", "random_logit_ssim")
-_SANITY = ("randomised_spearman", "randomised_ssim", "random_logit_spearman", "random_logit_ssim")
+ROAD_COLUMNS = ("row", "image", "image_sha256", "layer", "status", "road", "road_random", *SANITY_SIMILARITIES)
 
 
 def _answers_to(table):
@@ -218,14 +216,15 @@ def road_stats(road, layer: str | None = None) -> dict:
 
 def _sanity_stats(t: pa.Table, keep: np.ndarray) -> dict:
     """Mean similarities of the sanity checks over the images the file scored (status ok)."""
-    if not set(_SANITY) <= set(t.column_names):
+    if not set(SANITY_SIMILARITIES) <= set(t.column_names):
         return {"sanity_images": 0, "sanity_reason": "the ROAD file holds no sanity checks (camgate road --sanity, "
                                                      "or the pipeline's sanity input)"}
     ok = keep & (t.column("status").cast(pa.string()).to_numpy(zero_copy_only=False) == "ok")
     if not ok.any():
         return {"sanity_images": 0, "sanity_reason": "no image of the ROAD file was scored (all-zero maps?)"}
     # a NaN among scored images (a map too small for SSIM) makes its mean NaN: judged as missing
-    return {"sanity_images": int(ok.sum()), **{f"mean_{c}": float(_floats(t, c)[ok].mean()) for c in _SANITY}}
+    return {"sanity_images": int(ok.sum()),
+            **{f"mean_{c}": float(_floats(t, c)[ok].mean()) for c in SANITY_SIMILARITIES}}
 
 
 PAIR_COLUMNS = ("row", "image_id", "image", "status", "invalid_activation_ratio", "invalid_area_ratio",

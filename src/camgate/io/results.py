@@ -43,14 +43,19 @@ FIELDS = [
 ]
 
 
+# the sanity checks' columns of a ROAD file (`camgate road --sanity`; camgate.metrics.sanity.SanityChecks)
+SANITY_FIELDS = [("randomised_spearman", pa.float64()), ("randomised_ssim", pa.float64()),
+                 ("random_logit_class", pa.int32()), ("random_logit_spearman", pa.float64()),
+                 ("random_logit_ssim", pa.float64())]
+SANITY_SIMILARITIES = tuple(n for n, t in SANITY_FIELDS if t == pa.float64())
+
+
 def road_fields(percentiles, sanity: bool = False) -> list:
     """`camgate road`: one row per (image, layer); curves are target-class probabilities after removing
     p % of the pixels, most (MoRF) or least (LeRF) relevant first; ``sanity``: the sanity checks' columns
     (similarities in [-1, 1], null unless the row is ok)."""
     curves = [(f"road_{kind}_p{int(p):02d}", pa.float64()) for kind in ("morf", "lerf") for p in percentiles]
-    checks = [("randomised_spearman", pa.float64()), ("randomised_ssim", pa.float64()),
-              ("random_logit_class", pa.int32()), ("random_logit_spearman", pa.float64()),
-              ("random_logit_ssim", pa.float64())] if sanity else []
+    checks = SANITY_FIELDS if sanity else []
     return [("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("layer", pa.string()),
             ("layer_index", pa.int32()), ("status", pa.string()), ("error", pa.string()),
             ("error_kind", pa.string()), ("target_class", pa.int32()), ("clean_probability", pa.float64()),

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..cam.engine import CamEngine
 from ..cam.maps import upsample
+from ..io.results import SANITY_FIELDS
 
 Explainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """(model, x, targets) -> (B, H, W) maps; ``targets`` are definite class indices."""
@@ -225,9 +226,7 @@ def random_logit_similarity(model: nn.Module, layers: Sequence[nn.Module], x: to
     return _similarities(explain(model, x, targets), explain(model, x, others))
 
 
-# The sanity columns of a ROAD file (``camgate road --sanity``), in this order.
-SANITY_COLUMNS = ("randomised_spearman", "randomised_ssim", "random_logit_class", "random_logit_spearman",
-                  "random_logit_ssim")
+SANITY_COLUMNS = tuple(n for n, _ in SANITY_FIELDS)
 
 
 class SanityChecks:

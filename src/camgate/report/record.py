@@ -49,7 +49,7 @@ def _map_resolution(results) -> list[int] | None:
 def build(decision: Decision, results, policy, road=None, baseline=None, started_at: str | None = None) -> dict:
     """The record of one decision. ``results``/``road``/``baseline``: what the gate read (URIs are
     hashed); ``policy``: its source (URI or mapping); ``started_at``: when the gate started."""
-    from ..io.results import file_identity, run_metadata
+    from ..io.results import SANITY_SIMILARITIES, file_identity, run_metadata
     from ..runner.identity import manifest_sha256
 
     light = read_results(results, ("row", "status", "det_index"))
@@ -74,8 +74,7 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
     if decision.overall.get("sanity_images") or any("measure" in r.params for r in decision.rules):
         checked = run_metadata(read_results(road, ("row",))).get("sanity") if road is not None else None
         sanity = {"checked": checked, "images": decision.overall.get("sanity_images", 0),
-                  **{k: d["overall"].get(k) for k in ("mean_randomised_spearman", "mean_randomised_ssim",
-                                                      "mean_random_logit_spearman", "mean_random_logit_ssim")}}
+                  **{f"mean_{c}": d["overall"].get(f"mean_{c}") for c in SANITY_SIMILARITIES}}
     # the data as far as the results prove it: the manifest's hash only where there is a manifest file
     # (not for a prefix data set, nor for parts merged without one), the fingerprint where the run took it
     data_rec: dict = {"manifest": data}

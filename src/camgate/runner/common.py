@@ -40,10 +40,14 @@ def _peak_rss_mb() -> float:
 
 
 def classifier_only(lm, what: str) -> None:
-    """Refuse a detector where only classifiers are supported (before any data is read)."""
-    if lm.card.detection:
-        raise ConfigError(f"{what} explains classifiers; model card {lm.card.name!r} is a detector (task detection): "
-                          f"its per-detection maps and metrics come from `camgate run`")
+    """Refuse a detector, segmentation or multi-label model where only single-label classifiers are
+    supported (before any data is read)."""
+    task = getattr(lm.card, "task", "classification")
+    if task != "classification":
+        kind = {"detection": "a detector", "segmentation": "a segmentation model",
+                "multilabel": "a multi-label model"}.get(task, task)
+        raise ConfigError(f"{what} explains single-label classifiers; model card {lm.card.name!r} is {kind} "
+                          f"(task {task}): its per-object maps and metrics come from `camgate run`")
 
 
 def parse_target(target: str | int | None, num_classes: int) -> str | int:
