@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from helpers import CAMGATE, HERE, png, write_policy
+from helpers import CAMGATE, HERE, png
 
 from camgate.errors import ConfigError, ModelCardError
 from camgate.runner import analyze
@@ -73,7 +73,8 @@ def test_one_row_per_predicted_class_with_region_metrics(tmp_path):
     by = {}
     for r in rows:
         c = r["target_class"]
-        assert r["status"] == ("no_activation" if c == 0 else "ok") and r["predicted_class"] == c and r["predicted_label"] == ["background", "a", "b"][c]
+        assert r["status"] == ("no_activation" if c == 0 else "ok") and r["predicted_class"] == c
+        assert r["predicted_label"] == ["background", "a", "b"][c]
         assert r["region_pixels"] == area[c] and (r["region_height"], r["region_width"]) == (48, 64)
         assert 0 < r["predicted_score"] <= 1
         by.setdefault(c, []).append(r)
@@ -166,20 +167,23 @@ def test_resume_skips_committed_images(tmp_path, monkeypatch):
 
 def test_gate_per_class_scopes_and_report(tmp_path):
     out = tmp_path / "r.parquet"
-    run(card(tmp_path), data_set(tmp_path), str(out), progress=False)
-    pol = write_policy(tmp_path / "p.yaml", {"mean_invalid_activation_ratio": {"max": 0.5}})
-    doc = yaml.safe_load(open(pol))
-    doc["per_class"] = "predicted"
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
-    p = subprocess.run([*CAMGATE, "gate", str(out), "--policy", pol, "--report", str(tmp_path / "g.html"),
-                        "--record", str(tmp_path / "rec.json")], capture_output=True, text=True)
+    c = card(tmp_path, num_classes=4, classes=["background", "a", "b", "never"])
+    run(c, data_set(tmp_path), str(out), classes="a,b,3", progress=False)
+    pol = tmp_path / "p.yaml"
+    pol.write_text(yaml.safe_dump({"name": "p", "per_class": "predicted", "rules": {
+        "no_activation_rate": None, "mean_invalid_activation_ratio": {"max": 0.5}}}))
+    p = subprocess.run([*CAMGATE, "gate", str(out), "--policy", str(pol), "--report", str(tmp_path / "g.html"),
+                        "--record", str(tmp_path / "rec.json"), "--junit", str(tmp_path / "j.xml")],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
-    assert not d["passed"]
-    text = json.dumps(d)
-    for name in ("background", "a", "b"):
-        assert f'"{name}"' in text or f"class {name}" in text or name in text
-    assert (tmp_path / "g.html").stat().st_size > 0 and (tmp_path / "rec.json").exists()
+    assert not d["passed"] and d["counts"]["no_region"] == N and "no_label" not in d["counts"]
+    verdicts = {r["scope"]: r["verdict"] for r in d["rules"] if r["rule"] == "mean_invalid_activation_ratio"}
+    # class a's region is the invalid one; b reads its valid region; 'never' has no region anywhere
+    assert verdicts == {"all": "pass", "class=a": "fail", "class=b": "pass", "class=never": "skip"}
+    assert {s["scope"]: s["no_region"] for s in d["scopes"]} == {"class=a": 0, "class=b": 0, "class=never": N}
+    assert (tmp_path / "g.html").stat().st_size > 0
+    assert json.loads((tmp_path / "rec.json").read_text()) and (tmp_path / "j.xml").exists()
 
 
 def ml_card(folder, **extra):
