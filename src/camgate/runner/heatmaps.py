@@ -64,7 +64,8 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
     task = lm.card.task
     if task != "classification" and str(target) != default("target"):
-        raise ConfigError(f"target {target!r} does not apply to a {task} model: "
+        what = {"detection": "a detector", "segmentation": "a segmentation model"}.get(task, "a multi-label model")
+        raise ConfigError(f"target {target!r} does not apply to {what}: "
                           + ("its detections are explained (--score-threshold, or ground-truth boxes)"
                              if task == "detection" else "its classes are explained (--classes, --score-threshold)"))
     if task != "detection" and annotations:
