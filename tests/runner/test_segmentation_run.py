@@ -182,7 +182,12 @@ def test_gate_per_class_scopes_and_report(tmp_path):
     # class a's region is the invalid one; b reads its valid region; 'never' has no region anywhere
     assert verdicts == {"all": "pass", "class=a": "fail", "class=b": "pass", "class=never": "skip"}
     assert {s["scope"]: s["no_region"] for s in d["scopes"]} == {"class=a": 0, "class=b": 0, "class=never": N}
-    assert (tmp_path / "g.html").stat().st_size > 0
+    # one picture per (image, class) in the gallery: rows of one image are told apart by their class
+    page = (tmp_path / "g.html").read_text()
+    assert page.count('<img class="overlay"') == 2 * N and "(picture not available" not in page
+    from camgate.report.overlays import overlays
+
+    assert set(overlays(str(out))) == {(i, "class", c) for i in range(N) for c in (1, 2)}
     assert json.loads((tmp_path / "rec.json").read_text()) and (tmp_path / "j.xml").exists()
 
 
