@@ -250,3 +250,16 @@ def test_blackbox_rise_through_a_callable_card_with_an_exact_budget(tmp_path, mo
     assert [r["cam"] for r in rows] == [r["cam"] for r in rows_of(tmp_path / "b1.parquet")]
     with pytest.raises(Exception, match="decam or rise"):
         run(str(path), data, str(tmp_path / "g.parquet"), method="gradcam", progress=False)
+
+
+def test_multilabel_heatmaps_then_analyze_and_rise_on_a_torch_card(tmp_path):
+    c, data = ml_card(tmp_path), data_set(tmp_path)
+    run(c, data, str(tmp_path / "r.parquet"), classes="0,1", progress=False)
+    run(c, data, str(tmp_path / "h.parquet"), classes="0,1", analyze=False, progress=False)
+    analyze(str(tmp_path / "h.parquet"), str(tmp_path / "a.parquet"), data=data, progress=False)
+    a, b = rows_of(tmp_path / "r.parquet"), rows_of(tmp_path / "a.parquet")
+    assert [(r["row"], r["target_class"]) for r in a] == [(i, c) for i in range(N) for c in (0, 1)]
+    assert all(same(x[k], y[k]) for x, y in zip(a, b) for k in ("invalid_activation_ratio", "auc", "status"))
+    s = run(c, data, str(tmp_path / "rise.parquet"), method="rise", budget=8, classes="2", progress=False)
+    rows = rows_of(tmp_path / "rise.parquet")
+    assert s.rows == N and all(r["method"] == "rise" and r["target_class"] == 2 for r in rows)
