@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
                    workers=args.workers, topk=args.topk, analyze=not args.heatmaps_only, policy=args.policy,
                    progress=not args.quiet, checkpoint_rows=args.checkpoint_rows, checkpoint=args.checkpoint,
                    budget=args.budget, seed=args.seed, amp=args.amp, decode=args.decode,
-                   score_threshold=args.score_threshold, annotations=args.annotations)
+                   score_threshold=args.score_threshold, annotations=args.annotations, classes=args.classes)
     print(json.dumps(s.to_dict()))
     return 0
 

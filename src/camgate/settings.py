@@ -112,10 +112,15 @@ _TABLE = (
                 "heatmap_gate": dict(help="decam/rise: base seed (each image: seed and its row); also seeds the "
                                           "ROAD sample and its imputation noise")}),
     Setting("score_threshold", float, 0.5, "detectors: explain each detection scoring at least this (with ground "
-                                          "truth: the detections matched to it, among those)",
+                                          "truth: the detections matched to it, among those); multi-label models: "
+                                          "each label whose sigmoid probability is at least this",
             verbs=("run",), **_HEATMAPS, pipeline=True),
     Setting("annotations", str, "", "detectors: ground-truth boxes as a COCO annotations file (local or s3://; "
                                     "images matched by file name); not given = the manifest's boxes column, if any",
+            verbs=("run",), **_HEATMAPS, pipeline=True),
+    Setting("classes", str, "", "segmentation / multi-label models: the classes to explain, comma-separated ids or "
+                                "names (not given = those predicted: present in the prediction, or scoring at "
+                                "least score_threshold)",
             verbs=("run",), **_HEATMAPS, pipeline=True),
     Setting("static_mask", str, "", "one mask for every image (fixed camera: a prefix data set then needs no "
                                     "masks/); not given = per-image masks",

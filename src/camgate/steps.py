@@ -75,7 +75,8 @@ def heatmaps_step(model_path: str, data: str, out_path: str, *, method: str = de
                   static_mask: str = default("static_mask"), checkpoint_rows: int = default("checkpoint_rows"),
                   budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
                   score_threshold: float = default("score_threshold"),
-                  annotations: str = default("annotations")) -> dict:
+                  annotations: str = default("annotations"),
+                  classes: str = default("classes")) -> dict:
     """Resolved card + data -> heatmaps Parquet (predictions and raw maps; masks are not read).
 
     ``card_sha256`` (the original card's hash, from the model artifact's metadata) is recorded
@@ -93,7 +94,8 @@ def heatmaps_step(model_path: str, data: str, out_path: str, *, method: str = de
     summary = run(lm, data, out_path, method=method, target=target, batch_size=int(batch_size),
                   analyze=False, progress=False, checkpoint=_tidy(checkpoint) or None,
                   static_mask=static_mask or None, checkpoint_rows=int(checkpoint_rows), budget=int(budget),
-                  seed=int(seed), amp=amp, score_threshold=float(score_threshold), annotations=annotations or None)
+                  seed=int(seed), amp=amp, score_threshold=float(score_threshold), annotations=annotations or None,
+                  classes=classes or None)
     return {**summary.to_dict(), "device": str(lm.device), "method": method}
 
 
@@ -144,7 +146,8 @@ def shard_step(model_path: str, shard: str, *, method: str = default("method"), 
                invalid_ids: str = default("invalid_ids"), topk: float = default("topk"),
                budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
                card_sha256: str = "", attempts: int = default("attempts"),
-               score_threshold: float = default("score_threshold"), annotations: str = default("annotations")) -> dict:
+               score_threshold: float = default("score_threshold"), annotations: str = default("annotations"),
+               classes: str = default("classes")) -> dict:
     """Resolved card + one shard manifest -> the shard's results part beside it (heatmaps and metrics in
     one pass); a shard already done is skipped. See :func:`camgate.runner.shards.run_shard`."""
     from .model import ModelCard, load_model
@@ -157,7 +160,8 @@ def shard_step(model_path: str, shard: str, *, method: str = default("method"), 
     out = run_shard(lm, shard, attempts=int(attempts), method=method, target=target, batch_size=int(batch_size),
                     static_mask=static_mask or None, mask_spec=mask_spec(mask_marks_valid, invalid_ids),
                     topk=float(topk), budget=int(budget), seed=int(seed), amp=amp,
-                    score_threshold=float(score_threshold), annotations=annotations or None)
+                    score_threshold=float(score_threshold), annotations=annotations or None,
+                    classes=classes or None)
     return {**out, "device": str(lm.device), "method": method}
 
 
@@ -253,7 +257,8 @@ def baseline_step(out_path: str, data: str, *, model_card: str = "", results_uri
                   device: str = default("device"), checkpoint: str = default("checkpoint"),
                   budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
                   score_threshold: float = default("score_threshold"),
-                  annotations: str = default("annotations")) -> dict:
+                  annotations: str = default("annotations"),
+                  classes: str = default("classes")) -> dict:
     """The champion's results on the same data: computed from ``model_card`` with the challenger's
     settings, or copied from ``results_uri``; with neither, an empty file marked as no baseline (the
     pipeline's switch: the gate then skips the baseline rules)."""
@@ -269,7 +274,8 @@ def baseline_step(out_path: str, data: str, *, model_card: str = "", results_uri
         summary = run(model_card, data, out_path, method=method, target=target, batch_size=int(batch_size),
                       static_mask=static_mask or None, mask_spec=spec, device=device, progress=False,
                       checkpoint=_tidy(checkpoint) or None, budget=int(budget), seed=int(seed), amp=amp,
-                      score_threshold=float(score_threshold), annotations=annotations or None)
+                      score_threshold=float(score_threshold), annotations=annotations or None,
+                      classes=classes or None)
         return {**summary.to_dict(), "source": model_card}
     if results_uri:
         storage.write_bytes(out_path, storage.read_bytes(results_uri))

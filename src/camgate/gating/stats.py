@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import IdentityError
-from ..io.results import (REQUIRED_COLUMNS, SANITY_SIMILARITIES, STATUSES, ResultsError, file_identity,
+from ..io.results import (REQUIRED_COLUMNS, SANITY_SIMILARITIES, STATUSES, TASK_STATUSES, ResultsError, file_identity,
                           identity_differences, read_results, run_metadata)
 from .policy import DEFAULT_SHARE_RATIO, DEFAULT_WORSE_BY
 
@@ -64,9 +64,9 @@ class Frame:
         n_rows, n_ok = int(sel.sum()), int(ok.sum())
         n_noact = int((sel & (self.status == "no_activation")).sum())
         n_err = int((sel & (self.status == "error")).sum())
-        # detectors: images with nothing to explain, ground-truth boxes no detection matched
-        detection = {s: int((sel & (self.status == s)).sum()) for s in ("no_detection", "missed")} \
-            if "det_index" in self.table.column_names else {}
+        # per-object tasks: images with nothing to explain, ground-truth boxes no detection matched,
+        # named classes without a region (counted for the files of that task only)
+        detection = {s: int((sel & (self.status == s)).sum()) for s in self._task_statuses()}
         r, a, p = self.ratio[ok], self.area[ok], self.peak[ok]
         nan = float("nan")
         # Any NaN among ok rows makes the statistic NaN (np.mean propagates; the share is
@@ -89,6 +89,14 @@ class Frame:
             "no_activation_rate": n_noact / n_rows if n_rows else nan,
             **self._judged(ok),
         }
+
+    def _task_statuses(self) -> tuple[str, ...]:
+        if "det_index" in self.table.column_names:
+            return TASK_STATUSES["detection"]
+        task = file_identity(run_metadata(self.table)).get("task")
+        if task in TASK_STATUSES:
+            return TASK_STATUSES[task]
+        return tuple(s for s in ("no_region", "no_label") if (self.status == s).any())  # metadata dropped
 
     def _judged(self, ok: np.ndarray) -> dict:
         """Means of the localisation metrics defined only for a mask with valid and invalid pixels, over

@@ -71,14 +71,22 @@ DETECTION_FIELDS = [
     ("outside_box_ratio", pa.float64()), ("box_invalid_area", pa.float64()),
 ]
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
+# semantic segmentation (``task: segmentation``): one row per (image, class explained: target_class =
+# predicted_class); the class's region at the model output's resolution (bool, row-major, np.packbits;
+# kept in heatmaps files so that `analyze` gives `run`'s numbers) and the region metrics. Multi-label
+# rows (one per label) need no column beyond the classification ones.
+SEGMENTATION_FIELDS = [
+    ("region_pixels", pa.int64()), ("region_height", pa.int32()), ("region_width", pa.int32()),
+    ("region", pa.binary()), ("outside_region_ratio", pa.float64()), ("region_invalid_area", pa.float64()),
+]
 
 
 def task_fields(task: str | None) -> list:
     """The results columns of a task's files."""
-    return FIELDS + DETECTION_FIELDS if task == "detection" else list(FIELDS)
+    return FIELDS + {"detection": DETECTION_FIELDS, "segmentation": SEGMENTATION_FIELDS}.get(task or "", [])
 
 
-COLUMNS = [name for name, _ in FIELDS + DETECTION_FIELDS]
+COLUMNS = [name for name, _ in FIELDS + DETECTION_FIELDS + SEGMENTATION_FIELDS]
 # `camgate layers`: one row per (image, layer) of the all-layer maps (same map encoding as above)
 LAYER_FIELDS = [
     ("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
@@ -92,7 +100,11 @@ LAYER_FIELDS = [
 ]
 # no_detection: an image without a detection to explain (one row, no map); missed: a ground-truth box
 # that no detection matched (no map). Both keep the image accounted for, as error rows do.
-STATUSES = ("ok", "no_activation", "error", "no_detection", "missed")
+# no_region: a segmentation class without a pixel in its region, or an image without a class to explain;
+# no_label: a multi-label image without a positive label (one row each, no map, `error` says why).
+STATUSES = ("ok", "no_activation", "error", "no_detection", "missed", "no_region", "no_label")
+# the statuses only a task's files hold (the gate counts them for those tasks only)
+TASK_STATUSES = {"detection": ("no_detection", "missed"), "segmentation": ("no_region",), "multilabel": ("no_label",)}
 # What an error row's cause was: the input itself (missing, corrupt, refused), the storage service
 # (access, or still failing after the retries: worth another try later), or the model (NaN, raised).
 ERROR_KINDS = ("input", "storage", "model")

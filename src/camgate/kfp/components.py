@@ -50,7 +50,7 @@ def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], 
                      target: str = "predicted", batch_size: int = 16, device: str = "auto",
                      checkpoint: str = "", static_mask: str = "", checkpoint_rows: int = 256,
                      budget: int = 1024, seed: int = 0, amp: str = "off", score_threshold: float = 0.5,
-                     annotations: str = ""):
+                     annotations: str = "", classes: str = ""):
     """Compute a CAM heatmap and the prediction for every image, or for every detection (no masks read; their URIs are kept).
 
     Args:
@@ -66,7 +66,7 @@ def compute_heatmaps(model: Input[Model], data: str, heatmaps: Output[Dataset], 
         model.path, data, heatmaps.path, method=method, target=target, batch_size=batch_size, device=device,
         card_sha256=model.metadata.get("card_sha256", ""), checkpoint=checkpoint, static_mask=static_mask,
         checkpoint_rows=checkpoint_rows, budget=budget, seed=seed, amp=amp, score_threshold=score_threshold,
-        annotations=annotations))
+        annotations=annotations, classes=classes))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -97,7 +97,7 @@ def champion_results(data: str, baseline: Output[Dataset], model_card: str = "",
                      method: str = "gradcam", target: str = "predicted", batch_size: int = 16, static_mask: str = "",
                      mask_marks_valid: bool = False, invalid_ids: str = "", device: str = "auto",
                      checkpoint: str = "", budget: int = 1024, seed: int = 0, amp: str = "off",
-                     score_threshold: float = 0.5, annotations: str = ""):
+                     score_threshold: float = 0.5, annotations: str = "", classes: str = ""):
     """The champion (production model) on the same data, for the gate's baseline rules; computed with the challenger's settings, so the ratios compare.
 
     Args:
@@ -114,7 +114,7 @@ def champion_results(data: str, baseline: Output[Dataset], model_card: str = "",
         baseline.path, data, model_card=model_card, results_uri=results_uri, method=method, target=target,
         batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid, invalid_ids=invalid_ids,
         device=device, checkpoint=checkpoint, budget=budget, seed=seed, amp=amp, score_threshold=score_threshold,
-        annotations=annotations))
+        annotations=annotations, classes=classes))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -140,7 +140,8 @@ def plan_shards(data: str, shards: int, out_prefix: str, static_mask: str = "") 
 def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", target: str = "predicted",
                  batch_size: int = 16, device: str = "auto", static_mask: str = "", mask_marks_valid: bool = False,
                  invalid_ids: str = "", topk: float = 0.1, budget: int = 1024, attempts: int = 3,
-                 amp: str = "off", seed: int = 0, score_threshold: float = 0.5, annotations: str = "") -> str:
+                 amp: str = "off", seed: int = 0, score_threshold: float = 0.5, annotations: str = "",
+                 classes: str = "") -> str:
     """Heatmaps and invalid-pixel metrics of one shard, written beside its manifest with a completion marker.
 
     Args:
@@ -155,7 +156,7 @@ def shard_worker(model: Input[Model], shard: str, method: str = "gradcam", targe
     out = shard_step(model.path, shard, method=method, target=target, batch_size=batch_size, device=device,
                      static_mask=static_mask, mask_marks_valid=mask_marks_valid, invalid_ids=invalid_ids, topk=topk,
                      budget=budget, seed=seed, amp=amp, card_sha256=model.metadata.get("card_sha256", ""),
-                     attempts=attempts, score_threshold=score_threshold, annotations=annotations)
+                     attempts=attempts, score_threshold=score_threshold, annotations=annotations, classes=classes)
     print(out)
     return out["part"]
 

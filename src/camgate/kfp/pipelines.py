@@ -79,7 +79,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
                      method: str = "gradcam", batch_size: int = 16, target: str = "predicted",
                      mask_marks_valid: bool = False, fail_on_violation: bool = False, road_sample: int = 0,
                      sanity: bool = False, shards: int = 1, amp: str = "off", seed: int = 0, budget: int = 1024,
-                     score_threshold: float = 0.5, annotations: str = "", baseline_model_card: str = "", baseline_results: str = "",
+                     score_threshold: float = 0.5, annotations: str = "", classes: str = "", baseline_model_card: str = "", baseline_results: str = "",
                      promote_to: str = "", registry_address: str = "", s3_secret: str = "camgate-s3",
                      s3_config: str = "camgate-s3",
                      ) -> NamedTuple("Outputs", passed=bool, mean_invalid_activation_ratio=float, error_rate=float,
@@ -111,7 +111,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
             worker = shard_worker(model=loaded.outputs["model"], shard=shard, method=method, target=target,
                                   batch_size=batch_size, static_mask=static_mask, mask_marks_valid=mask_marks_valid,
                                   amp=amp, seed=seed, budget=budget, score_threshold=score_threshold,
-                                  annotations=annotations)
+                                  annotations=annotations, classes=classes)
             worker.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             # decoding threads + a pinned-memory batch queue beside the GPU
             worker.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
@@ -131,7 +131,7 @@ def heatmap_gate_pipeline(parallelism: int = DEFAULT_PARALLELISM):
         champion = champion_results(data=data, model_card=baseline_model_card, results_uri=baseline_results,
                                     method=method, target=target, batch_size=batch_size, static_mask=static_mask,
                                     mask_marks_valid=mask_marks_valid, amp=amp, seed=seed, budget=budget,
-                                    score_threshold=score_threshold, annotations=annotations, checkpoint=f"{output_prefix}/checkpoints/baseline")
+                                    score_threshold=score_threshold, annotations=annotations, classes=classes, checkpoint=f"{output_prefix}/checkpoints/baseline")
         champion.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         champion.set_cpu_request("4").set_memory_request("16Gi")
         verdict = gate(results=merged.outputs["results"], policy=policy, fail_on_violation=fail_on_violation,

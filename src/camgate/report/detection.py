@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.results import BOX_COLUMNS as BOX
-from ..io.results import DETECTION_FIELDS, STATUSES, run_metadata
+from ..io.results import DETECTION_FIELDS, TASK_STATUSES, run_metadata
 
 TASK = "detection"
 COLUMNS = tuple(name for name, _ in DETECTION_FIELDS)
+STATUSES = ("ok", "no_activation", "error", *TASK_STATUSES["detection"])  # a detection run's rows
 _MAPPED = ("ok", "no_activation")  # statuses of a detection whose map was computed
 
 
@@ -34,11 +35,23 @@ def is_detection(table: pa.Table) -> bool:
     return TASK in (ident.get("task"), model.get("task"))
 
 
-def row_key(r: dict):
+def row_key(r: dict, per_class: bool = False):
     """What a row's picture is keyed by: ``row`` (classification), ``(row, det_index)`` for a
-    detection's row (several rows share an image's ``row``)."""
+    detection's row, ``(row, 'class', target_class)`` for a segmentation / multi-label class's row
+    (``per_class``; several rows share an image's ``row``)."""
     det = r.get("det_index")
-    return (int(r["row"]), int(det)) if _given(det) else r["row"]
+    if _given(det):
+        return int(r["row"]), int(det)
+    if per_class and _given(r.get("target_class")):
+        return int(r["row"]), "class", int(r["target_class"])
+    return r["row"]
+
+
+def per_class_task(md: dict) -> bool:
+    """Whether a file's rows are per (image, class): segmentation and multi-label runs."""
+    from ..io.results import file_identity
+
+    return file_identity(md).get("task") in ("segmentation", "multilabel")
 
 
 def _strings(table: pa.Table, name: str) -> np.ndarray:

@@ -168,7 +168,7 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
 
 _OVERLAY_COLUMNS = ["row", "image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
                     "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
-                    "cam_width", "image_width", "image_height", *detection.COLUMNS]
+                    "cam_width", "image_width", "image_height", "target_class", *detection.COLUMNS]
 
 
 def overlays(results_uri: str, top: int = GALLERY) -> dict:
@@ -188,6 +188,7 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict:
     spec = InputSpec.from_card(md.get("model", {}).get("input"))
     mask_spec = MaskSpec.from_dict(md.get("mask_spec"))
     out: dict = {}
+    per_class = detection.per_class_task(md)
     positions, worst = worst_rows(light, top)
     cams = pf.read(columns=["cam", "cam_height", "cam_width"]).take(pa.array(positions, type=pa.int64())).to_pylist()
     for row, cam in zip(worst, cams):
@@ -198,7 +199,7 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict:
                 mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
                                   spec, size)
             det_box = detection.box_of(row)
-            out[detection.row_key(row)] = overlay_png(
+            out[detection.row_key(row, per_class)] = overlay_png(
                 storage.read_bytes(row["image"]), res.cam_array(cam), spec.box(*size), mask, det_box=det_box,
                 caption=detection.caption(row) if det_box else None)
         except (storage.StorageError, ValueError, TypeError):

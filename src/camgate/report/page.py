@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ..gating.decision import Decision, RuleResult
 from ..gating.stats import class_stats
-from ..io.results import RESULT_COLUMNS, read_results
+from ..io.results import RESULT_COLUMNS, read_results, run_metadata
 from . import detection
 from .overlays import worst_rows
 
@@ -306,7 +306,7 @@ def _errors(table: pa.Table, top: int) -> tuple[list[list[str]], int]:
     return out, max(0, len(err) - top)
 
 
-def _top_parts(rows: list[dict], images: dict | None, classes, det: bool = False) -> list:
+def _top_parts(rows: list[dict], images: dict | None, classes, det: bool = False, per_class: bool = False) -> list:
     cells = []
     for r in rows:
         area = r.get("invalid_area_ratio")
@@ -315,7 +315,7 @@ def _top_parts(rows: list[dict], images: dict | None, classes, det: bool = False
                       _fmt(r["invalid_activation_ratio"]), _fmt(area), _fmt(excess),
                       {True: "yes", False: "no"}.get(r.get("peak_in_invalid"), "n/a")])
     # keyed by (row, det_index) in a detection run: several detections share an image's row
-    keys = [detection.row_key(r) for r in rows]
+    keys = [detection.row_key(r, per_class) for r in rows]
     if not images or not any(k in images for k in keys):
         if det:
             return [Table(_DET_TOP_HEAD, [[c[0], _fmt(r.get("det_index")), detection.label_of(r),
@@ -419,7 +419,7 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
     o = d.overall
     table = None
     if results is not None:
-        table = read_results(results, RESULT_COLUMNS + ("predicted_score",) + detection.COLUMNS)
+        table = read_results(results, RESULT_COLUMNS + ("predicted_score", "target_class") + detection.COLUMNS)
     det = table is not None and detection.is_detection(table)
     summary = detection.summary(table) if det else None
     counts = [Table(["rows", "ok", "no_activation", "error"],
@@ -460,7 +460,9 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
         classes = ((rec or {}).get("model") or {}).get("classes")
         what = "detections" if det else "images"
         p.sections.append((f"Top {len(rows) or int(top)} {what} by invalid activation ratio",
-                           _top_parts(rows, images if html else None, classes, det) if rows else [f"(no ok {what})"]))
+                           _top_parts(rows, images if html else None, classes, det,
+                                      detection.per_class_task(run_metadata(table)))
+                           if rows else [f"(no ok {what})"]))
         errors, more = _errors(table, top)
         if errors:
             p.sections.append(("Errors", [Table(["image", "error"], errors,

@@ -118,7 +118,9 @@ def _mask_for(row: dict, spec: InputSpec, mask_spec: MaskSpec, sm) -> tuple[np.n
 def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
     todo = [(row, pool.submit(_mask_for, row, spec, mask_spec, sm))  # fetched in parallel
             for row in rows if row["status"] != "error" and row.get("cam") is not None]
-    ready, cams, masks, boxes = [], [], [], []
+    from .segmentation import region_array
+
+    ready, cams, masks, boxes, regions = [], [], [], [], []
     for row, fut in todo:
         try:
             mask, row["mask_sha256"] = fut.result()
@@ -132,4 +134,6 @@ def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
         if row.get("box_x1") is not None:  # a detection: its box in the mask's pixels
             boxes.append(spec.box_to_region(tuple(row[c] for c in res.BOX_COLUMNS),
                                             (row["image_width"], row["image_height"])))
-    apply_metrics(ready, cams, masks, topk, boxes if boxes else None)
+        if row.get("region") is not None:  # a segmentation class: its region as run stored it
+            regions.append(torch.from_numpy(region_array(row)).to(dev))
+    apply_metrics(ready, cams, masks, topk, boxes if boxes else None, regions if regions else None)

@@ -14,7 +14,7 @@ from ..data.decode import Sample
 from ..data.manifest import Item, label_index
 from ..errors import ConfigError
 from ..io import results as res
-from ..metrics.invalid import box_metrics, invalid_metrics
+from ..metrics.invalid import box_metrics, invalid_metrics, region_metrics
 
 
 @dataclass
@@ -119,11 +119,12 @@ def guarded(compute, todo: list[int], targets: list[int], fail, oom: bool = Fals
 
 
 def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.Tensor], topk: float,
-                  boxes: list | None = None) -> None:
+                  boxes: list | None = None, regions: list | None = None) -> None:
     """Invalid-pixel metrics of each row's map and mask into the row (status ``ok`` or ``no_activation``).
 
     The one place metrics meet rows: ``run`` (maps fresh from the engine) and ``analyze`` (maps decoded
-    from a heatmaps file) both call it with the same float32 maps, so both give the same numbers."""
+    from a heatmaps file) both call it with the same float32 maps, so both give the same numbers. ``boxes``:
+    detections' boxes in the mask's pixels; ``regions``: segmentation classes' bool regions (any size)."""
     if not rows:
         return
     for row, mi in zip(rows, invalid_metrics(cams, masks, topk).rows()):
@@ -135,6 +136,9 @@ def apply_metrics(rows: list[dict], cams: list[torch.Tensor], masks: list[torch.
     if boxes is not None:  # detections: each row's box in the mask's pixels
         for row, bm in zip(rows, box_metrics(cams, masks, boxes)):
             row.update(bm)
+    if regions is not None:
+        for row, rm in zip(rows, region_metrics(cams, masks, regions)):
+            row.update(rm)
 
 
 def progress_bar(total: int, enabled: bool):

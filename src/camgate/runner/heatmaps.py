@@ -23,6 +23,7 @@ from ..settings import default
 from .classifier import Runner
 from .common import RunSummary, count_statuses, progress_bar
 from .detection import DetectionRunner
+from .segmentation import MultiLabelRunner, SegmentationRunner
 from .identity import DataFingerprint, fingerprint, provenance, run_identity
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
         policy: str | None = None, progress: bool = True, checkpoint_rows: int = default("checkpoint_rows"),
         checkpoint: str | None = None, budget: int = default("budget"), seed: int = default("seed"),
         amp: str = default("amp"), decode: str = default("decode"),
-        score_threshold: float = default("score_threshold"), annotations: str | None = None) -> RunSummary:
+        score_threshold: float = default("score_threshold"), annotations: str | None = None,
+        classes: str | list | None = None) -> RunSummary:
     """The heatmap test step. Raises (before any compute) only for problems of the whole run.
 
     With ``analyze=False`` only predictions and maps are computed (masks are not read; their URIs and
@@ -54,17 +56,31 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
 
     Detectors (model card ``task: detection``, :mod:`camgate.runner.detection`): one row per explained
     detection (``score_threshold``, ground truth from the manifest's ``boxes`` column or the COCO
-    ``annotations`` file); ``target`` does not apply."""
+    ``annotations`` file); ``target`` does not apply. Segmentation and multi-label models
+    (:mod:`camgate.runner.segmentation`): one row per explained class (present in the prediction, or
+    positive at ``score_threshold``; or the ``classes`` named: comma-separated ids or names)."""
     t0 = time.perf_counter()
     amp, decode, batch_size = gpu.check_amp(amp), gpu.check_decode(decode), gpu.parse_batch_size(batch_size)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
+    task = lm.card.task
+    if task != "classification" and str(target) != default("target"):
+        what = {"detection": "a detector", "segmentation": "a segmentation model"}.get(task, "a multi-label model")
+        raise ConfigError(f"target {target!r} does not apply to {what}: "
+                          + ("its detections are explained (--score-threshold, or ground-truth boxes)"
+                             if task == "detection" else "its classes are explained (--classes, --score-threshold)"))
+    if task != "detection" and annotations:
+        raise ConfigError(f"annotations (COCO boxes) apply to detectors only; model card {lm.card.name!r} is {task}")
     if lm.card.detection:
-        if str(target) != default("target"):
-            raise ConfigError(f"target {target!r} does not apply to a detector: its detections are explained "
-                              f"(--score-threshold, or ground-truth boxes)")
         runner = DetectionRunner(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp,
                                  score_threshold=score_threshold, annotations=annotations)
+    elif task in ("segmentation", "multilabel"):
+        cls = SegmentationRunner if task == "segmentation" else MultiLabelRunner
+        runner = cls(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp, classes=classes,
+                     score_threshold=score_threshold)
     else:
+        if classes:
+            raise ConfigError(f"classes apply to segmentation and multi-label models; model card {lm.card.name!r} "
+                              f"is a {task} model: use target")
         runner = Runner(lm, method, target, analyze, topk, budget=budget, seed=seed, amp=amp)  # fails before data
     check_topk(topk)
     dev = lm.device
@@ -89,6 +105,11 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     if lm.card.detection:
         detect = {"score_threshold": runner.score_threshold, "annotations": annotations,
                   "annotations_sha256": storage.sha256_or_none(annotations) if annotations else None}
+        md.update(detect)
+    elif task in ("segmentation", "multilabel"):  # which classes were explained
+        detect = {"classes": runner.classes}
+        if task == "multilabel" and runner.classes is None:
+            detect["score_threshold"] = runner.score_threshold
         md.update(detect)
     ident = run_identity(lm, method=runner.engine.method, target=runner.target, layers=md["target_layer"],
                          static_mask=static_mask if analyze else None, mask_spec=mask_spec if analyze else None,
