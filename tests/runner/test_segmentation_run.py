@@ -187,8 +187,28 @@ def test_gate_per_class_scopes_and_report(tmp_path):
     assert page.count('<img class="overlay"') == 2 * N and "(picture not available" not in page
     from camgate.report.overlays import overlays
 
-    assert set(overlays(str(out))) == {(i, "class", c) for i in range(N) for c in (1, 2)}
-    assert json.loads((tmp_path / "rec.json").read_text()) and (tmp_path / "j.xml").exists()
+    pics = overlays(str(out))
+    assert set(pics) == {(i, "class", c) for i in range(N) for c in (1, 2)}
+    # the class's region is outlined in cyan: present in the picture of each class, in no other colour map
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for key, png in pics.items():
+        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        cyan = (rgb[..., 0] < 40) & (rgb[..., 1] > 215) & (rgb[..., 2] > 215)
+        assert cyan.sum() > 10, key
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["task"] == "segmentation"
+    seg = rec["segmentation"]
+    assert seg["images"] == N and seg["rows"] == 3 * N and seg["no_region"] == N
+    assert seg["explained"] == 2 * N and seg["classes"] == {"a": N, "b": N}
+    assert rec["data"]["counts"]["no_region"] == N
+    junit = (tmp_path / "j.xml").read_text()
+    assert '<property name="task" value="segmentation"' in junit and f"{2 * N} classes explained" in junit
+    assert "A segmentation run: one row per (image, class explained)" in page
+    assert "mean outside-region ratio" in page
 
 
 def ml_card(folder, **extra):

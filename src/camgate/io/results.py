@@ -414,6 +414,21 @@ def cam_array(row) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype).reshape(h, w).astype(np.float32)
 
 
+def region_bytes(region) -> bytes:
+    """A segmentation row's region (bool (h, w), tensor or array) as stored: row-major, np.packbits."""
+    a = region.cpu().numpy() if hasattr(region, "cpu") else np.asarray(region)
+    return np.packbits(a.astype(bool).reshape(-1)).tobytes()
+
+
+def region_array(row) -> np.ndarray | None:
+    """A segmentation row's stored region -> bool (region_height, region_width), None without one."""
+    raw = row.get("region")
+    if raw is None:
+        return None
+    h, w = int(row["region_height"]), int(row["region_width"])
+    return np.unpackbits(np.frombuffer(raw, np.uint8), count=h * w).reshape(h, w).astype(bool)
+
+
 # Columns evaluate() and the reports read; `cam` is deliberately absent (it is the bulk of the file).
 RESULT_COLUMNS = (
     "row", "image_id", "image", "status", "error", "label", "predicted_class", "predicted_label",

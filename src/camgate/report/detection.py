@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.results import BOX_COLUMNS as BOX
-from ..io.results import DETECTION_FIELDS, TASK_STATUSES, run_metadata
+from ..io.results import DETECTION_FIELDS, TASK_STATUSES, file_identity, run_metadata
 
 TASK = "detection"
 COLUMNS = tuple(name for name, _ in DETECTION_FIELDS)
@@ -49,8 +49,6 @@ def row_key(r: dict, per_class: bool = False):
 
 def per_class_task(md: dict) -> bool:
     """Whether a file's rows are per (image, class): segmentation and multi-label runs."""
-    from ..io.results import file_identity
-
     return file_identity(md).get("task") in ("segmentation", "multilabel")
 
 
@@ -71,6 +69,26 @@ def summary(table: pa.Table) -> dict:
            "explained": int((det & np.isin(status, _MAPPED)).sum())}
     out.update({s: int((status == s).sum()) for s in STATUSES})
     return out
+
+
+def class_task(table: pa.Table) -> str | None:
+    """``segmentation`` or ``multilabel`` for a file of per-(image, class) rows, else None."""
+    task = file_identity(run_metadata(table)).get("task")
+    return task if task in ("segmentation", "multilabel") else None
+
+
+def class_summary(table: pa.Table, task: str) -> dict:
+    """What a segmentation / multi-label run covered: images (distinct ``row``), result rows, classes
+    explained (rows with a map), the rows of each status, and the explained rows per class."""
+    status = _strings(table, "status")
+    images = len(table.column("row").unique()) if "row" in table.column_names else table.num_rows
+    statuses = ("ok", "no_activation", "error", *TASK_STATUSES[task])
+    mapped = np.isin(status, _MAPPED)
+    labels = [label_of(r) for r, m in zip(table.select([c for c in ("predicted_label", "predicted_class")
+                                                         if c in table.column_names]).to_pylist(), mapped) if m]
+    return {"task": task, "images": int(images), "rows": int(table.num_rows), "explained": int(mapped.sum()),
+            **{s: int((status == s).sum()) for s in statuses},
+            "classes": {k: labels.count(k) for k in sorted(set(labels))}}
 
 
 def mean_of(table: pa.Table, name: str) -> float | None:

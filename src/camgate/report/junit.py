@@ -15,16 +15,21 @@ def _num(v) -> str:
 
 def junit(decision: Decision, name: str = "camgate", record: dict | None = None) -> bytes:
     """``record`` (:func:`camgate.report.record.build`): a detection run's counts go into the suite's
-    properties and output (images, detections found and explained, missed, no_detection)."""
+    properties and output (images, detections found and explained, missed, no_detection); a segmentation
+    or multi-label run's likewise (images, rows, classes explained, no_region / no_label)."""
     verdicts = [r.verdict for r in decision.rules]
     suites = ET.Element("testsuites", name=name)
     suite = ET.SubElement(suites, "testsuite", name=f"{name}: policy {decision.policy}", tests=str(len(verdicts)),
                           failures=str(verdicts.count("fail")), errors="0", skipped=str(verdicts.count("skip")))
     det = (record or {}).get("detection")
-    if det:
+    task = (record or {}).get("task")
+    objects = (record or {}).get(task) if task in ("segmentation", "multilabel") else None
+    if det or objects:
         props = ET.SubElement(suite, "properties")
-        for k in ("task", "images", "detections", "explained", "missed", "no_detection", "error"):
-            ET.SubElement(props, "property", name=k, value=str(det.get(k)))
+        keys = ("task", "images", "detections", "explained", "missed", "no_detection", "error") if det else \
+            ("task", "images", "rows", "explained", "no_region" if task == "segmentation" else "no_label", "error")
+        for k in keys:
+            ET.SubElement(props, "property", name=k, value=str((det or objects).get(k)))
     for r in decision.rules:
         label = r.rule + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in r.params.items())
         case = ET.SubElement(suite, "testcase", classname=f"{name}.{decision.policy}.{r.scope}", name=label)
@@ -40,6 +45,10 @@ def junit(decision: Decision, name: str = "camgate", record: dict | None = None)
         notes.append(f"detection run: {det['images']} images, {det['detections']} detections "
                      f"({det['explained']} explained), {det['missed']} missed, {det['no_detection']} without a "
                      f"detection")
+    if objects:
+        empty = "no_region" if task == "segmentation" else "no_label"
+        notes.append(f"{task} run: {objects['images']} images, {objects['rows']} rows ({objects['explained']} classes "
+                     f"explained, {objects[empty]} {empty})")
     if decision.trusted is not None:
         notes.append(f"heatmaps {'trusted' if decision.trusted else 'NOT trusted'}: {decision.trust_reason}")
     if notes:

@@ -55,6 +55,7 @@ def worst_rows(table: pa.Table, top: int) -> tuple[np.ndarray, list[dict]]:
 
 
 _TINT = np.array([1.0, 0.0, 1.0], dtype=np.float32)  # magenta: in no heatmap colour, rare in photos
+_REGION = np.array([0.0, 1.0, 1.0], dtype=np.float32)  # cyan: a segmentation class's region, beside white/black
 
 
 def _outline(out: np.ndarray, m: np.ndarray) -> None:
@@ -124,14 +125,16 @@ def _caption(pic: Image.Image, text: str, rect: tuple[int, int, int, int], right
 
 
 def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], mask=None,
-                width: int = 160, det_box=None, caption: str | None = None) -> bytes:
+                width: int = 160, det_box=None, caption: str | None = None, region=None) -> bytes:
     """PNG of two panels, each fitted into ``width`` × ``width``: the model's view of ``image``
     (``box``) and the heatmap blended into it, both with the invalid region (``mask``: bool array of
     the box) outlined, and tinted in the first. 256 colours: a third of the bytes of full colour, and
     the outline stays sharp (JPEG would blur it), so a gallery stays small however large the images.
 
     ``det_box``: a detection's box (x1, y1, x2, y2) in original image pixels, drawn over both panels
-    (white 2 px with a black edge), with ``caption`` (label, score) by it in the first."""
+    (white 2 px with a black edge), with ``caption`` (label, score) by it in the first. ``region``: a
+    segmentation class's region (bool array of the model's view, any resolution), outlined in cyan
+    over both panels, with ``caption`` by its top left corner."""
     import io
 
     import torch
@@ -155,6 +158,14 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
     if rect is not None:
         for panel in panels:
             _draw_box(panel, rect)
+    if region is not None:
+        r = resized_mask(region, size)
+        for panel in panels:
+            panel[boundary(~r)] = 0.0
+            panel[boundary(r)] = _REGION
+        ys, xs = np.nonzero(r)
+        if len(ys):
+            rect = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
     gap = np.ones((size[0], 4, 3), dtype=np.float32)
     out = np.concatenate([panels[0], gap, panels[1]], axis=1)
     buf = io.BytesIO()
@@ -168,12 +179,15 @@ def overlay_png(image: bytes, cam: np.ndarray, box: tuple[int, int, int, int], m
 
 _OVERLAY_COLUMNS = ["row", "image_id", "status", "invalid_activation_ratio", "invalid_area_ratio", "peak_in_invalid",
                     "predicted_label", "predicted_class", "label", "image", "mask", "cam", "cam_height",
-                    "cam_width", "image_width", "image_height", "target_class", *detection.COLUMNS]
+                    "cam_width", "image_width", "image_height", "target_class", "predicted_score",
+                    *detection.COLUMNS]
 
 
 def overlays(results_uri: str, top: int = GALLERY) -> dict:
     """PNG overlays for the ``top`` images by invalid activation ratio, by ``row`` (what ``html`` embeds);
-    in a detection run by ``(row, det_index)``, each with the detection's box and caption drawn.
+    in a detection run by ``(row, det_index)``, each with the detection's box and caption drawn; in a
+    segmentation or multi-label run by ``(row, 'class', target_class)``, a segmentation class's region
+    outlined.
 
     An image that cannot be read any more is left out: the report still renders."""
     from ..data.decode import MaskSpec, decode_mask, model_view
@@ -190,7 +204,9 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict:
     out: dict = {}
     per_class = detection.per_class_task(md)
     positions, worst = worst_rows(light, top)
-    cams = pf.read(columns=["cam", "cam_height", "cam_width"]).take(pa.array(positions, type=pa.int64())).to_pylist()
+    maps = [c for c in ("cam", "cam_height", "cam_width", "region", "region_height", "region_width")
+            if c in pf.schema_arrow.names]
+    cams = pf.read(columns=maps).take(pa.array(positions, type=pa.int64())).to_pylist()
     for row, cam in zip(worst, cams):
         try:
             size = (row["image_width"], row["image_height"])
@@ -199,9 +215,10 @@ def overlays(results_uri: str, top: int = GALLERY) -> dict:
                 mask = model_view(decode_mask(storage.read_bytes(row["mask"]), row["mask"], mask_spec, size),
                                   spec, size)
             det_box = detection.box_of(row)
+            region = res.region_array(cam) if per_class else None
             out[detection.row_key(row, per_class)] = overlay_png(
                 storage.read_bytes(row["image"]), res.cam_array(cam), spec.box(*size), mask, det_box=det_box,
-                caption=detection.caption(row) if det_box else None)
+                caption=detection.caption(row) if (det_box or region is not None) else None, region=region)
         except (storage.StorageError, ValueError, TypeError):
             continue  # the image moved or the row has no map: the report goes without this picture
     return out

@@ -350,6 +350,18 @@ def _det_counts(summary: dict) -> list:
             "row (neither has a map)."]
 
 
+def _class_counts(objects: dict) -> list:
+    empty = "no_region" if objects["task"] == "segmentation" else "no_label"
+    head = ["images", "rows", "explained", "ok", "no_activation", "error", empty]
+    what = ("its class's region (the predicted pixels), outlined in cyan in the overlays; a named class without "
+            "a pixel, or an image without any class, is a no_region row") if empty == "no_region" else \
+        "its label's logit; an image without a positive label is one no_label row"
+    per_class = ", ".join(f"{k} {v}" for k, v in objects["classes"].items())
+    return [Table(head, [[str(objects[k]) for k in head]]),
+            f"A {objects['task']} run: one row per (image, class explained), the map explaining {what}. "
+            f"Rows explained per class: {per_class or 'none'}."]
+
+
 def _det_sections(table: pa.Table, share_ratio: float, limit: int) -> list:
     """A detection run's own tables: per detected class (detections, missed, box figures), then each
     detection with its label, score, box and ratios (those over the share ratio kept first when capped)."""
@@ -419,13 +431,16 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
     o = d.overall
     table = None
     if results is not None:
-        table = read_results(results, RESULT_COLUMNS + ("predicted_score", "target_class") + detection.COLUMNS)
+        table = read_results(results, RESULT_COLUMNS + ("predicted_score", "target_class", "outside_region_ratio",
+                                                        "region_invalid_area") + detection.COLUMNS)
     det = table is not None and detection.is_detection(table)
     summary = detection.summary(table) if det else None
+    task = detection.class_task(table) if table is not None else None
+    objects = detection.class_summary(table, task) if task else None
     counts = [Table(["rows", "ok", "no_activation", "error"],
                     [[str(d.counts.get(k, 0)) for k in ("rows", "ok", "no_activation", "error")]])]
     p.sections += [
-        ("Counts", _det_counts(summary) if det else counts),
+        ("Counts", _det_counts(summary) if det else _class_counts(objects) if objects else counts),
         ("Overall", [Table(["statistic", "value"], [
             ["mean invalid activation ratio", _fmt(o.get("mean_invalid_activation_ratio"))],
             ["p95 invalid activation ratio", _fmt(o.get("p95_invalid_activation_ratio"))],
@@ -437,7 +452,10 @@ def build_page(d: Decision, results, title: str | None, top: int, ctx: dict | No
             ["no-activation rate", _fmt(o.get("no_activation_rate"))],
             *([["mean outside-box ratio (ok detections)", _fmt(detection.mean_of(table, "outside_box_ratio"))],
                ["mean box invalid area (ok detections)", _fmt(detection.mean_of(table, "box_invalid_area"))]]
-              if det else [])])]),
+              if det else []),
+            *([["mean outside-region ratio (ok rows)", _fmt(detection.mean_of(table, "outside_region_ratio"))],
+               ["mean region invalid area (ok rows)", _fmt(detection.mean_of(table, "region_invalid_area"))]]
+              if task == "segmentation" else [])])]),
         ("Rules", [_capped(_RULE_HEAD, [[_rule_name(r), r.scope, _fmt(r.value), f"{_OPS[r.op]} {_fmt(r.threshold)}",
                                          str(r.n), r.verdict + (f": {r.reason}" if r.reason else "")] for r in d.rules],
                            [f"v-{r.verdict}" for r in d.rules],

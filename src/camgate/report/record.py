@@ -52,10 +52,13 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
     from ..io.results import SANITY_SIMILARITIES, file_identity, run_metadata
     from ..runner.identity import manifest_sha256
 
-    light = read_results(results, ("row", "status", "det_index"))
+    light = read_results(results, ("row", "status", "det_index", "predicted_class", "predicted_label"))
     md = run_metadata(light)
     # a detection run: one row per detection, so the record counts images and detections apart
     det = detection.summary(light) if detection.is_detection(light) else None
+    # segmentation / multi-label: one row per (image, class) explained
+    per_class = detection.class_task(light)
+    objects = detection.class_summary(light, per_class) if per_class else None
     ident = file_identity(md)
     model = md.get("model") or {}
     pol = load_policy(policy)
@@ -87,10 +90,13 @@ def build(decision: Decision, results, policy, road=None, baseline=None, started
     data_rec["counts"] = dict(decision.counts)
     if det:
         data_rec["counts"].update({k: det[k] for k in ("rows", *detection.STATUSES)})
+    if objects:
+        data_rec["counts"].update({k: v for k, v in objects.items() if k not in ("task", "classes", "images")})
     return {
         "schema": SCHEMA,
         "camgate_version": __version__,
         **({"task": detection.TASK, "detection": det} if det else {}),
+        **({"task": per_class, per_class: objects} if objects else {}),
         "verdict": {"passed": decision.passed, "trusted": decision.trusted, "trust_reason": decision.trust_reason,
                     "summary": d["summary"], "warnings": d["warnings"]},
         "model": {"name": model.get("name"), "arch": model.get("arch"), "kind": model.get("kind", "torch"),

@@ -118,7 +118,7 @@ def _mask_for(row: dict, spec: InputSpec, mask_spec: MaskSpec, sm) -> tuple[np.n
 def _analyze_rows(rows, spec, mask_spec, sm, topk, dev, pool) -> None:
     todo = [(row, pool.submit(_mask_for, row, spec, mask_spec, sm))  # fetched in parallel
             for row in rows if row["status"] != "error" and row.get("cam") is not None]
-    from .segmentation import region_array
+    from ..io.results import region_array
 
     ready, cams, masks, boxes, regions = [], [], [], [], []
     for row, fut in todo:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..cam import BLACKBOX, MethodError, canonical
@@ -37,6 +36,7 @@ from ..data import device as gpu
 from ..data.decode import Sample
 from ..errors import ConfigError
 from ..io import results as res
+from ..io.results import region_bytes
 from ..model.load import LoadedModel
 from ..settings import default
 from .classifier import Runner
@@ -67,19 +67,6 @@ def parse_classes(value, card) -> list[int] | None:
             raise ConfigError(f"class {p!r} is neither a class id nor a class name of model card "
                               f"{card.name!r}{known}") from None
     return check_class_ids(list(dict.fromkeys(ids)), card.num_classes) if ids else None
-
-
-def region_bytes(region: torch.Tensor) -> bytes:
-    return np.packbits(region.cpu().numpy().astype(bool).reshape(-1)).tobytes()
-
-
-def region_array(row: dict) -> np.ndarray | None:
-    """A segmentation row's stored region -> bool (region_height, region_width), None without one."""
-    raw = row.get("region")
-    if raw is None:
-        return None
-    h, w = int(row["region_height"]), int(row["region_width"])
-    return np.unpackbits(np.frombuffer(raw, np.uint8), count=h * w).reshape(h, w).astype(bool)
 
 
 class _BlackBox:
