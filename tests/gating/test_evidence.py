@@ -210,3 +210,16 @@ def test_the_pipeline_baseline_step_computes_copies_or_says_none(real_run, tmp_p
     without = gate_step(r["results"], policy, baseline=none)[0]
     assert rule(with_base, "baseline_mean_increase").verdict in ("pass", "fail")
     assert rule(without, "baseline_mean_increase").verdict == "skip" and without.baseline is None
+
+
+@pytest.mark.parametrize("task,what", [("detection", "one row per detection"),
+                                       ("segmentation", "one row per explained class"),
+                                       ("multilabel", "one row per explained class")])
+def test_baseline_rules_refuse_per_object_results(task, what):
+    """A run of several rows per image cannot be paired image by image: on either side, refused by name."""
+    from camgate.io.results import IDENTITY_KEY
+
+    objects = table([0.2, 0.3], md={IDENTITY_KEY: {"task": task}})
+    for cand, base in ((objects, table([0.1, 0.1])), (table([0.1, 0.1]), objects)):
+        with pytest.raises(BaselineError, match=f"a {task} model's results \\({what}\\)"):
+            evaluate(cand, BASE_POLICY, baseline=base)

@@ -195,8 +195,8 @@ def test_gate_per_class_scopes_and_report(tmp_path):
     import numpy as np
     from PIL import Image
 
-    for key, png in pics.items():
-        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    for key, pic in pics.items():
+        rgb = np.asarray(Image.open(io.BytesIO(pic)).convert("RGB")).astype(int)
         cyan = (rgb[..., 0] < 40) & (rgb[..., 1] > 215) & (rgb[..., 2] > 215)
         assert cyan.sum() > 10, key
     rec = json.loads((tmp_path / "rec.json").read_text())

@@ -254,9 +254,11 @@ def pair_baseline(results, baseline, name: str | None = None):
         raise BaselineError(f"{where}: stage is {stage!r}, not 'results': {what}; a baseline must be the champion's "
                             f"analyzed results")
     for what, t in (("the results", cand_t), (where, base_t)):
-        if file_identity(run_metadata(t)).get("task") == "detection":
-            raise BaselineError(f"{what}: a detector's results (one row per detection) cannot be paired image by "
-                                f"image with a baseline; the baseline rules apply to classifiers")
+        task = file_identity(run_metadata(t)).get("task")
+        if task in ("detection", "segmentation", "multilabel"):
+            rows = "detection" if task == "detection" else "explained class"
+            raise BaselineError(f"{what}: a {task} model's results (one row per {rows}) cannot be paired image by "
+                                f"image with a baseline; the baseline rules apply to single-label classifiers")
     cand, base = cand_t.to_pandas(), base_t.to_pandas()
     for what, df in (("results", cand), ("baseline", base)):
         missing = [c for c in ("row", "image", "status", "invalid_activation_ratio") if c not in df.columns]
