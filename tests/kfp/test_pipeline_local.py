@@ -141,3 +141,50 @@ def test_overlapping_tasks_keep_their_lines_and_the_callers_logging():
         root.setLevel(before[0])
         root.handlers[:] = before[1]
         builtins.print = before[2]
+
+
+@pytest.mark.kfp
+def test_a_segmentation_model_through_the_pipeline_in_shards(s3_bucket, tmp_path, monkeypatch):
+    """The compiled pipeline carries the task: a segmentation card (tests/zoo.py's RegionSegmenter, whose
+    class 1 reads only its region, masked invalid) in two shards, the classes named, gated per class;
+    the merged results equal one process's run row for row."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from helpers import png
+
+    from camgate.io.results import read_table
+    from camgate.runner import run
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the tasks import the card's zoo factory
+    prefix = storage.join(s3_bucket, "seg")
+    rng = np.random.default_rng(0)
+    lines = ["image,mask"]
+    for i in range(4):
+        m = np.zeros((48, 64), np.uint8)
+        m[0:24, 0:32] = 255  # class 1's region
+        storage.write_bytes(storage.join(prefix, f"images/{i}.png"), png(rng.integers(0, 255, (48, 64, 3), np.uint8)))
+        storage.write_bytes(storage.join(prefix, f"masks/{i}.png"), png(m))
+        lines.append(f"images/{i}.png,masks/{i}.png")
+    data = storage.join(prefix, "data.csv")
+    storage.write_bytes(data, ("\n".join(lines) + "\n").encode())
+    card = storage.join(prefix, "card.yaml")
+    storage.write_bytes(card, yaml.safe_dump({
+        "name": "segmenter", "task": "segmentation", "arch": "zoo:region_segmenter", "num_classes": 3,
+        "classes": ["background", "a", "b"], "input": {"size": [48, 64]}, "target_layer": "gate"}).encode())
+    policy = storage.join(prefix, "policy.yaml")
+    storage.write_bytes(policy, yaml.safe_dump({"name": "seg", "per_class": "predicted", "rules": {
+        "mean_invalid_activation_ratio": {"max": 0.5}, "no_activation_rate": None}}).encode())
+    r = local_run({"model_card": card, "data": data, "policy": policy, "output_prefix": storage.join(prefix, "out"),
+                   "shards": 2, "classes": "a,b", "batch_size": 2}, str(tmp_path / "kfp"), package_path=COMPILED,
+                  echo=False)
+    assert r["passed"] is False and r["n_images"] == 8  # rows: 4 images x 2 classes
+    decision = json.loads(storage.read_bytes(storage.join(prefix, "out", "decision.json")))
+    verdicts = {x["scope"]: x["verdict"] for x in decision["rules"] if x["rule"] == "mean_invalid_activation_ratio"}
+    assert verdicts == {"all": "pass", "class=a": "fail", "class=b": "pass"}
+    record = json.loads(storage.read_bytes(storage.join(prefix, "out", "record.json")))
+    assert record["task"] == "segmentation" and record["segmentation"]["classes"] == {"a": 4, "b": 4}
+    merged = read_table(storage.join(prefix, "out", "results.parquet"))
+    one = str(tmp_path / "one.parquet")
+    run(card, data, one, classes="a,b", progress=False)
+    cols = ["row", "target_class", "status", "invalid_activation_ratio", "outside_region_ratio", "region_invalid_area"]
+    assert merged.select(cols).to_pylist() == pq.read_table(one).select(cols).to_pylist()
