@@ -241,3 +241,20 @@ def test_the_python_api_refuses_segmentation_and_multilabel_models(tmp_path):
         camgate.explain(region_segmenter(), img, task="multilabel")
     with pytest.raises(ConfigError, match="task must be one of"):
         camgate.evaluate(region_segmenter(), img, np.zeros((H, W), bool), task="panoptic")
+
+
+def test_blackbox_rise_explains_the_ground_truth_regions(tmp_path):
+    import yaml
+
+    path = tmp_path / "cb.yaml"
+    path.write_text(yaml.safe_dump({"name": "cb", "task": "segmentation", "kind": "callable",
+                                    "arch": "zoo:segmenter_scores", "num_classes": 4, "input": {"size": [H, W]}}))
+    data = gt_set(tmp_path, [label_map(), label_map(boxes=((3, (0, 0, 16, 16)),))])
+    out = tmp_path / "b.parquet"
+    run(str(path), data, str(out), method="rise", budget=8, seed=1, progress=False)
+    rows = rows_of(out)
+    assert [(r["row"], r["target_class"], r["region_pixels"]) for r in rows] == \
+        [(0, 0, H * W - 32 * 24 - 24 * 24 - 4 * 32), (0, 1, 32 * 24), (0, 2, 24 * 24),
+         (1, 0, H * W - 16 * 16 - 4 * 32), (1, 3, 16 * 16)]
+    assert all(r["method"] == "rise" and r["status"] in ("ok", "no_activation") for r in rows)
+    assert identity(out)["regions"] == "ground_truth" and identity(out)["budget"] == 8
