@@ -110,11 +110,15 @@ def explain(model, images, *, method: str = default("method"), target: str | int
             target_layer: str | Sequence[str] | None = None, input=None, num_classes: int | None = None,
             classes: Sequence[str] | None = None, reshape: str | None = None, labels: Sequence | None = None,
             device: str = default("device"), batch_size: int = default("batch_size"),
-            budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp")) -> Explanation:
+            budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
+            task: str | None = None) -> Explanation:
     """Heatmaps and predictions for a batch of images.
 
     ``target``: ``'predicted'``, ``'label'`` (then ``labels``: a class index or name per image) or a
-    class index. ``budget``/``seed``: the black-box methods' forward passes per image and base seed
+    class index. ``task``: an nn.Module's task, ``'classification'`` only (a card states its own); detection,
+    segmentation and multi-label models, which explain several objects per image, are refused with a
+    :class:`camgate.errors.ConfigError` pointing to :func:`camgate.run`. ``budget``/``seed``: the black-box
+    methods' forward passes per image and base seed
     (image ``i`` is seeded like manifest row ``i``). ``amp``: ``off|bf16|fp16``. See the module's
     docstring for ``model``, ``images`` and ``device``. A problem of the call (argument, image that
     cannot be read, target) raises :class:`camgate.errors.ConfigError` naming it.
@@ -127,10 +131,11 @@ def explain(model, images, *, method: str = default("method"), target: str | int
         >>> ex.maps.shape, ex.predicted_class.shape
         (torch.Size([8, 2, 2]), torch.Size([8]))
     """
+    _check_task(task)
     imgs = _images(images)
     labels = _per_image(labels, len(imgs), "labels")
     with _loaded(model, input=input, target_layer=target_layer, num_classes=num_classes, classes=classes,
-                 reshape=reshape, device=device) as lm:
+                 reshape=reshape, device=device, task=task) as lm:
         runner = Runner(lm, method, target, analyze=False, budget=budget, seed=seed, amp=amp)
         try:
             items = _items(imgs, None, labels, None, None)
@@ -154,7 +159,7 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
              invalid_ids: Sequence[int] | None = None, mask_spec: MaskSpec | None = None,
              topk: float = default("topk"), device: str = default("device"),
              batch_size: int = default("batch_size"), budget: int = default("budget"), seed: int = default("seed"),
-             amp: str = default("amp")):
+             amp: str = default("amp"), task: str | None = None):
     """``camgate run`` + ``camgate gate`` in memory -> ``(results, decision)``.
 
     ``results``: a pandas DataFrame, one row per image in order, with the columns and statuses of a
@@ -185,6 +190,7 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
     """
     import pyarrow as pa
 
+    _check_task(task)
     check_topk(topk)
     if mask_spec is None:
         ids = None if invalid_ids is None else tuple(int(i) for i in invalid_ids)
@@ -201,7 +207,7 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
     ids = _per_image(image_ids, n, "image_ids")
     metas = _metadata(metadata, n)
     with _loaded(model, input=input, target_layer=target_layer, num_classes=num_classes, classes=classes,
-                 reshape=reshape, device=device) as lm:
+                 reshape=reshape, device=device, task=task) as lm:
         runner = Runner(lm, method, target, analyze=True, topk=topk, budget=budget, seed=seed, amp=amp)
         items = _items(imgs, mks, labels, ids, metas)
         runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
@@ -231,9 +237,10 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
 # --- the model --------------------------------------------------------------------------------------
 
 @contextmanager
-def _loaded(model, *, input, target_layer, num_classes, classes, reshape, device):
+def _loaded(model, *, input, target_layer, num_classes, classes, reshape, device, task=None):
     """Any accepted ``model`` -> a LoadedModel for the call; an nn.Module is restored on the way out."""
-    module_only = {"input": input, "num_classes": num_classes, "classes": classes, "reshape": reshape}
+    module_only = {"input": input, "num_classes": num_classes, "classes": classes, "reshape": reshape,
+                   "task": task}
     if isinstance(model, nn.Module):
         with _borrowed(model, _module_device(model, device)) as dev:
             yield _module_model(model, dev, input, target_layer, num_classes, classes, reshape)
@@ -255,10 +262,26 @@ def _loaded(model, *, input, target_layer, num_classes, classes, reshape, device
 
 
 def _classifier(lm: LoadedModel) -> LoadedModel:
-    if lm.card.detection:
-        raise ConfigError(f"explain/evaluate take classifiers; model card {lm.card.name!r} is a detector: "
-                          f"camgate.run gives its per-detection maps and metrics")
+    task = lm.card.task
+    if task != "classification":  # one row per image here; these explain several objects per image
+        what = {"detection": "a detector", "segmentation": "a segmentation model",
+                "multilabel": "a multi-label model"}.get(task, f"a {task} model")
+        rows = "per-detection" if task == "detection" else "per-(image, class)"
+        raise ConfigError(f"explain/evaluate take single-label classifiers; model card {lm.card.name!r} is {what} "
+                          f"(task {task}): camgate.run gives its {rows} maps and metrics")
     return lm
+
+
+def _check_task(task) -> None:
+    """An nn.Module's task: its outputs are read as one image's class logits, so only classification."""
+    if task in (None, "classification"):
+        return
+    from .model.card import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
+    raise ConfigError(f"explain/evaluate take single-label classifiers, not task {task!r}: write a model card "
+                      f"with 'task: {task}' and call camgate.run for its per-object maps and metrics")
 
 
 def _module_device(module: nn.Module, device: str) -> torch.device:

@@ -72,7 +72,8 @@ _TABLE = (
             steps=_HEATMAPS["steps"] + ("layers_step", "animate_step", "road_step"),
             components=_HEATMAPS["components"] + ("layer_maps", "animate_layers", "road_faithfulness"),
             pipeline=True, at=_at(_LAYERS + _ANIMATE, help="a native CAM method (gradcam, gradcam++, layercam, ...)")),
-    Setting("target", str, "predicted", "class to explain: predicted | label (the manifest's) | <class index>",
+    Setting("target", str, "predicted", "class to explain: predicted | label (the manifest's; of a multi-label "
+            "model: its ;-separated labels) | <class index>",
             verbs=("run", "layers", "animate", "road"),
             steps=_HEATMAPS["steps"] + ("layers_step", "animate_step", "road_step"),
             components=_HEATMAPS["components"] + ("layer_maps", "animate_layers", "road_faithfulness"),

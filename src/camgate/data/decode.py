@@ -164,6 +164,29 @@ def decode_mask(data: bytes, name: str, spec: MaskSpec, size: tuple[int, int]) -
     return invalid
 
 
+VOID = 255  # a label map's pixels of no class (the VOC convention)
+
+
+def decode_label_map(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Bytes -> int64 (h, w) class ids of a ground-truth label map (raw values: palette index for 'P'
+    images; :data:`VOID` = no class). It must be the size of its image, ``size`` = (w, h): a label map is
+    not resized to its image (a stretched class boundary would be a wrong ground truth). ValueError
+    saying what is wrong."""
+    img = _open(data)
+    if img.mode in ("LA", "PA", "RGBA"):
+        img = img.convert({"LA": "L", "PA": "P", "RGBA": "RGB"}[img.mode])  # alpha is not a class
+    if img.mode not in ("1", "L", "P", "I", "RGB") and not img.mode.startswith("I;16"):
+        raise ValueError(f"a label map holds integer class ids (mode L, P, I or I;16), got mode {img.mode}")
+    a = np.asarray(img)
+    if a.ndim == 3:
+        if not (a == a[..., :1]).all():
+            raise ValueError(f"a label map holds one class id per pixel, got a colour {img.mode} image")
+        a = a[..., 0]
+    if (a.shape[1], a.shape[0]) != tuple(size):
+        raise ValueError(f"the label map is {a.shape[1]}x{a.shape[0]} pixels, its image {size[0]}x{size[1]}")
+    return a.astype(np.int64)
+
+
 class StaticMask:
     """One mask for every item: read once, decoded once per image size (thread-safe)."""
 

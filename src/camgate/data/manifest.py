@@ -3,7 +3,9 @@
 A data set is either a manifest (``.csv``, ``.jsonl``/``.ndjson`` or ``.parquet``) with columns
 ``image`` (required), ``mask``, ``label``, ``image_id`` (optional) and any other columns, which are
 passed through as metadata (``boxes``: ground-truth boxes of detection data, kept raw here and parsed per
-item by :func:`camgate.data.boxes.parse_boxes`); or a prefix (``s3://bucket/set/`` or a local directory) holding
+item by :func:`camgate.data.boxes.parse_boxes`; ``regions``: the URI of a segmentation ground-truth label
+map, resolved like ``mask``; ``label`` of a multi-label data set: ``;``-separated ids or names); or a prefix
+(``s3://bucket/set/`` or a local directory) holding
 ``images/`` and ``masks/`` whose files pair by their path below those folders without extension
 (for a flat layout: the file stem).
 
@@ -44,7 +46,7 @@ SHARD_ERROR = "_item_error"
 # given when the shard runs replaces that mask, and its error, as it does in a run over the original data
 SHARD_MASK_ERROR = "_mask_error"
 # columns that are item fields, not metadata (a shard manifest's own columns aside)
-RESERVED_COLUMNS = ("image", "mask", "label", "image_id", "row", "boxes")
+RESERVED_COLUMNS = ("image", "mask", "label", "image_id", "row", "boxes", "regions")
 
 
 class DataError(ConfigError):
@@ -73,6 +75,7 @@ class Item:
     error: str | None = None  # known before loading: refused path, unsupported scheme, no mask...
     mask_error: str | None = None  # the part of ``error`` that is the mask's (a static mask makes it moot)
     boxes: object | None = None  # the raw ``boxes`` cell (JSON text or parsed list): see camgate.data.boxes
+    regions: str | None = None  # URI of the ground-truth label map (segmentation): pixel = class id, 255 = void
 
     @property
     def image_error(self) -> str | None:
@@ -134,15 +137,18 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
         if shard:  # resolved once, against the original manifest: taken as they are
             image, error = _cell(row.get("image")), _cell(row.get(SHARD_ERROR))
             mask, err = _cell(row.get("mask")), _cell(row.get(SHARD_MASK_ERROR))
+            regions, regions_err = _cell(row.get("regions")), None
         else:
             image, error = _ref(uri, row.get("image"), "image")
             mask, err = _ref(uri, row.get("mask"), "mask")
+            regions, regions_err = _ref(uri, row.get("regions"), "regions")
         if image is None and error is None:
             error = f"row {index}: empty 'image' cell"
         if static_mask:
             mask, err = static_mask, None
         else:
             error = error or err
+        error = error or regions_err
         image_id = _cell(row.get("image_id"))
         if image_id is None:
             image_id = _stem(image or _cell(row.get("image")) or "") or f"row-{index}"
@@ -150,7 +156,7 @@ def _manifest_items(uri: str, fmt: str, static_mask: str | None) -> list[Item]:
             index=index, image_id=str(image_id), image=image, mask=mask,
             label=_label(row.get("label")),
             meta={k: _meta(row.get(k)) for k in columns if k not in reserved},
-            error=error, mask_error=err, boxes=_cell(row.get("boxes"))))
+            error=error, mask_error=err, boxes=_cell(row.get("boxes")), regions=regions))
     return items
 
 
@@ -236,6 +242,9 @@ def _cell(v):
 def _label(v):
     # CSV has no types: '3' is class index 3; names stay strings for the caller to map
     v = _cell(v)
+    if isinstance(v, (list, tuple, np.ndarray)):  # a multi-label's labels (JSONL, Parquet): the CSV spelling
+        v = ";".join(str(x) for x in v)
+        return v or None
     if isinstance(v, (np.integer, bool)):
         return int(v)
     if isinstance(v, (float, np.floating)):
@@ -278,7 +287,7 @@ def _parse_csv(raw: bytes):
     records = [r for r in reader if any(c.strip() for c in r)]
     cols = {c: [r[j] if j < len(r) else "" for r in records] for j, c in enumerate(columns)}
     for c in columns:
-        if c not in ("image", "mask", "image_id", "label", "boxes"):
+        if c not in ("image", "mask", "image_id", "label", "boxes", "regions"):
             cols[c] = _infer(cols[c])
     rows = [{c: (cols[c][i] if cols[c][i] != "" else None) for c in columns} for i in range(len(records))]
     return columns, rows, {}

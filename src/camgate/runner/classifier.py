@@ -74,6 +74,11 @@ class Runner:
         self.split = gpu.OomSplitter(max_batch)  # halves the compute batch on out-of-memory
         self.meta_types = meta_types or {}
 
+    @property
+    def row_target(self):
+        """What :func:`triage` takes each item's class from (runners choosing their own rows: 'predicted')."""
+        return self.target
+
     def base_row(self, s: Sample) -> dict:
         it = s.item
         row = {"row": it.index, "image_id": it.image_id, "image": it.image, "mask": it.mask,
@@ -88,7 +93,7 @@ class Runner:
 
     def process(self, batch: list[Sample]) -> list[dict]:
         rows = [self.base_row(s) for s in batch]
-        todo, targets, failed = triage(batch, self.target, self.lm.card, self.analyze)
+        todo, targets, failed = triage(batch, self.row_target, self.lm.card, self.analyze)
         for i, (err, kind) in failed.items():
             rows[i].update(error=err, error_kind=kind)
 

@@ -57,17 +57,16 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     Detectors (model card ``task: detection``, :mod:`camgate.runner.detection`): one row per explained
     detection (``score_threshold``, ground truth from the manifest's ``boxes`` column or the COCO
     ``annotations`` file); ``target`` does not apply. Segmentation and multi-label models
-    (:mod:`camgate.runner.segmentation`): one row per explained class (present in the prediction, or
-    positive at ``score_threshold``; or the ``classes`` named: comma-separated ids or names)."""
+    (:mod:`camgate.runner.segmentation`): one row per explained class (present in the prediction or in the
+    manifest's ``regions`` label maps, or positive at ``score_threshold``; or the ``classes`` named:
+    comma-separated ids or names; or, ``target='label'`` on a multi-label model, the manifest's labels)."""
     t0 = time.perf_counter()
     amp, decode, batch_size = gpu.check_amp(amp), gpu.check_decode(decode), gpu.parse_batch_size(batch_size)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
     task = lm.card.task
-    if task != "classification" and str(target) != default("target"):
-        what = {"detection": "a detector", "segmentation": "a segmentation model"}.get(task, "a multi-label model")
-        raise ConfigError(f"target {target!r} does not apply to {what}: "
-                          + ("its detections are explained (--score-threshold, or ground-truth boxes)"
-                             if task == "detection" else "its classes are explained (--classes, --score-threshold)"))
+    if task == "detection" and str(target) != default("target"):
+        raise ConfigError(f"target {target!r} does not apply to a detector: its detections are explained "
+                          f"(--score-threshold, or ground-truth boxes)")
     if task != "detection" and annotations:
         raise ConfigError(f"annotations (COCO boxes) apply to detectors only; model card {lm.card.name!r} is {task}")
     if lm.card.detection:
@@ -76,7 +75,7 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     elif task in ("segmentation", "multilabel"):
         cls = SegmentationRunner if task == "segmentation" else MultiLabelRunner
         runner = cls(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp, classes=classes,
-                     score_threshold=score_threshold)
+                     score_threshold=score_threshold, target=target)
     else:
         if classes:
             raise ConfigError(f"classes apply to segmentation and multi-label models; model card {lm.card.name!r} "
@@ -92,6 +91,11 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     items = load_items(data, static_mask)
     if analyze and not static_mask and items and not any(it.mask for it in items):
         raise no_masks(data)  # before any compute: every row would be the same error
+    if any(it.regions for it in items):  # ground-truth label maps: the regions segmentation classes are explained on
+        if task != "segmentation":
+            raise ConfigError(f"data {data} has a regions column (ground-truth label maps), which applies to "
+                              f"segmentation models; model card {lm.card.name!r} is task {task}")
+        runner.ground_truth = True
     runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
     sm = StaticMask(static_mask) if (static_mask and analyze) else None
     md = {"camgate_version": __version__, "stage": "results" if analyze else "heatmaps",
@@ -108,7 +112,9 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
         md.update(detect)
     elif task in ("segmentation", "multilabel"):  # which classes were explained
         detect = {"classes": runner.classes}
-        if task == "multilabel" and runner.classes is None:
+        if task == "segmentation":  # each class's region: its predicted pixels or its ground-truth ones
+            detect["regions"] = "ground_truth" if runner.ground_truth else "predicted"
+        elif runner.classes is None and runner.target != "label":
             detect["score_threshold"] = runner.score_threshold
         md.update(detect)
     ident = run_identity(lm, method=runner.engine.method, target=runner.target, layers=md["target_layer"],

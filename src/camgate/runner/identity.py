@@ -120,8 +120,10 @@ def fingerprint(md: dict, items: list[Item]) -> str:
     """Everything that determines the rows: run settings, model hashes and the items themselves."""
     h = hashlib.sha256(json.dumps(md, sort_keys=True, default=str).encode())
     for it in items:
-        # ground-truth boxes decide a detector's rows (absent otherwise: earlier runs keep their fingerprint)
+        # ground-truth boxes / label maps decide a detector's / segmentation model's rows (absent otherwise:
+        # earlier runs keep their fingerprint)
         boxes = [] if it.boxes is None else [it.boxes]
-        h.update(json.dumps([it.index, it.image_id, it.image, it.mask, it.label, it.meta, it.error, *boxes],
+        regions = [] if it.regions is None else [{"regions": it.regions}]
+        h.update(json.dumps([it.index, it.image_id, it.image, it.mask, it.label, it.meta, it.error, *boxes, *regions],
                             sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -7,9 +7,15 @@ What is explained, per image:
 - segmentation: each class present in the prediction (argmax over the classes, at least one pixel),
   or the classes the ``classes`` setting names; a class's region is its predicted pixels. A named class
   without a predicted pixel is a ``no_region`` row (no map); an image with no class at all keeps one
-  ``no_region`` row saying why;
+  ``no_region`` row saying why. With ground truth (the manifest's ``regions`` column: a label map of the
+  image's size, pixel = class id, 255 = void) the classes present in it instead, each on its labelled
+  pixels: the label map is cut like the image (``InputSpec.box``) and resized nearest-neighbour to the
+  model output's resolution. A label map that cannot be read, of another size than its image, or with a
+  class the model does not have is that image's error row;
 - multi-label: each label whose sigmoid probability is at least ``score_threshold``, or the labels
-  ``classes`` names; an image without a positive label keeps one ``no_label`` row saying why.
+  ``classes`` names, or (``target='label'``) the labels the manifest's ``label`` column gives
+  (``;``-separated ids or class names); an image without a positive (or given) label keeps one
+  ``no_label`` row saying why; a label the model does not have is the image's error row.
 
 ``target_class`` and ``predicted_class`` hold the class explained (so per-class gate scopes group by
 it), ``predicted_score`` its mean softmax probability over its region (segmentation) or its sigmoid
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from ..cam import BLACKBOX, MethodError, canonical
@@ -33,9 +41,11 @@ from ..cam.blackbox import check_budget
 from ..cam.segmentation import (NO_REGION, MultiLabelCamEngine, SegmentationCamEngine, check_class_ids,
                                 multilabel_blackbox, segmentation_blackbox)
 from ..data import device as gpu
-from ..data.decode import Sample
+from ..data.decode import VOID, Sample, decode_label_map, model_view, storage_error_kind
+from ..data.manifest import label_index
 from ..errors import ConfigError
 from ..io import results as res
+from ..io import storage
 from ..io.results import region_bytes
 from ..model.load import LoadedModel
 from ..settings import default
@@ -69,15 +79,25 @@ def parse_classes(value, card) -> list[int] | None:
     return check_class_ids(list(dict.fromkeys(ids)), card.num_classes) if ids else None
 
 
+def manifest_labels(value, card) -> list[int]:
+    """A multi-label item's ``label`` cell (``;``-separated ids or class names; None = no label) -> ids,
+    in the order given; ValueError naming a label the model does not have."""
+    if value is None:
+        return []
+    parts = [value] if isinstance(value, int) else str(value).split(";")
+    ids = [label_index(p.strip(), card.classes, card.num_classes) for p in map(str, parts) if p.strip()]
+    return list(dict.fromkeys(ids))
+
+
 class _BlackBox:
     """What ``run`` needs of an engine (``method``, ``close``) for RISE / DE-CAM on these tasks."""
 
     def __init__(self, fn, backend, method: str, budget: int, seed: int, **kw):
         self.fn, self.backend, self.method, self.budget, self.seed, self.kw = fn, backend, method, budget, seed, kw
 
-    def __call__(self, x: torch.Tensor, classes, rows: list[int]):
+    def __call__(self, x: torch.Tensor, classes, rows: list[int], **given):
         return self.fn(self.backend, x, self.method, classes, budget=self.budget,
-                       seeds=[row_seed(self.seed, r) for r in rows], **self.kw)
+                       seeds=[row_seed(self.seed, r) for r in rows], **given, **self.kw)
 
     def close(self):
         pass
@@ -88,11 +108,14 @@ class _ClassRunner(Runner):
 
     task = "?"
     empty = "?"  # the status of an image with nothing to explain
+    targets = ("predicted",)  # what ``target`` may be
+    row_target = "predicted"  # rows come from the model's output (or the manifest), not from triage
 
     def __init__(self, lm: LoadedModel, method: str = default("method"), analyze: bool = True,
                  topk: float = default("topk"), meta_types: dict | None = None, budget: int = default("budget"),
                  seed: int = default("seed"), amp: str = default("amp"), classes: str | list | None = None,
-                 score_threshold: float = default("score_threshold"), max_batch: int = 1 << 30):
+                 score_threshold: float = default("score_threshold"), max_batch: int = 1 << 30,
+                 target: str = "predicted"):
         from ..model.backends import TorchBackend
 
         self._setup(lm, analyze, topk, meta_types, amp, max_batch)
@@ -104,7 +127,14 @@ class _ClassRunner(Runner):
         name = canonical(method)
         self.classes = parse_classes(classes, lm.card)
         self.score_threshold = check_score_threshold(score_threshold)
-        self.target = "predicted"  # the classes themselves are explained
+        self.target = str(target if target is not None else "predicted")
+        if self.target not in self.targets:
+            raise ConfigError(f"target {target!r} does not apply to {self.what} (model card {lm.card.name!r}): "
+                              f"{self.explained}")
+        if self.target == "label" and self.classes is not None:
+            raise ConfigError("classes and target 'label' both choose the labels to explain: give one of them")
+        self.ground_truth = False  # segmentation: regions from the manifest's label maps (set by run)
+        self._given: dict[int, tuple] = {}  # item index -> (classes, region) of the batch in hand
         self.black_box = name in BLACKBOX
         if self.black_box:
             check_budget(budget)
@@ -117,11 +147,31 @@ class _ClassRunner(Runner):
             self.engine = self._engine(lm, name)
         self.layer_name = None if self.black_box else ",".join(lm.target_layers)
 
+    def _inputs(self, s: Sample) -> tuple:
+        """An image's (classes to explain or None, given region or None); ValueError / StorageError
+        naming the problem, which becomes the image's error row."""
+        return self.classes, None
+
+    def _note(self, s: Sample, note: str) -> str:
+        """Why an image has nothing to explain."""
+        return note or "nothing to explain"
+
     def _explain(self, x: torch.Tensor, rows: list[int]):
-        given = None if self.classes is None else [self.classes] * x.shape[0]
-        return self.engine(x, given, rows) if self.black_box else self.engine(x, given)
+        given = [self._given.get(r, (self.classes, None)) for r in rows]
+        classes = None if all(c is None for c, _ in given) else [c for c, _ in given]
+        regions = None if all(r is None for _, r in given) else [r for _, r in given]
+        kw = {} if regions is None else {"regions": regions}
+        return self.engine(x, classes, rows, **kw) if self.black_box else self.engine(x, classes, **kw)
 
     def process(self, batch: list[Sample]) -> list[dict]:
+        self._given = {}
+        for s in batch:
+            if s.error is None:
+                try:
+                    self._given[s.item.index] = self._inputs(s)
+                except (ValueError, storage.StorageError) as e:  # this image's ground truth: its row says why
+                    s.error = f"image {s.item.image} (id {s.item.image_id}): {e}"
+                    s.error_kind = storage_error_kind(e)
         out = []
         for row in super().process(batch):
             objects = row.pop("_objects", None)
@@ -169,7 +219,7 @@ class _ClassRunner(Runner):
                     if cm.regions is not None:
                         good_regions.append(cm.regions[t])
                 objects.append(o)
-            row.update(status=self.empty, error=f"{where}: {cm.note or 'nothing to explain'}", error_kind=None)
+            row.update(status=self.empty, error=f"{where}: {self._note(s, cm.note)}", error_kind=None)
             if objects:
                 row["_objects"] = objects
         apply_metrics(good, good_cams, good_masks, self.topk, regions=good_regions or None)
@@ -179,6 +229,30 @@ class SegmentationRunner(_ClassRunner):
     """Rows per (image, class present in the prediction or named); metrics also per class region."""
 
     task, empty = "segmentation", NO_REGION
+    what, explained = "a segmentation model", "its classes are explained (--classes, or a regions column)"
+
+    def _inputs(self, s: Sample) -> tuple:
+        if not self.ground_truth:
+            return self.classes, None
+        uri = s.item.regions
+        if uri is None:
+            raise ValueError("no ground-truth label map (its regions cell is empty, other images have one)")
+        try:
+            labels = decode_label_map(storage.read_bytes(uri), s.size)
+        except ValueError as e:
+            raise ValueError(f"ground-truth label map {uri}: {e}") from None
+        k = self.lm.card.num_classes
+        bad = sorted(set(np.unique(labels).tolist()) - set(range(k)) - {VOID})
+        if bad:
+            names = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(f"ground-truth label map {uri}: class {names} is not a class of the model "
+                             f"(0 to {k - 1}; {VOID} = void)")
+        # the part of the image the model sees; the engine resizes it to the output's resolution
+        return self.classes, torch.from_numpy(model_view(labels, self.lm.input, s.size))
+
+    def _note(self, s: Sample, note: str) -> str:
+        note = super()._note(s, note)
+        return f"ground truth {s.item.regions}: {note}" if self.ground_truth else note
 
     def _engine(self, lm: LoadedModel, name: str):
         return SegmentationCamEngine(lm.model, lm.layers(), name, lm.reshape_transform, lm.card.num_classes)
@@ -198,6 +272,20 @@ class MultiLabelRunner(_ClassRunner):
     """Rows per (image, positive label at ``score_threshold``, or named label)."""
 
     task, empty = "multilabel", NO_LABEL
+    targets = ("predicted", "label")
+    what = "a multi-label model"
+    explained = ("its positive labels are explained (--score-threshold, --classes), or the manifest's "
+                 "(--target label)")
+
+    def _inputs(self, s: Sample) -> tuple:
+        if self.target != "label":
+            return self.classes, None
+        return manifest_labels(s.item.label, self.lm.card), None
+
+    def _note(self, s: Sample, note: str) -> str:
+        if self.target == "label" and not note:
+            return "no label in the manifest's label column"
+        return super()._note(s, note)
 
     def _engine(self, lm: LoadedModel, name: str):
         if not 0 < self.score_threshold < 1:

@@ -84,7 +84,7 @@ def plan(data: str, shards: int, out_prefix: str, static_mask: str | None = None
             raise ConfigError(f"data {data} has a column {name!r}, which shard manifests reserve")
     res.meta_fields(types)  # metadata columns the results cannot hold fail here, not in every shard's run
     fields = [("row", pa.int64()), ("image_id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
-              ("label", pa.string()), ("boxes", pa.string()), (SHARD_ERROR, pa.string()),
+              ("label", pa.string()), ("boxes", pa.string()), ("regions", pa.string()), (SHARD_ERROR, pa.string()),
               (SHARD_MASK_ERROR, pa.string())]
     fields += [(k, pa.string() if pa.types.is_null(t) else t) for k, t in types.items()]
     n = min(shards, len(items))
@@ -100,6 +100,7 @@ def plan(data: str, shards: int, out_prefix: str, static_mask: str | None = None
                 # raw, as JSON text: parsed per item when the shard runs, so a bad cell stays that item's error
                 "boxes": [b if b is None or isinstance(b, str) else json.dumps(b, default=str)
                           for b in (it.boxes for it in part)],
+                "regions": [it.regions for it in part],  # resolved against the original manifest, as image
                 # kept apart, so a static mask given to the worker replaces the mask and its error, as in run
                 SHARD_ERROR: [it.image_error for it in part], SHARD_MASK_ERROR: [it.mask_error for it in part]}
         cols.update({name: [res.meta_value(it.meta.get(name), typ) for it in part] for name, typ in types.items()})
