@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import torch
 
 from ..cam import BLACKBOX, MethodError, canonical
