@@ -62,7 +62,7 @@ from .model.card import ModelCard
 from .model.layers import check_layers, default_target_layers, resolve_layers
 from .model.load import LoadedModel, load_model, pick_device
 from .runner.common import triage
-from .runner.heatmaps import Runner
+from .runner.heatmaps import Runner, make_runner
 from .settings import default
 
 __all__ = ["Explanation", "evaluate", "explain"]
@@ -76,21 +76,27 @@ class Explanation:
     results' ``cam`` column stores and the metrics are computed from; :meth:`normalized` gives the
     display view). ``predicted_class``/``target_class``: int64 ``(B,)``, the argmax of the logits and
     the class explained. ``predicted_score``: float32 ``(B,)``, the softmax probability of the
-    predicted class. ``logits``: float32 ``(B, K)`` (``probs``: their softmax)."""
+    predicted class. ``logits``: float32 ``(B, K)`` (``probs``: their softmax).
+
+    A segmentation or multi-label model's rows are (image, class explained) pairs, in image order:
+    ``image_index`` (int64) says whose image each row is, ``predicted_class`` = ``target_class`` the class,
+    ``predicted_score`` its mean probability over its region (segmentation) or its sigmoid probability;
+    ``logits`` is None. An image with nothing to explain has no row."""
 
     maps: torch.Tensor
     predicted_class: torch.Tensor
     predicted_score: torch.Tensor
     target_class: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     method: str
     target_layer: str | None  # None for black-box methods
     classes: list[str] | None = None
     input_size: tuple[int, int] = (224, 224)  # (height, width) the model saw
+    image_index: torch.Tensor | None = None  # per-(image, class) rows: each row's image; None = row i is image i
 
     @property
-    def probs(self) -> torch.Tensor:
-        return torch.softmax(self.logits, 1)
+    def probs(self) -> torch.Tensor | None:
+        return None if self.logits is None else torch.softmax(self.logits, 1)
 
     @property
     def predicted_label(self) -> list[str] | None:
@@ -111,13 +117,17 @@ def explain(model, images, *, method: str = default("method"), target: str | int
             classes: Sequence[str] | None = None, reshape: str | None = None, labels: Sequence | None = None,
             device: str = default("device"), batch_size: int = default("batch_size"),
             budget: int = default("budget"), seed: int = default("seed"), amp: str = default("amp"),
-            task: str | None = None) -> Explanation:
+            task: str | None = None, explained_classes: str | Sequence | None = None,
+            score_threshold: float = default("score_threshold")) -> Explanation:
     """Heatmaps and predictions for a batch of images.
 
     ``target``: ``'predicted'``, ``'label'`` (then ``labels``: a class index or name per image) or a
-    class index. ``task``: an nn.Module's task, ``'classification'`` only (a card states its own); detection,
-    segmentation and multi-label models, which explain several objects per image, are refused with a
-    :class:`camgate.errors.ConfigError` pointing to :func:`camgate.run`. ``budget``/``seed``: the black-box
+    class index. ``task``: an nn.Module's task, ``'classification'`` only (a card states its own). A
+    segmentation or multi-label model card gives a row per (image, class explained), as ``camgate run``:
+    the classes present in the prediction or positive at ``score_threshold``, or ``explained_classes``
+    (ids or names); a multi-label model's ``target='label'`` takes ``labels`` (per image a list or a
+    ``;``-separated string). Detectors are refused with a :class:`camgate.errors.ConfigError` pointing to
+    :func:`camgate.run`. ``budget``/``seed``: the black-box
     methods' forward passes per image and base seed
     (image ``i`` is seeded like manifest row ``i``). ``amp``: ``off|bf16|fp16``. See the module's
     docstring for ``model``, ``images`` and ``device``. A problem of the call (argument, image that
@@ -136,6 +146,11 @@ def explain(model, images, *, method: str = default("method"), target: str | int
     labels = _per_image(labels, len(imgs), "labels")
     with _loaded(model, input=input, target_layer=target_layer, num_classes=num_classes, classes=classes,
                  reshape=reshape, device=device, task=task) as lm:
+        if lm.card.task != "classification":
+            return _explain_classes(lm, imgs, labels, method, target, batch_size, budget, seed, amp,
+                                    explained_classes, score_threshold)
+        if explained_classes is not None:
+            raise ConfigError("explained_classes: for segmentation and multi-label models; use target")
         runner = Runner(lm, method, target, analyze=False, budget=budget, seed=seed, amp=amp)
         try:
             items = _items(imgs, None, labels, None, None)
@@ -159,8 +174,12 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
              invalid_ids: Sequence[int] | None = None, mask_spec: MaskSpec | None = None,
              topk: float = default("topk"), device: str = default("device"),
              batch_size: int = default("batch_size"), budget: int = default("budget"), seed: int = default("seed"),
-             amp: str = default("amp"), task: str | None = None):
+             amp: str = default("amp"), task: str | None = None, explained_classes: str | Sequence | None = None,
+             score_threshold: float = default("score_threshold")):
     """``camgate run`` + ``camgate gate`` in memory -> ``(results, decision)``.
+
+    A segmentation or multi-label model card gives one row per (image, class explained) with its
+    task's columns and statuses (see :func:`explain` for ``explained_classes``/``score_threshold``).
 
     ``results``: a pandas DataFrame, one row per image in order, with the columns and statuses of a
     ``camgate run`` results file (``row``, ``image_id``, ``image``, ``mask``, ``status``, ``error``,
@@ -208,7 +227,8 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
     metas = _metadata(metadata, n)
     with _loaded(model, input=input, target_layer=target_layer, num_classes=num_classes, classes=classes,
                  reshape=reshape, device=device, task=task) as lm:
-        runner = Runner(lm, method, target, analyze=True, topk=topk, budget=budget, seed=seed, amp=amp)
+        runner = make_runner(lm, method, target, True, topk, budget=budget, seed=seed, amp=amp,
+                             score_threshold=score_threshold, classes=_classes_setting(explained_classes))
         items = _items(imgs, mks, labels, ids, metas)
         runner.meta_types = meta_cols = res.meta_types(it.meta for it in items)
         rows: list[dict] = []
@@ -225,8 +245,10 @@ def evaluate(model, images, masks, *, policy=None, method: str = default("method
               "target_layer": [] if runner.black_box else lm.target_layers,
               **({"budget": budget, "seed": seed} if runner.black_box else {}),
               "data": None, "static_mask": None, "mask_spec": mask_spec.to_dict(), "topk": topk,
-              "policy": policy.to_dict(), "amp": runner.amp}
-    schema = res.schema(meta_cols, md)
+              "policy": policy.to_dict(), "amp": runner.amp,
+              # what the gate reads of the task (its statuses); a run writes the whole identity
+              res.IDENTITY_KEY: {"task": lm.card.task}}
+    schema = res.schema(meta_cols, md, res.task_fields(lm.card.task))
     table = pa.table({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)
     decision: Decision = judge(table, policy)
     df = table.to_pandas()
@@ -262,14 +284,48 @@ def _loaded(model, *, input, target_layer, num_classes, classes, reshape, device
 
 
 def _classifier(lm: LoadedModel) -> LoadedModel:
-    task = lm.card.task
-    if task != "classification":  # one row per image here; these explain several objects per image
-        what = {"detection": "a detector", "segmentation": "a segmentation model",
-                "multilabel": "a multi-label model"}.get(task, f"a {task} model")
-        rows = "per-detection" if task == "detection" else "per-(image, class)"
-        raise ConfigError(f"explain/evaluate take single-label classifiers; model card {lm.card.name!r} is {what} "
-                          f"(task {task}): camgate.run gives its {rows} maps and metrics")
+    if lm.card.task == "detection":  # its rows need ground truth and boxes that have no place here
+        raise ConfigError(f"explain/evaluate take classifiers, segmentation and multi-label models; model card "
+                          f"{lm.card.name!r} is a detector (task detection): camgate.run gives its per-detection "
+                          f"maps and metrics")
     return lm
+
+
+def _classes_setting(value) -> str | None:
+    """``explained_classes`` (a string or a sequence of ids/names) -> the ``classes`` setting's form."""
+    if value is None or isinstance(value, str):
+        return value
+    return ",".join(str(v) for v in value)
+
+
+def _explain_classes(lm, imgs, labels, method, target, batch_size, budget, seed, amp, explained, threshold):
+    """explain() for a segmentation or multi-label model: its runner's rows that have a map."""
+    runner = make_runner(lm, method, target, False, default("topk"), budget=budget, seed=seed, amp=amp,
+                         score_threshold=threshold, classes=_classes_setting(explained))
+    labels = [";".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in labels]
+    rows = []
+    try:
+        items = _items(imgs, None, labels, None, None)
+        for start in range(0, len(items), _batch_size(batch_size)):
+            rows += runner.process([_sample(it, img, None, lm.input, MaskSpec(), False)
+                                    for it, img in zip(items[start:start + batch_size],
+                                                       imgs[start:start + batch_size])])
+    finally:
+        runner.engine.close()
+    bad = next((r for r in rows if r["status"] == "error"), None)
+    if bad is not None:
+        raise DataError(bad["error"])
+    rows = [r for r in rows if r.get("cam") is not None]
+    maps = [torch.from_numpy(res.cam_array(r).copy()) for r in rows]
+
+    def long(key: str) -> torch.Tensor:
+        return torch.tensor([int(r[key]) for r in rows], dtype=torch.long)
+
+    score = torch.tensor([math.nan if r.get("predicted_score") is None else r["predicted_score"] for r in rows],
+                         dtype=torch.float32)
+    return Explanation(torch.stack(maps) if maps else torch.zeros(0, 0, 0), long("predicted_class"), score,
+                       long("target_class"), None, runner.engine.method, runner.layer_name, lm.card.classes,
+                       tuple(lm.input.size), image_index=long("row"))
 
 
 def _check_task(task) -> None:

@@ -1,7 +1,7 @@
 """Ground truth in `camgate run` for segmentation and multi-label models: the manifest's ``regions``
 label maps (classes and regions from the ground truth, cut and resized like the image, bad label maps
 as row errors), the manifest's labels of a multi-label model (``target='label'``), the run identity and
-resume fingerprint, sharded runs equal to one run, and the Python API's refusal of these tasks.
+resume fingerprint, sharded runs equal to one run, and the Python API's rows of these tasks.
 
 tests/zoo.py's RegionSegmenter (input 48 x 64): class 1 predicted on [0, 0, 32, 24], class 2 on
 [40, 24, 64, 48] (xyxy), class 0 elsewhere.
@@ -228,19 +228,46 @@ def test_shards_of_a_segmentation_run_merge_into_the_one_run(tmp_path, gt):
     assert ident(merged)["regions"] == ("ground_truth" if gt else "predicted")
 
 
-def test_the_python_api_refuses_segmentation_and_multilabel_models(tmp_path):
+def test_the_python_api_gives_the_runs_rows(tmp_path):
+    """camgate.explain / evaluate on a segmentation card: the rows, maps and metrics `camgate run` gives
+    on the same images saved as PNG; a multi-label card's target='label' takes per-image label lists;
+    an nn.Module of these tasks (whose output the call could not check without a card) is refused."""
     import camgate
+    from test_segmentation_run import data_set
     from zoo import region_segmenter
 
+    data = data_set(tmp_path)  # 3 images, class 1's region masked invalid
+    out = tmp_path / "r.parquet"
+    run(card(tmp_path), data, str(out), progress=False)
+    rows = rows_of(out)
+    imgs = [str(tmp_path / "images" / f"{i}.png") for i in range(3)]
+    masks = [str(tmp_path / "masks" / f"{i}.png") for i in range(3)]
+    ex = camgate.explain(card(tmp_path), imgs)
+    mapped = [r for r in rows if r["cam"] is not None]
+    assert ex.image_index.tolist() == [r["row"] for r in mapped] and ex.logits is None and ex.probs is None
+    assert ex.target_class.tolist() == [r["target_class"] for r in mapped] == ex.predicted_class.tolist()
+    for m, r in zip(ex.maps, mapped):
+        np.testing.assert_array_equal(m.numpy(), res.cam_array(r))
+    df, decision = camgate.evaluate(card(tmp_path), imgs, masks, policy={"per_class": "predicted", "rules": {
+        "mean_invalid_activation_ratio": 0.5, "no_activation_rate": None}})
+    cols = ["row", "target_class", "status", "invalid_activation_ratio", "outside_region_ratio",
+            "region_invalid_area"]
+    assert all(same(a, b) for x, y in zip(df[cols].to_dict("records"), [{k: r[k] for k in cols} for r in rows])
+               for a, b in zip(x.values(), y.values())) and len(df) == len(rows)
+    verdicts = {r.scope: r.verdict for r in decision.rules if r.rule == "mean_invalid_activation_ratio"}
+    assert verdicts["class=a"] == "fail" and verdicts["class=b"] == "pass"
+    # multi-label: the labels given, in order; named classes too
+    ml = camgate.explain(ml_card(tmp_path), imgs[:2], target="label", labels=[["b", "a"], "background"])
+    assert ml.image_index.tolist() == [0, 0, 1] and ml.target_class.tolist() == [2, 1, 0]
+    assert camgate.explain(ml_card(tmp_path), imgs[:1], explained_classes=[0]).target_class.tolist() == [0]
     img = [np.zeros((H, W, 3), np.uint8)]
-    with pytest.raises(ConfigError, match="is a segmentation model.*camgate.run"):
-        camgate.explain(card(tmp_path), img)
-    with pytest.raises(ConfigError, match="is a multi-label model.*camgate.run"):
-        camgate.evaluate(ml_card(tmp_path), img, np.zeros((H, W), bool))
     with pytest.raises(ConfigError, match="not task 'multilabel'.*camgate.run"):
         camgate.explain(region_segmenter(), img, task="multilabel")
     with pytest.raises(ConfigError, match="task must be one of"):
         camgate.evaluate(region_segmenter(), img, np.zeros((H, W), bool), task="panoptic")
+    with pytest.raises(ConfigError, match="explained_classes: for segmentation and multi-label"):
+        camgate.explain(card(tmp_path, "tiny_cnn", task="classification", target_layer="features.2",
+                             input={"size": [32, 32]}), img, explained_classes=[1])
 
 
 def test_blackbox_rise_explains_the_ground_truth_regions(tmp_path):

@@ -29,6 +29,29 @@ from .identity import DataFingerprint, fingerprint, provenance, run_identity
 log = logging.getLogger(__name__)
 
 
+def make_runner(lm: LoadedModel, method: str, target, analyze: bool, topk: float, *, budget: int, seed: int,
+                amp: str, score_threshold: float = default("score_threshold"), annotations: str | None = None,
+                classes: str | list | None = None) -> Runner:
+    """The runner of the model card's task, its settings checked (before any data is read)."""
+    task = lm.card.task
+    if task == "detection" and str(target) != default("target"):
+        raise ConfigError(f"target {target!r} does not apply to a detector: its detections are explained "
+                          f"(--score-threshold, or ground-truth boxes)")
+    if task != "detection" and annotations:
+        raise ConfigError(f"annotations (COCO boxes) apply to detectors only; model card {lm.card.name!r} is {task}")
+    if lm.card.detection:
+        return DetectionRunner(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp,
+                               score_threshold=score_threshold, annotations=annotations)
+    if task in ("segmentation", "multilabel"):
+        cls = SegmentationRunner if task == "segmentation" else MultiLabelRunner
+        return cls(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp, classes=classes,
+                   score_threshold=score_threshold, target=target)
+    if classes:
+        raise ConfigError(f"classes apply to segmentation and multi-label models; model card {lm.card.name!r} "
+                          f"is a {task} model: use target")
+    return Runner(lm, method, target, analyze, topk, budget=budget, seed=seed, amp=amp)
+
+
 def run(model: str | LoadedModel, data: str, out: str, *, method: str = default("method"),
         target: str | int = default("target"), target_layer: str | list[str] | None = None,
         static_mask: str | None = None, mask_spec: MaskSpec = MaskSpec(),
@@ -64,23 +87,8 @@ def run(model: str | LoadedModel, data: str, out: str, *, method: str = default(
     amp, decode, batch_size = gpu.check_amp(amp), gpu.check_decode(decode), gpu.parse_batch_size(batch_size)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, target_layer=target_layer)
     task = lm.card.task
-    if task == "detection" and str(target) != default("target"):
-        raise ConfigError(f"target {target!r} does not apply to a detector: its detections are explained "
-                          f"(--score-threshold, or ground-truth boxes)")
-    if task != "detection" and annotations:
-        raise ConfigError(f"annotations (COCO boxes) apply to detectors only; model card {lm.card.name!r} is {task}")
-    if lm.card.detection:
-        runner = DetectionRunner(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp,
-                                 score_threshold=score_threshold, annotations=annotations)
-    elif task in ("segmentation", "multilabel"):
-        cls = SegmentationRunner if task == "segmentation" else MultiLabelRunner
-        runner = cls(lm, method, analyze, topk, budget=budget, seed=seed, amp=amp, classes=classes,
-                     score_threshold=score_threshold, target=target)
-    else:
-        if classes:
-            raise ConfigError(f"classes apply to segmentation and multi-label models; model card {lm.card.name!r} "
-                              f"is a {task} model: use target")
-        runner = Runner(lm, method, target, analyze, topk, budget=budget, seed=seed, amp=amp)  # fails before data
+    runner = make_runner(lm, method, target, analyze, topk, budget=budget, seed=seed, amp=amp,
+                         score_threshold=score_threshold, annotations=annotations, classes=classes)
     check_topk(topk)
     dev = lm.device
     if batch_size == "auto":
