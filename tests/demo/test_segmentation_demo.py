@@ -162,17 +162,22 @@ def test_tiny_segmenter_training_writes_loadable_card(tmp_path):
 
 @pytest.mark.slow
 def test_shortcut_segmenter_borrows_lamp_evidence(tmp_path):
-    """Both segmenters find the objects; the shortcut one's object maps lie on the wall lamp far more."""
+    """Both segmenters find the objects; the shortcut one's object maps lie on the wall lamp far more at
+    the card's target layer (layer3). Both layers' figures are printed (layer4's 4 x 5 cells do not
+    separate the two); only wide margins are asserted."""
     figures = {}
     for variant in synth.VARIANTS:
         card = segment.train_segmenter(variant, WORKDIR / "cache", log=print)
         metrics = json.loads((card.parent / "metrics.json").read_text())
-        ev = segment.evidence(card, tmp_path / variant, layers=(segment.TARGET_LAYER,))
+        ev = segment.evidence(card, tmp_path / variant)
         figures[variant] = {"train_seconds": metrics["train_seconds"], "test": metrics["test"], "evidence": ev}
         print(variant, json.dumps(figures[variant]))
         # loose floors: the walkway objects are segmented, not guessed
         assert metrics["test"]["pixel_accuracy"] > 0.9 and metrics["test"]["object_miou"] > 0.3
-    clean, short = (figures[v]["evidence"][segment.TARGET_LAYER]["objects"] for v in synth.VARIANTS)
-    assert clean["rows"] > 50 and short["rows"] > 50
-    assert short["invalid_activation_ratio"] > clean["invalid_activation_ratio"] + 0.1
-    assert short["outside_region_ratio"] > clean["outside_region_ratio"] + 0.05
+    # measured (seed 0, 2-core machine): objects 0.71 vs 0.17, pedestrian 0.87 vs 0.11; outside its own
+    # region 0.98 vs 0.80 (the object is small beside a 16-pixel cell, so both are high)
+    clean, short = (figures[v]["evidence"][segment.TARGET_LAYER] for v in synth.VARIANTS)
+    assert clean["objects"]["rows"] > 50 and short["objects"]["rows"] > 50
+    assert short["objects"]["invalid_activation_ratio"] > clean["objects"]["invalid_activation_ratio"] + 0.15
+    assert short["pedestrian"]["invalid_activation_ratio"] > clean["pedestrian"]["invalid_activation_ratio"] + 0.2
+    assert short["objects"]["outside_region_ratio"] > clean["objects"]["outside_region_ratio"] + 0.05

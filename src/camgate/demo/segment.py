@@ -34,7 +34,7 @@ from .train import config_hash as classifier_hash
 from .train import save_model
 from .train import train as train_classifier
 
-SEG_VERSION = 1  # bump when segmenter training changes, so cached segmenters are retrained
+SEG_VERSION = 2  # bump when segmenter training changes, so cached segmenters are retrained
 SEG_CLASSES = ("background", "pedestrian", "bike", "dog")
 ARCH = "camgate.demo.segment:underpass_segmenter"
 TARGET_LAYER = "body.layer3"
@@ -45,10 +45,11 @@ HEAD_CHANNELS = 64
 
 
 class UnderpassSegmenter(nn.Module):
-    """resnet18 body (``body.conv1`` .. ``body.layer4``) and an FCN-8s-like head: 1x1 projections of
-    layer4, layer3 and layer2 summed top-down (strides 32 -> 16 -> 8), a 3x3 conv, per-pixel class
-    scores, bilinearly upsampled to the input: (B, K, H, W) logits. Takes normalised images (the
-    card's mean/std, the classifier's). Frozen batch norm: the statistics come with the body's weights."""
+    """resnet18 body (``body.conv1`` .. ``body.layer4``) and an FCN-like head: 1x1 projections of
+    layer4 .. layer1 summed top-down (strides 32 -> 16 -> 8 -> 4: the bike's thin frame needs stride 4),
+    a 3x3 conv, per-pixel class scores, bilinearly upsampled to the input: (B, K, H, W) logits. Takes
+    normalised images (the card's mean/std, the classifier's). Frozen batch norm: the statistics come
+    with the body's weights."""
 
     def __init__(self, num_classes: int = len(SEG_CLASSES), channels: int = HEAD_CHANNELS):
         super().__init__()
@@ -59,16 +60,19 @@ class UnderpassSegmenter(nn.Module):
         self.lat4 = nn.Conv2d(512, channels, 1)
         self.lat3 = nn.Conv2d(256, channels, 1)
         self.lat2 = nn.Conv2d(128, channels, 1)
+        self.lat1 = nn.Conv2d(64, channels, 1)
         self.head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(channels, num_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.body
-        c2 = b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))
+        c1 = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        c2 = b.layer2(c1)
         c3 = b.layer3(c2)
         c4 = b.layer4(c3)
         p = _up(self.lat4(c4), c3) + self.lat3(c3)
         p = _up(p, c2) + self.lat2(c2)
+        p = _up(p, c1) + self.lat1(c1)
         return F.interpolate(self.head(p), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 

@@ -156,8 +156,8 @@ def render(label: int, variant: str, rng: np.random.Generator,
 
     ``return_mask=True``: the object's silhouette as a uint8 (H, W) label map is appended to the
     result (``(image, mask)``, or ``(image, box, mask)`` with both keywords), again with the same image
-    and rng consumption: ``label + 1`` on every output pixel the silhouette touches (the pixels inside
-    the box, shadow excluded), 0 elsewhere; all 0 for ``empty``.
+    and rng consumption: ``label + 1`` on every output pixel the silhouette touches (shadow excluded;
+    its bounding box is ``box``), 0 elsewhere; all 0 for ``empty``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
