@@ -146,13 +146,18 @@ def _object_colour(rng: np.random.Generator) -> tuple[int, int, int, int]:
 # --- one image -------------------------------------------------------------------------------
 
 def render(label: int, variant: str, rng: np.random.Generator,
-           size: tuple[int, int] = DEFAULT_SIZE, return_box: bool = False):
+           size: tuple[int, int] = DEFAULT_SIZE, return_box: bool = False, return_mask: bool = False):
     """One uint8 (H, W, 3) image of class ``label``. Consumes ``rng`` identically for both variants.
 
     ``return_box=True``: return ``(image, box)`` instead, the same image and rng consumption, with
     ``box`` the object's bounding box (x1, y1, x2, y2) in output pixels as floats: the pixel edges
     around every output pixel the object's silhouette touches (its floor shadow excluded), so the
     object covers columns x1 .. x2-1 and rows y1 .. y2-1; None for ``empty``.
+
+    ``return_mask=True``: the object's silhouette as a uint8 (H, W) label map is appended to the
+    result (``(image, mask)``, or ``(image, box, mask)`` with both keywords), again with the same image
+    and rng consumption: ``label + 1`` on every output pixel the silhouette touches (shadow excluded;
+    its bounding box is ``box``), 0 elsewhere; all 0 for ``empty``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -206,7 +211,7 @@ def render(label: int, variant: str, rng: np.random.Generator,
     colour = _object_colour(rng)
     facing = 1 if rng.random() < 0.5 else -1
     draws = rng.random((64, 3))  # fixed budget of placement draws keeps the rng stream aligned
-    box = None
+    box, silhouette = None, np.zeros((h, w), np.uint8)
     if name in _OBJECTS:
         drawer, unit = _OBJECTS[name]
         for fy, fx, fs in draws:
@@ -222,10 +227,12 @@ def render(label: int, variant: str, rng: np.random.Generator,
             alpha = (np.asarray(obj)[..., 3] > 0).reshape(h, _SS, w, _SS).any(axis=(1, 3))
             if not invalid[alpha].any():
                 layer.paste(obj, (0, 0), obj)
-                if return_box:  # the silhouette alone, drawn again (no rng): the box leaves the shadow out
+                if return_box or return_mask:  # the silhouette alone, drawn again (no rng): no shadow
                     sil = Image.new("RGBA", (W, H))
                     drawer(ImageDraw.Draw(sil), x, y, u, facing, colour)
-                    box = _bbox((np.asarray(sil)[..., 3] > 0).reshape(h, _SS, w, _SS).any(axis=(1, 3)))
+                    covered = (np.asarray(sil)[..., 3] > 0).reshape(h, _SS, w, _SS).any(axis=(1, 3))
+                    box = _bbox(covered)
+                    silhouette[covered] = label + 1
                 break
         else:  # pragma: no cover - the draw budget is far larger than ever needed
             raise RuntimeError("could not place the object on the floor")
@@ -254,7 +261,9 @@ def render(label: int, variant: str, rng: np.random.Generator,
     cast = 1 + rng.uniform(-0.04, 0.04, 3)
     img = img * gain * grad * cast + rng.normal(0, 0.02, img.shape)
     out = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return (out, box) if return_box else out
+    if not (return_box or return_mask):
+        return out
+    return (out,) + ((box,) if return_box else ()) + ((silhouette,) if return_mask else ())
 
 
 def _bbox(covered: np.ndarray) -> tuple[float, float, float, float]:
