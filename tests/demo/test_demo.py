@@ -25,7 +25,7 @@ def test_demo_clean_passes_shortcut_fails():
         for task in ("load-model", "plan-shards", "shard-worker", "merge-results", "gate"):
             assert f"[demo] {variant}: Task '{task}' finished with status SUCCESS" in p.stderr, p.stderr[-3000:]
     every = json.loads((WORKDIR / "demo.json").read_text())
-    rows = {r["variant"]: r for r in every if r.get("task") != "detection"}
+    rows = {r["variant"]: r for r in every if r.get("task") is None}
     detectors = {r["variant"]: r for r in every if r.get("task") == "detection"}
     clean, shortcut = rows["clean"], rows["shortcut"]
     assert clean["test_accuracy"] >= 0.9 and shortcut["test_accuracy"] >= 0.9
@@ -68,6 +68,21 @@ def test_demo_clean_passes_shortcut_fails():
     assert det_short["per_class_invalid_ratio"][ped] > det_clean["per_class_invalid_ratio"][ped] + 0.2
     for r in detectors.values():
         assert r["counts"]["rows"] >= 100 and r["counts"]["error"] == 0
+        assert r["model"] in p.stdout and Path(r["report"]).stat().st_size > 1000
+    # segmenters: per (image, object class) the map of the class's predicted region, same pipeline
+    segmenters = {r["variant"]: r for r in every if r.get("task") == "segmentation"}
+    for variant in ("clean", "shortcut"):
+        for task in ("load-model", "shard-worker", "merge-results", "gate"):
+            assert f"[demo] underpass-seg-{variant}: Task '{task}' finished with status SUCCESS" in p.stderr
+    seg_clean, seg_short = segmenters["clean"], segmenters["shortcut"]
+    print({v: (r["object_miou"], r["mean_invalid_activation_ratio"], r["per_class_invalid_ratio"]) for v, r in
+           segmenters.items()})
+    assert seg_clean["object_miou"] >= 0.3 and seg_short["object_miou"] >= 0.3
+    assert seg_clean["passed"] and not seg_short["passed"]
+    # the shortcut segmenter's pedestrian region is explained by the lamp (invalid pixels), the clean one's not
+    assert seg_short["per_class_invalid_ratio"][ped] > seg_clean["per_class_invalid_ratio"][ped] + 0.2
+    for r in segmenters.values():
+        assert r["counts"]["error"] == 0 and r["counts"]["ok"] >= 100 and r["counts"]["no_region"] > 0
         assert r["model"] in p.stdout and Path(r["report"]).stat().st_size > 1000
 
 

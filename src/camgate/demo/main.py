@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..io import storage
-from . import detect, synth
+from . import detect, segment, synth
 from .train import train
 
 BUCKET = "camgate-demo"
@@ -51,6 +51,22 @@ POLICY = {
     },
 }
 CHAMPION = "clean"  # in production; every other variant is gated against it on its own test data
+# Segmenters: one row per (image, object class), the map explaining the class's predicted region. The
+# background class is left out (its region holds the walls); a named class the image does not show is
+# a no_region row. The policy asks each object class's evidence to come from the walkway.
+SEGMENTER_CLASSES = "pedestrian,bike,dog"
+SEGMENTER_POLICY = {
+    "name": "underpass-segmenter-no-shortcuts",
+    "description": "Each object class's region must be explained by the walkway, not by walls or ceiling.",
+    "per_class": True,
+    "min_scope_images": 20,
+    "rules": {
+        "mean_invalid_activation_ratio": {"max": 0.4},
+        "share_images_over": {"ratio": 0.5, "max": 0.25},
+        "error_rate": {"max": 0.0},
+        "min_images": 50,
+    },
+}
 # Detectors: one row per ground-truth box (the detection matched to it, else `missed`). The policy asks
 # each detected class's heatmaps to rest on the walkway; a flat map scores about the invalid share.
 DETECTOR_POLICY = {
@@ -100,6 +116,7 @@ def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=
     work.mkdir(parents=True, exist_ok=True)
     cards = {v: train(v, work / "cache", seed=seed, log=log) for v in synth.VARIANTS}
     detectors = {v: detect.train_detector(v, work / "cache", seed=seed, log=log) for v in synth.VARIANTS}
+    segmenters = {v: segment.train_segmenter(v, work / "cache", seed=seed, log=log) for v in synth.VARIANTS}
     pipeline_yaml = compile_pipeline(str(work / "heatmap_gate.yaml"))
     server = S3Server(work / "s3", access_key=f"demo-{secrets.token_hex(4)}", secret_key=secrets.token_hex(16))
     with server:
@@ -107,6 +124,7 @@ def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=
         try:
             rows = _run_models(cards, work, pipeline_yaml, echo, log)
             rows += _run_detectors(detectors, work, pipeline_yaml, echo, log)
+            rows += _run_segmenters(segmenters, work, pipeline_yaml, echo, log)
         finally:  # the caller's own S3 settings come back
             server.restore_env(previous)
     (work / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -197,6 +215,35 @@ def _run_detectors(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log)
     return rows
 
 
+def _run_segmenters(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
+    """The same pipeline for the segmenters: per object class its region's map, gated per class."""
+    rows = []
+    base = storage.join(storage.ensure_bucket(BUCKET), "segmentation")
+    policy_uri = storage.join(base, "policy.yaml")
+    storage.write_bytes(policy_uri, yaml.safe_dump(SEGMENTER_POLICY, sort_keys=False).encode())
+    for variant, card in cards.items():
+        name = f"underpass-seg-{variant}"
+        card_uri, data_uri, metrics = _publish(variant, card, base)
+        out_prefix = storage.join(base, "runs", variant)
+        log(f"{name}: heatmap-gate pipeline (compiled YAML, kfp.local), one row per (image, object class)")
+        report = work / "reports" / f"seg-{variant}.html"
+        r, decision = _pipeline(name, {"model_card": card_uri, "data": data_uri, "policy": policy_uri,
+                                       "output_prefix": out_prefix, "fail_on_violation": False,
+                                       "classes": SEGMENTER_CLASSES, "promote_to": storage.join(base, "promoted")},
+                                report, work, pipeline_yaml, echo, log)
+        per_class = {s["scope"].split("=", 1)[1]: s["mean_invalid_activation_ratio"]
+                     for s in decision["scopes"] if s["scope"].startswith("class=")}
+        rows.append({"model": name, "variant": variant, "task": "segmentation",
+                     "object_miou": metrics["test"]["object_miou"], "miou": metrics["test"]["miou"],
+                     "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
+                     "per_class_invalid_ratio": per_class, "counts": decision["counts"],
+                     "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
+                     "promoted_files": _promoted_files(storage.join(base, "promoted", name)),
+                     "n_images": r["n_images"], "report": str(report),
+                     "results": storage.join(out_prefix, "results.parquet")})
+    return rows
+
+
 def _promoted_files(prefix: str) -> list[str]:
     """Names of the files a completed promotion of this model holds (none when it was not promoted)."""
     from ..promote import promoted
@@ -237,7 +284,7 @@ def table(rows: list[dict]) -> str:
             f"{'rand. model':>11s} {'other class':>11s} {'trusted':>7s} {'vs champion':>17s} {'gate':>5s}  report")
     lines = [head, "-" * len(head)]
     for r in rows:
-        if r.get("task") == "detection":
+        if r.get("task") in ("detection", "segmentation"):
             continue
         road = "   n/a" if r.get("road") is None else f"{r['road']:6.3f}"
         rnd = "   n/a" if r.get("road_random") is None else f"{r['road_random']:6.3f}"
@@ -247,13 +294,16 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['model']:20s} {r['test_accuracy']:8.3f} {r['mean_invalid_activation_ratio']:19.3f} "
                      f"{road} {rnd} {sims} {trusted:>7s} {_vs(r):>17s} {'PASS' if r['passed'] else 'FAIL':>5s}  "
                      f"{r['report']}")
-    detectors = [r for r in rows if r.get("task") == "detection"]
-    if detectors:
-        head = f"{'detector':24s} {'mAP@0.5':>7s} {'mean invalid ratio':>19s}  {'per class':34s} {'gate':>5s}  report"
+    for task, kind, quality, what in (("detection", "detector", "map50", "mAP@0.5"),
+                                      ("segmentation", "segmenter", "object_miou", "obj mIoU")):
+        group = [r for r in rows if r.get("task") == task]
+        if not group:
+            continue
+        head = f"{kind:24s} {what:>8s} {'mean invalid ratio':>19s}  {'per class':34s} {'gate':>5s}  report"
         lines += ["", head, "-" * len(head)]
-        for r in detectors:
+        for r in group:
             per = " ".join(f"{k} {v:.2f}" for k, v in r["per_class_invalid_ratio"].items() if v is not None)
-            lines.append(f"{r['model']:24s} {r['map50']:7.3f} {r['mean_invalid_activation_ratio']:19.3f}  {per:34s} "
+            lines.append(f"{r['model']:24s} {r[quality]:8.3f} {r['mean_invalid_activation_ratio']:19.3f}  {per:34s} "
                          f"{'PASS' if r['passed'] else 'FAIL':>5s}  {r['report']}")
     return "\n".join(lines)
 
@@ -295,4 +345,8 @@ def main(args) -> int:
     print(f"detectors: per ground-truth box the matched detection's map; per detected class the mean invalid "
           f"activation ratio <= {det['mean_invalid_activation_ratio']['max']} and at most "
           f"{det['share_images_over']['max']:.0%} of detections above {det['share_images_over']['ratio']}")
+    seg = SEGMENTER_POLICY["rules"]
+    print(f"segmenters: per object class ({SEGMENTER_CLASSES}) the map of its predicted region; per class the mean "
+          f"invalid activation ratio <= {seg['mean_invalid_activation_ratio']['max']} and at most "
+          f"{seg['share_images_over']['max']:.0%} of rows above {seg['share_images_over']['ratio']}")
     return 0
