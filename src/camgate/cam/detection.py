@@ -54,7 +54,7 @@ import torchvision.ops.poolers
 from torch import Tensor, nn
 
 from ..model.layers import fpn_reshape  # noqa: F401 - re-exported: camgate.cam.fpn_reshape
-from .engine import MethodError, _aggregate, _is_leaf_inplace_error, canonical, frozen_parameters
+from .engine import MethodError, _aggregate, canonical, forward_with_copies, frozen_parameters, rank_grads
 from .maps import normalized
 from .methods import NATIVE
 
@@ -219,9 +219,7 @@ class DetectionCamEngine:
         else:
             from ..model.layers import resolve_layers
 
-            names = [t for t in target_layers if isinstance(t, str)]
-            resolved = iter(resolve_layers(model, names))
-            layers = [next(resolved) if isinstance(t, str) else t for t in target_layers]
+            layers = resolve_layers(model, target_layers)
         self.layers = layers
         self.method = canonical(method)
         if self.method not in NATIVE:
@@ -269,28 +267,6 @@ class DetectionCamEngine:
             return None
         return outputs, captured, canvas
 
-    def _grads(self, targets: list[list[Tensor]], leaves: list[Tensor]) -> list[list[list[Tensor | None]]]:
-        """grads[i][k][j]: gradient of image i's k-th target w.r.t. leaf j (image i's slice).
-
-        With ``batch_images`` one backward pass per rank k for all images: image i's slice of the
-        gradient of the sum is its own target's gradient, because images do not interact (eval mode)."""
-        B = len(targets)
-        out: list[list[list[Tensor | None]]] = [[] for _ in range(B)]
-        jobs = []  # (images, k): one backward pass each
-        most = max((len(t) for t in targets), default=0)
-        for k in range(most):
-            have = [i for i in range(B) if len(targets[i]) > k]
-            jobs += [(have, k)] if self.batch_images else [([i], k) for i in have]
-        for n, (imgs, k) in enumerate(jobs):
-            total = sum(targets[i][k] for i in imgs).sum()
-            if total.requires_grad:
-                g = torch.autograd.grad(total, leaves, retain_graph=n < len(jobs) - 1, allow_unused=True)
-            else:  # no detection of this step matched anything: zero gradients
-                g = (None,) * len(leaves)
-            for i in imgs:
-                out[i].append([None if gj is None else gj[i:i + 1] for gj in g])
-        return out
-
     def __call__(self, x, detections: Sequence[Mapping | None] | None = None,
                  select: Callable[[int, Mapping[str, Tensor]], Sequence[int]] | None = None) -> list[DetectionMaps]:
         """``select(i, output)``: which of image i's own detections to explain (indices into its
@@ -303,18 +279,7 @@ class DetectionCamEngine:
         self.model.eval()  # a torchvision detector returns detections only in eval mode
         try:
             with frozen_parameters(self.model):
-                try:
-                    res = self._forward(images)
-                except RuntimeError as e:
-                    if self._clone or not _is_leaf_inplace_error(e):
-                        raise
-                    res = None
-                if res is None and not self._clone:
-                    self._clone = True  # a downstream op writes in place into the activation: hand on copies
-                    res = self._forward(images)
-                if res is None:
-                    raise MethodError("the target activation was modified in place although the network got a copy")
-                return self._maps(images, detections, select, *res)
+                return self._maps(images, detections, select, *forward_with_copies(self, images))
         finally:
             for m, training in modes.items():
                 m.train(training)
@@ -340,7 +305,7 @@ class DetectionCamEngine:
             targets.append(ts)
             chosen.append({} if index is None else {"index": index.cpu()})
         leaves = [a for _, group in captured for a in group]
-        grads = self._grads(targets, leaves) if self.needs_grad else None
+        grads = rank_grads(targets, leaves, per_image=not self.batch_images) if self.needs_grad else None
         results = []
         with torch.no_grad(), torch.autocast(leaves[0].device.type, enabled=False):
             for i in range(B):

@@ -83,6 +83,51 @@ def _is_leaf_inplace_error(e: RuntimeError) -> bool:
     return "leaf Variable that requires grad" in msg and "in-place operation" in msg
 
 
+def forward_with_copies(engine, *args):
+    """``engine._forward(*args)`` (call it with frozen parameters), done once more handing on copies of
+    the target activations when an op downstream writes into one in place (DenseNet's ReLU after
+    `features`, VGG's after a conv): autograd refuses the write into the leaf handed on, or
+    ``_forward`` sees the activation's version move and returns None. ``engine._clone`` stays set, so
+    the engine hands on copies from then on."""
+    try:
+        res = engine._forward(*args)
+    except RuntimeError as e:  # autograd refused an in-place write into the leaf handed on
+        if engine._clone or not _is_leaf_inplace_error(e):
+            raise
+        res = None
+    if res is None and not engine._clone:
+        engine._clone = True
+        res = engine._forward(*args)
+    if res is None:
+        raise MethodError("the target activation was modified in place although the network got a copy")
+    return res
+
+
+def rank_grads(targets: list[list[torch.Tensor]], leaves: list[torch.Tensor],
+               per_image: bool = False) -> list[list[list[torch.Tensor | None]]]:
+    """grads[i][k][j]: gradient of image i's k-th target w.r.t. leaf j, image i's slice.
+
+    One backward pass per rank k for all images: image i's slice of the gradient of the sum is its
+    own target's gradient, because images do not interact (eval mode); ``per_image``: one pass per
+    (image, rank), for a model whose images do interact in a batch. A rank whose targets do not read
+    the model (an empty region, a box nothing matched) gets zero gradients (None)."""
+    out: list[list[list[torch.Tensor | None]]] = [[] for _ in targets]
+    jobs = []  # (images, k): one backward pass each
+    most = max((len(t) for t in targets), default=0)
+    for k in range(most):
+        have = [i for i, t in enumerate(targets) if len(t) > k]
+        jobs += [([i], k) for i in have] if per_image else [(have, k)]
+    for n, (imgs, k) in enumerate(jobs):
+        total = sum(targets[i][k] for i in imgs)
+        if torch.is_tensor(total) and total.requires_grad:
+            g = torch.autograd.grad(total.sum(), leaves, retain_graph=n < len(jobs) - 1, allow_unused=True)
+        else:
+            g = (None,) * len(leaves)
+        for i in imgs:
+            out[i].append([None if gj is None else gj[i:i + 1] for gj in g])
+    return out
+
+
 class CamEngine:
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], method: str = default("method"),
                  reshape_transform: Callable | None = None):
@@ -153,20 +198,7 @@ class CamEngine:
         # Frozen parameters for the call: with trainable ones the forward would record a graph from
         # the first layer on (the hook's leaf cuts it only where out.requires_grad is False).
         with frozen_parameters(self.model):
-            try:
-                res = self._forward(x, target, needs_grad)
-            except RuntimeError as e:  # autograd refused an in-place write into the leaf handed on
-                if self._clone or not _is_leaf_inplace_error(e):
-                    raise
-                res = None
-            if res is None and not self._clone:
-                # A downstream op writes in place into the target activation (DenseNet's ReLU after
-                # `features`, VGG's after a conv): this engine hands on copies from now on; redo the batch.
-                self._clone = True
-                res = self._forward(x, target, needs_grad)
-        if res is None:
-            raise MethodError("the target activation was modified in place although the network got a copy")
-        logits, targets, captured, grads = res
+            logits, targets, captured, grads = forward_with_copies(self, x, target, needs_grad)
         maps = []
         # maps in float32 whatever precision the model ran in (autocast): .float() is a no-op for
         # float32 activations, so full-precision runs are unchanged to the bit

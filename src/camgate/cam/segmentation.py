@@ -39,7 +39,7 @@ from ..model.backends import check_scores, output_scores
 from ..settings import default
 from .blackbox import METHODS as BLACKBOX
 from .detection import _to_leaf
-from .engine import MethodError, _aggregate, _is_leaf_inplace_error, canonical, frozen_parameters
+from .engine import MethodError, _aggregate, canonical, forward_with_copies, frozen_parameters, rank_grads
 from .maps import normalized
 from .methods import NATIVE
 
@@ -180,9 +180,7 @@ class _TargetEngine:
         from ..model.layers import resolve_layers
 
         self.model, self.num_classes = model, num_classes  # K checked against every output when given
-        names = [t for t in target_layers if isinstance(t, str)]
-        resolved = iter(resolve_layers(model, names))
-        self.layers = [next(resolved) if isinstance(t, str) else t for t in target_layers]
+        self.layers = resolve_layers(model, target_layers)
         if not self.layers:
             raise MethodError("give at least one target layer")
         self.method = canonical(method)
@@ -223,39 +221,12 @@ class _TargetEngine:
 
     def _run(self, x: Tensor, choose) -> list[ClassMaps]:
         with frozen_parameters(self.model):
-            try:
-                res = self._forward(x)
-            except RuntimeError as e:
-                if self._clone or not _is_leaf_inplace_error(e):
-                    raise
-                res = None
-            if res is None and not self._clone:
-                self._clone = True  # a downstream op writes in place into the activation: hand on copies
-                res = self._forward(x)
-            if res is None:
-                raise MethodError("the target activation was modified in place although the network got a copy")
-            out, leaves = res
+            out, leaves = forward_with_copies(self, x)
             k = self.num_classes or (out.shape[1] if out.ndim > 1 else 0)
             check_scores(out, self.task, k, "the model", x.shape[0], MethodError)
             rows = choose(out)  # per image: (classes, targets [scalar tensors], scores, status, reasons, regions, note)
-            grads = self._grads([r[1] for r in rows], leaves) if self.needs_grad else None
+            grads = rank_grads([r[1] for r in rows], leaves) if self.needs_grad else None
             return self._maps(x, rows, leaves, grads)
-
-    def _grads(self, targets: list[list[Tensor]], leaves: list[Tensor]) -> list[list[list[Tensor | None]]]:
-        """grads[i][k][j]: gradient of image i's k-th target w.r.t. leaf j, image i's slice; one
-        backward per rank k for all images (their targets share no path in eval mode)."""
-        out: list[list] = [[] for _ in targets]
-        most = max((len(t) for t in targets), default=0)
-        for k in range(most):
-            have = [i for i, t in enumerate(targets) if len(t) > k]
-            total = sum(targets[i][k] for i in have)
-            if torch.is_tensor(total) and total.requires_grad:
-                g = torch.autograd.grad(total, leaves, retain_graph=k < most - 1, allow_unused=True)
-            else:  # nothing of this rank reads the model (empty regions): zero gradients
-                g = (None,) * len(leaves)
-            for i in have:
-                out[i].append([None if gj is None else gj[i:i + 1] for gj in g])
-        return out
 
     def _maps(self, x: Tensor, rows, leaves, grads) -> list[ClassMaps]:
         results = []

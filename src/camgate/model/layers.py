@@ -78,11 +78,15 @@ def _last_feature_block(names: dict) -> str | None:
     return None
 
 
-def resolve_layers(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
-    """Dotted paths -> modules; a wrong path fails with the list of valid candidates."""
+def resolve_layers(model: nn.Module, paths: Sequence[str | nn.Module]) -> list[nn.Module]:
+    """Dotted paths -> modules (a module given passes as it is); a wrong path fails with the list of
+    valid candidates."""
     names = dict(model.named_modules())
     out = []
     for p in paths:
+        if isinstance(p, nn.Module):
+            out.append(p)
+            continue
         if p not in names or p == "":
             convs = [n for n, m in names.items() if isinstance(m, (nn.Conv2d, nn.Sequential)) and n]
             hint = ", ".join(convs[-12:])
