@@ -45,9 +45,6 @@ class Runner:
         from ..model.backends import TorchBackend
 
         self._setup(lm, analyze, topk, meta_types, amp, max_batch)
-        # conv models on CUDA run in channels_last (converted in place), and their inputs alike
-        self.memory_format = torch.channels_last if (
-            lm.model is not None and gpu.channels_last(lm.model, lm.device)) else torch.contiguous_format
         if str(method).lower() == "drise":
             raise MethodError(f"drise explains object detectors (model card task: detection); model card "
                               f"{lm.card.name!r} is a classifier: use decam or rise")
@@ -67,12 +64,17 @@ class Runner:
         self.layer_name = None if self.black_box else ",".join(lm.target_layers)
 
     def _setup(self, lm: LoadedModel, analyze: bool, topk: float, meta_types: dict | None, amp: str,
-               max_batch: int) -> None:
-        """What every runner holds: the model, the analysis settings, the precision and the batch splitter."""
+               max_batch: int, batched: bool = True) -> None:
+        """What every runner holds: the model, the analysis settings, the precision, the batch splitter and
+        the inputs' memory format."""
         self.lm, self.analyze, self.topk = lm, analyze, topk
         self.amp = gpu.check_amp(amp)
         self.split = gpu.OomSplitter(max_batch)  # halves the compute batch on out-of-memory
         self.meta_types = meta_types or {}
+        # conv models on CUDA run in channels_last (converted in place), and their inputs alike; a model
+        # taking a list of images (``batched`` False: detectors) keeps its layout
+        self.memory_format = torch.channels_last if (
+            batched and lm.model is not None and gpu.channels_last(lm.model, lm.device)) else torch.contiguous_format
 
     @property
     def row_target(self):
@@ -104,7 +106,12 @@ class Runner:
         self.split.run(lambda idx, ts: guarded(
             lambda i2, t2: self._compute([batch[i] for i in i2], [rows[i] for i in i2], t2), idx, ts, fail, oom=True),
             todo, targets, fail)
-        return rows
+        # runners of several rows per image (detections, classes) leave them under `_objects`
+        out = []
+        for row in rows:
+            objects = row.pop("_objects", None)
+            out += [{**row, **o} for o in objects] if objects else [row]
+        return out
 
     def probe(self, n: int) -> None:
         """The compute of ``n`` blank images, results dropped (sizes the batch to the GPU's memory)."""

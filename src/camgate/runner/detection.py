@@ -51,8 +51,7 @@ class DetectionRunner(Runner):
                  seed: int = default("seed"), amp: str = default("amp"),
                  score_threshold: float = default("score_threshold"), annotations: str | None = None,
                  max_batch: int = 1 << 30):
-        self._setup(lm, analyze, topk, meta_types, amp, max_batch)
-        self.memory_format = torch.contiguous_format  # detectors take a list of images
+        self._setup(lm, analyze, topk, meta_types, amp, max_batch, batched=False)  # detectors take a list of images
         self.score_threshold = check_score_threshold(score_threshold)
         self.coco = load_coco(annotations) if annotations else None
         self.target = "predicted"  # the detections themselves are explained
@@ -86,11 +85,7 @@ class DetectionRunner(Runner):
                     self._gt[s.item.index] = self._ground_truth(s)
                 except ValueError as e:  # the image's boxes are unusable: its row says why
                     s.error, s.error_kind = f"image {s.item.image} (id {s.item.image_id}): {e}", "input"
-        out = []
-        for row in super().process(batch):
-            objects = row.pop("_objects", None)
-            out += [{**row, **o} for o in objects] if objects else [row]
-        return out
+        return super().process(batch)
 
     def probe(self, n: int) -> None:
         x = torch.zeros(n, 3, *self.lm.input.size, device=self.lm.device)

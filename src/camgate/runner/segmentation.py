@@ -118,8 +118,6 @@ class _ClassRunner(Runner):
         from ..model.backends import TorchBackend
 
         self._setup(lm, analyze, topk, meta_types, amp, max_batch)
-        self.memory_format = torch.channels_last if (
-            lm.model is not None and gpu.channels_last(lm.model, lm.device)) else torch.contiguous_format
         if str(method).lower() == "drise":
             raise MethodError(f"drise explains object detectors; model card {lm.card.name!r} is task {self.task}: "
                               f"use decam or rise")
@@ -171,11 +169,7 @@ class _ClassRunner(Runner):
                 except (ValueError, storage.StorageError) as e:  # this image's ground truth: its row says why
                     s.error = f"image {s.item.image} (id {s.item.image_id}): {e}"
                     s.error_kind = storage_error_kind(e)
-        out = []
-        for row in super().process(batch):
-            objects = row.pop("_objects", None)
-            out += [{**row, **o} for o in objects] if objects else [row]
-        return out
+        return super().process(batch)
 
     def probe(self, n: int) -> None:
         x = torch.zeros(n, 3, *self.lm.input.size, device=self.lm.device)
