@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,14 +28,12 @@ from ..data.boxes import match as match_boxes
 from . import synth
 from .train import MEAN, STD, TrainConfig, _digest
 from .train import config_hash as classifier_hash
-from .train import save_model
-from .train import train as train_classifier
+from .train import BODY_STAGES, load_body, train_on_body
 
 DET_VERSION = 1  # bump when detector training changes, so cached detectors are retrained
 DET_CLASSES = ("background", "pedestrian", "bike", "dog")
 ARCH = "camgate.demo.detect:fcos_resnet18"
 TARGET_LAYER = "backbone.body.layer4"
-BODY_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # trainable from the top down
 IOU_MATCH = 0.5
 SCORE_MIN = 0.3  # detections at least this confident count for precision / recall
 FPN_CHANNELS = 128
@@ -130,11 +127,7 @@ def _flip(boxes: torch.Tensor, width: int) -> torch.Tensor:
 
 def init_from_classifier(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a torchvision resnet18 state dict (the classification demo's) into the detector's body."""
-    body = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    missing, unexpected = model.backbone.body.load_state_dict(body, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"classifier weights do not fit the detector's body: missing {missing}, "
-                         f"unexpected {unexpected}")
+    load_body(model.backbone.body, state, "detector")
 
 
 def fit_detector(x: torch.Tensor, targets: list[dict], config: DetConfig, seed: int,
@@ -285,58 +278,25 @@ def train_detector(variant: str, cache_dir, seed: int = 0, config: DetConfig | N
     With ``init="classifier"`` the classification demo's model of the variant is trained first
     (or taken from the same cache). An existing card for the same hash is returned without training.
     """
-    from safetensors.torch import load_file
-
     config = config or DetConfig()
     config = replace(config, size=(int(config.size[0]), int(config.size[1])))
-    if config.init not in ("classifier", "none"):
-        raise ValueError(f"init must be 'classifier' or 'none', got {config.init!r}")
-    if not 0 <= config.trainable_layers <= len(BODY_STAGES):
-        raise ValueError(f"trainable_layers must be in 0..{len(BODY_STAGES)}, got {config.trainable_layers}")
-    if config.init == "classifier" and tuple(config.size) != tuple(TrainConfig().size):
-        raise ValueError(f"init 'classifier' needs the classifier's image size {TrainConfig().size}")
-    key = config_hash(variant, seed, config)
-    cache = Path(cache_dir)
-    model_dir = cache / "models" / f"underpass-det-{variant}-{key}"
-    card_path = model_dir / "card.yaml"
-    say = (lambda msg: log(f"{variant} detector: {msg}")) if log else (lambda msg: None)
-    if card_path.exists() and (model_dir / "metrics.json").exists():
-        say(f"trained model cached ({model_dir})")
-        return card_path
 
-    init_state, init_card = None, None
-    if config.init == "classifier":
-        init_card = train_classifier(variant, cache, seed=seed, log=log)
-        init_state = load_file(str(init_card.parent / yaml.safe_load(init_card.read_text())["weights"]))
+    def fit(test_csv: Path, init_state, say):
+        x_train, t_train_targets = load_manifest(test_csv.parent / "train.csv")
+        x_test, t_test_targets = load_manifest(test_csv)
+        say(f"training fcos_resnet18 for {config.epochs} epochs on {len(x_train)} images (CPU, body "
+            f"{'from the classifier' if init_state is not None else 'from scratch'}, "
+            f"{config.trainable_layers} body stages trained)")
+        t0 = time.perf_counter()
+        model = fit_detector(x_train, t_train_targets, config, seed, init_state=init_state, log=say)
+        t_train = time.perf_counter() - t0
+        test_quality = quality(detect(model, x_test), t_test_targets)
+        say(f"test mAP50 {test_quality['map50']}, recall {test_quality['recall_all']}, precision "
+            f"{test_quality['precision_all']} (score >= {SCORE_MIN})")
+        return model, test_quality, t_train
 
-    data_dir = cache / "data" / f"underpass-det-{variant}-{data_hash(variant, seed, config)}"
-    t0 = time.perf_counter()
-    if (data_dir / "params.json").exists():
-        test_csv = data_dir / "test.csv"
-    else:
-        say(f"generating {config.n_train} + {config.n_test} images with boxes")
-        test_csv = generate_detection(data_dir, variant, config.n_train, config.n_test, seed=seed, size=config.size)
-    t_data = time.perf_counter() - t0
-    x_train, t_train_targets = load_manifest(test_csv.parent / "train.csv")
-    x_test, t_test_targets = load_manifest(test_csv)
-
-    say(f"training fcos_resnet18 for {config.epochs} epochs on {len(x_train)} images (CPU, body "
-        f"{'from the classifier' if init_state is not None else 'from scratch'}, "
-        f"{config.trainable_layers} body stages trained)")
-    t0 = time.perf_counter()
-    model = fit_detector(x_train, t_train_targets, config, seed, init_state=init_state, log=say)
-    t_train = time.perf_counter() - t0
-    test_quality = quality(detect(model, x_test), t_test_targets)
-    say(f"test mAP50 {test_quality['map50']}, recall {test_quality['recall_all']}, precision "
-        f"{test_quality['precision_all']} (score >= {SCORE_MIN})")
-
-    card = card_dict(variant, config.size)
-    metrics = {"variant": variant, "seed": seed, "hash": key, "test": test_quality,
-               "n_train": config.n_train, "n_test": config.n_test, "train_seconds": round(t_train, 2),
-               "datagen_seconds": round(t_data, 2), "threads": torch.get_num_threads(),
-               "config": asdict(config), "torch": torch.__version__,
-               "init": None if init_card is None else os.path.relpath(init_card, model_dir),
-               "data": os.path.relpath(test_csv, model_dir)}
-
-    save_model(model_dir, model, card, metrics)
-    return card_path
+    return train_on_body("detector", "underpass-det", variant, cache_dir, seed, config,
+                         config_hash(variant, seed, config), data_hash(variant, seed, config),
+                         lambda d: generate_detection(d, variant, config.n_train, config.n_test, seed=seed,
+                                                      size=config.size),
+                         fit, card_dict(variant, config.size), log, labels="boxes")

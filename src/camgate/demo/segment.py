@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,15 +30,13 @@ from torch import nn
 from . import synth
 from .train import MEAN, STD, TrainConfig, _digest, _normalise
 from .train import config_hash as classifier_hash
-from .train import save_model
-from .train import train as train_classifier
+from .train import BODY_STAGES, load_body, train_on_body
 
 SEG_VERSION = 2  # bump when segmenter training changes, so cached segmenters are retrained
 SEG_CLASSES = ("background", "pedestrian", "bike", "dog")
 ARCH = "camgate.demo.segment:underpass_segmenter"
 TARGET_LAYER = "body.layer3"
 LAYERS = ("body.layer3", "body.layer4")  # the target layers :func:`evidence` compares
-BODY_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # trainable from the top down
 MANIFEST_COLUMNS = ("image", "mask", "label_map", "label", "split", "variant")
 HEAD_CHANNELS = 64
 
@@ -165,11 +162,7 @@ def config_hash(variant: str, seed: int, config: SegConfig) -> str:
 
 def init_from_classifier(model: UnderpassSegmenter, state: dict[str, torch.Tensor]) -> None:
     """Load a torchvision resnet18 state dict (the classification demo's) into the segmenter's body."""
-    body = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    missing, unexpected = model.body.load_state_dict(body, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"classifier weights do not fit the segmenter's body: missing {missing}, "
-                         f"unexpected {unexpected}")
+    load_body(model.body, state, "segmenter")
 
 
 def fit_segmenter(x: torch.Tensor, y: torch.Tensor, config: SegConfig, seed: int, init_state: dict | None = None,
@@ -262,62 +255,29 @@ def train_segmenter(variant: str, cache_dir, seed: int = 0, config: SegConfig | 
     With ``init="classifier"`` the classification demo's model of the variant is trained first
     (or taken from the same cache). An existing card for the same hash is returned without training.
     """
-    from safetensors.torch import load_file
-
     config = config or SegConfig()
     config = replace(config, size=(int(config.size[0]), int(config.size[1])))
-    if config.init not in ("classifier", "none"):
-        raise ValueError(f"init must be 'classifier' or 'none', got {config.init!r}")
-    if not 0 <= config.trainable_layers <= len(BODY_STAGES):
-        raise ValueError(f"trainable_layers must be in 0..{len(BODY_STAGES)}, got {config.trainable_layers}")
-    if config.init == "classifier" and tuple(config.size) != tuple(TrainConfig().size):
-        raise ValueError(f"init 'classifier' needs the classifier's image size {TrainConfig().size}")
-    key = config_hash(variant, seed, config)
-    cache = Path(cache_dir)
-    model_dir = cache / "models" / f"underpass-seg-{variant}-{key}"
-    card_path = model_dir / "card.yaml"
-    say = (lambda msg: log(f"{variant} segmenter: {msg}")) if log else (lambda msg: None)
-    if card_path.exists() and (model_dir / "metrics.json").exists():
-        say(f"trained model cached ({model_dir})")
-        return card_path
 
-    init_state, init_card = None, None
-    if config.init == "classifier":
-        init_card = train_classifier(variant, cache, seed=seed, log=log)
-        init_state = load_file(str(init_card.parent / yaml.safe_load(init_card.read_text())["weights"]))
+    def fit(test_csv: Path, init_state, say):
+        x_train, y_train = load_manifest(test_csv.parent / "train.csv")
+        x_test, y_test = load_manifest(test_csv)
+        say(f"training the resnet18 FCN for {config.epochs} epochs on {len(x_train)} images (CPU, body "
+            f"{'from the classifier' if init_state is not None else 'from scratch'}, "
+            f"{config.trainable_layers} body stages trained)")
+        t0 = time.perf_counter()
+        model = fit_segmenter(x_train, y_train, config, seed, init_state=init_state, log=say)
+        t_train = time.perf_counter() - t0
+        say(f"trained in {t_train:.0f} s")
+        test_quality = quality(predict(model, x_test), y_test)
+        say(f"test pixel accuracy {test_quality['pixel_accuracy']}, mIoU {test_quality['miou']} "
+            f"(objects {test_quality['object_miou']})")
+        return model, test_quality, t_train
 
-    # params.json is written last, so its presence means a complete data set.
-    data_dir = cache / "data" / f"underpass-seg-{variant}-{data_hash(variant, seed, config)}"
-    t0 = time.perf_counter()
-    if (data_dir / "params.json").exists():
-        test_csv = data_dir / "test.csv"
-    else:
-        say(f"generating {config.n_train} + {config.n_test} images with label maps")
-        test_csv = generate_segmentation(data_dir, variant, config.n_train, config.n_test, seed=seed,
-                                         size=config.size)
-    t_data = time.perf_counter() - t0
-    x_train, y_train = load_manifest(test_csv.parent / "train.csv")
-    x_test, y_test = load_manifest(test_csv)
-
-    say(f"training the resnet18 FCN for {config.epochs} epochs on {len(x_train)} images (CPU, body "
-        f"{'from the classifier' if init_state is not None else 'from scratch'}, "
-        f"{config.trainable_layers} body stages trained)")
-    t0 = time.perf_counter()
-    model = fit_segmenter(x_train, y_train, config, seed, init_state=init_state, log=say)
-    t_train = time.perf_counter() - t0
-    say(f"trained in {t_train:.0f} s")
-    test_quality = quality(predict(model, x_test), y_test)
-    say(f"test pixel accuracy {test_quality['pixel_accuracy']}, mIoU {test_quality['miou']} "
-        f"(objects {test_quality['object_miou']})")
-
-    metrics = {"variant": variant, "seed": seed, "hash": key, "test": test_quality,
-               "n_train": config.n_train, "n_test": config.n_test, "train_seconds": round(t_train, 2),
-               "datagen_seconds": round(t_data, 2), "threads": torch.get_num_threads(),
-               "config": asdict(config), "torch": torch.__version__,
-               "init": None if init_card is None else os.path.relpath(init_card, model_dir),
-               "data": os.path.relpath(test_csv, model_dir)}
-    save_model(model_dir, model, card_dict(variant, config.size), metrics)
-    return card_path
+    return train_on_body("segmenter", "underpass-seg", variant, cache_dir, seed, config,
+                         config_hash(variant, seed, config), data_hash(variant, seed, config),
+                         lambda d: generate_segmentation(d, variant, config.n_train, config.n_test, seed=seed,
+                                                         size=config.size),
+                         fit, card_dict(variant, config.size), log, labels="label maps")
 
 
 # --- what the heatmaps show ------------------------------------------------------------------------

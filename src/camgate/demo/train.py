@@ -26,6 +26,7 @@ from PIL import Image
 from . import synth
 
 TRAIN_VERSION = 1  # bump when training changes, so cached models are retrained
+BODY_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # a resnet18 body's stages, trainable from the top
 MEAN = (0.5, 0.5, 0.5)  # synthetic images: no reason for ImageNet statistics
 STD = (0.25, 0.25, 0.25)
 
@@ -178,6 +179,68 @@ def train(variant: str, cache_dir, seed: int = 0, config: TrainConfig | None = N
                "config": asdict(config), "torch": torch.__version__,
                "data": os.path.relpath(test_csv, model_dir)}
 
+    save_model(model_dir, model, card, metrics)
+    return card_path
+
+
+def load_body(body: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a torchvision resnet18 state dict (the classification demo's) into the resnet18 body of the
+    demo's ``what`` (detector, segmenter); ValueError when it does not fit."""
+    kept = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    missing, unexpected = body.load_state_dict(kept, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"classifier weights do not fit the {what}'s body: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
+def train_on_body(what: str, prefix: str, variant: str, cache_dir, seed: int, config, key: str, data_key: str,
+                  generate, fit, card: dict, log=None, labels: str = "labels") -> Path:
+    """What training the demo's detector and segmenter share around their own ``fit``: the cache (an
+    existing card for ``key`` is returned as it is), the body from the variant's classifier
+    (``config.init``: ``classifier`` | ``none``), the data set, the metrics and the saved model.
+
+    ``config`` has ``init``, ``trainable_layers`` (of :data:`BODY_STAGES`), ``size``, ``n_train``,
+    ``n_test``; ``generate(data_dir)`` writes the data set (images with ``labels``) and returns its
+    test manifest; ``fit(test_csv, init_state, say)`` -> (model, test figures, training seconds).
+    Layout under ``cache_dir``: ``data/<prefix>-<variant>-<data_key>/`` and ``models/<prefix>-<variant>-<key>/``.
+    """
+    from safetensors.torch import load_file
+
+    if config.init not in ("classifier", "none"):
+        raise ValueError(f"init must be 'classifier' or 'none', got {config.init!r}")
+    if not 0 <= config.trainable_layers <= len(BODY_STAGES):
+        raise ValueError(f"trainable_layers must be in 0..{len(BODY_STAGES)}, got {config.trainable_layers}")
+    if config.init == "classifier" and tuple(config.size) != tuple(TrainConfig().size):
+        raise ValueError(f"init 'classifier' needs the classifier's image size {TrainConfig().size}")
+    cache = Path(cache_dir)
+    model_dir = cache / "models" / f"{prefix}-{variant}-{key}"
+    card_path = model_dir / "card.yaml"
+    say = (lambda msg: log(f"{variant} {what}: {msg}")) if log else (lambda msg: None)
+    if card_path.exists() and (model_dir / "metrics.json").exists():
+        say(f"trained model cached ({model_dir})")
+        return card_path
+
+    init_state, init_card = None, None
+    if config.init == "classifier":
+        init_card = train(variant, cache, seed=seed, log=log)
+        init_state = load_file(str(init_card.parent / yaml.safe_load(init_card.read_text())["weights"]))
+
+    # params.json is written last, so its presence means a complete data set.
+    data_dir = cache / "data" / f"{prefix}-{variant}-{data_key}"
+    t0 = time.perf_counter()
+    if (data_dir / "params.json").exists():
+        test_csv = data_dir / "test.csv"
+    else:
+        say(f"generating {config.n_train} + {config.n_test} images with {labels}")
+        test_csv = generate(data_dir)
+    t_data = time.perf_counter() - t0
+    model, test_quality, t_train = fit(test_csv, init_state, say)
+    metrics = {"variant": variant, "seed": seed, "hash": key, "test": test_quality,
+               "n_train": config.n_train, "n_test": config.n_test, "train_seconds": round(t_train, 2),
+               "datagen_seconds": round(t_data, 2), "threads": torch.get_num_threads(),
+               "config": asdict(config), "torch": torch.__version__,
+               "init": None if init_card is None else os.path.relpath(init_card, model_dir),
+               "data": os.path.relpath(test_csv, model_dir)}
     save_model(model_dir, model, card, metrics)
     return card_path
 
