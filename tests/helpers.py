@@ -1,4 +1,5 @@
 """Helpers shared by the tests: small data sets, model cards, pipeline arguments and process counters."""
+import csv
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,16 @@ def make_set(root, n=20, prefix=None, bad=()):
                                      "target_layer": "layer3"}).encode())
     base = prefix or str(root)
     return storage.join(base, "card.yaml"), storage.join(base, "manifest.csv")
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file below ``root``, by its relative path: two trees compare byte for byte."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def png(a):

@@ -54,10 +54,12 @@ def test_demo_clean_passes_shortcut_fails():
     for r in rows.values():
         assert r["n_images"] >= 100 and Path(r["report"]).stat().st_size > 1000
         assert r["model"] in p.stdout and ("PASS" if r["passed"] else "FAIL") in p.stdout
-    # detectors: per ground-truth box the matched detection's map, through the same compiled pipeline
-    for variant in ("clean", "shortcut"):
-        for task in ("load-model", "shard-worker", "merge-results", "gate"):
-            assert f"[demo] underpass-det-{variant}: Task '{task}' finished with status SUCCESS" in p.stderr
+    # detectors and segmenters through the same compiled pipeline
+    for short in ("det", "seg"):
+        for variant in ("clean", "shortcut"):
+            for task in ("load-model", "shard-worker", "merge-results", "gate"):
+                assert f"[demo] underpass-{short}-{variant}: Task '{task}' finished with status SUCCESS" in p.stderr
+    # detectors: per ground-truth box the matched detection's map
     det_clean, det_short = detectors["clean"], detectors["shortcut"]
     print({v: (r["map50"], r["mean_invalid_activation_ratio"], r["per_class_invalid_ratio"]) for v, r in
            detectors.items()})
@@ -69,11 +71,8 @@ def test_demo_clean_passes_shortcut_fails():
     for r in detectors.values():
         assert r["counts"]["rows"] >= 100 and r["counts"]["error"] == 0
         assert r["model"] in p.stdout and Path(r["report"]).stat().st_size > 1000
-    # segmenters: per (image, object class) the map of the class's predicted region, same pipeline
+    # segmenters: per (image, object class) the map of the class's predicted region
     segmenters = {r["variant"]: r for r in every if r.get("task") == "segmentation"}
-    for variant in ("clean", "shortcut"):
-        for task in ("load-model", "shard-worker", "merge-results", "gate"):
-            assert f"[demo] underpass-seg-{variant}: Task '{task}' finished with status SUCCESS" in p.stderr
     seg_clean, seg_short = segmenters["clean"], segmenters["shortcut"]
     print({v: (r["object_miou"], r["mean_invalid_activation_ratio"], r["per_class_invalid_ratio"]) for v, r in
            segmenters.items()})

@@ -1,7 +1,6 @@
 """The demo's detection variant: ground-truth boxes, manifests, the FCOS factory, a tiny training run."""
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,16 +8,9 @@ import torch
 import torchvision
 import yaml
 
+from helpers import csv_rows, tree_bytes
+
 from camgate.demo import detect, synth
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -55,16 +47,16 @@ def test_detection_manifests(tmp_path):
     test_csv = detect.generate_detection(tmp_path / "a", "shortcut", n_train=8, n_test=8, seed=2)
     root = test_csv.parent
     again = detect.generate_detection(tmp_path / "b", "shortcut", n_train=8, n_test=8, seed=2)
-    assert _files(root) == _files(again.parent)  # deterministic, byte for byte
+    assert tree_bytes(root) == tree_bytes(again.parent)  # deterministic, byte for byte
     plain = synth.generate(tmp_path / "c", "shortcut", n_train=8, n_test=8, seed=2)
-    for name in _files(plain.parent / "images"):  # the classification data set's images
+    for name in tree_bytes(plain.parent / "images"):  # the classification data set's images
         assert (root / "images" / name).read_bytes() == (plain.parent / "images" / name).read_bytes()
     h, w = synth.DEFAULT_SIZE
     for split in ("train", "test"):
         with open(root / f"{split}.csv", newline="") as f:
             assert next(csv.reader(f)) == ["image", "mask", "boxes", "label", "split", "variant"]
-        rows = _rows(root / f"{split}.csv")
-        assert [r["label"] for r in rows] == [r["label"] for r in _rows(plain.parent / f"{split}.csv")]
+        rows = csv_rows(root / f"{split}.csv")
+        assert [r["label"] for r in rows] == [r["label"] for r in csv_rows(plain.parent / f"{split}.csv")]
         for i, r in enumerate(rows):
             boxes = json.loads(r["boxes"])
             if r["label"] == "empty":
@@ -153,7 +145,7 @@ def test_tiny_detector_training_writes_loadable_card(tmp_path):
     assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
     metrics = json.loads((card_path.parent / "metrics.json").read_text())
     test_csv = (card_path.parent / metrics["data"]).resolve()
-    assert test_csv.is_file() and "boxes" in _rows(test_csv)[0]
+    assert test_csv.is_file() and "boxes" in csv_rows(test_csv)[0]
     assert metrics["threads"] == torch.get_num_threads() and metrics["train_seconds"] > 0
     print("tiny detector:", json.dumps(metrics["test"]))
     # cached: same parameters -> same card, not retrained

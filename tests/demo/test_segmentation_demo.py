@@ -11,19 +11,12 @@ import torch
 import torchvision
 import yaml
 
+from helpers import csv_rows, tree_bytes
+
 from camgate.demo import segment, synth
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKDIR = ROOT / ".cache" / "demo"  # shared with `make demo`: trained models are reused
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -68,20 +61,20 @@ def test_segmentation_manifests(tmp_path):
     test_csv = segment.generate_segmentation(tmp_path / "a", "shortcut", n_train=8, n_test=8, seed=2)
     root = test_csv.parent
     again = segment.generate_segmentation(tmp_path / "b", "shortcut", n_train=8, n_test=8, seed=2)
-    assert _files(root) == _files(again.parent)  # deterministic, byte for byte
+    assert tree_bytes(root) == tree_bytes(again.parent)  # deterministic, byte for byte
     plain = synth.generate(tmp_path / "c", "shortcut", n_train=8, n_test=8, seed=2).parent
     for sub in ("images", "masks"):  # the classification data set's images and masks
-        assert _files(plain / sub) == _files(root / sub)
+        assert tree_bytes(plain / sub) == tree_bytes(root / sub)
     assert (root / "static_mask.png").read_bytes() == (plain / "static_mask.png").read_bytes()
     for split in ("train", "test"):
         with open(root / f"{split}.csv", newline="") as f:
             assert tuple(next(csv.reader(f))) == segment.MANIFEST_COLUMNS
-        rows = _rows(root / f"{split}.csv")
-        assert [r["label"] for r in rows] == [r["label"] for r in _rows(plain / f"{split}.csv")]
+        rows = csv_rows(root / f"{split}.csv")
+        assert [r["label"] for r in rows] == [r["label"] for r in csv_rows(plain / f"{split}.csv")]
     x, y = segment.load_manifest(test_csv)
     h, w = synth.DEFAULT_SIZE
     assert x.shape == (8, 3, h, w) and x.dtype == torch.uint8 and y.shape == (8, h, w) and y.dtype == torch.int64
-    for r, lab in zip(_rows(test_csv), y):
+    for r, lab in zip(csv_rows(test_csv), y):
         c = synth.CLASSES.index(r["label"])
         assert set(lab.unique().tolist()) == ({0} if r["label"] == "empty" else {0, c + 1})
 

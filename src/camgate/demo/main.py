@@ -123,8 +123,12 @@ def run_demo(workdir: str | os.PathLike, seed: int = 0, echo: bool = False, log=
         previous = server.apply_env()
         try:
             rows = _run_models(cards, work, pipeline_yaml, echo, log)
-            rows += _run_detectors(detectors, work, pipeline_yaml, echo, log)
-            rows += _run_segmenters(segmenters, work, pipeline_yaml, echo, log)
+            # detectors: per ground-truth box the detection matched to it; segmenters: per (image, object class)
+            rows += _run_per_object("detection", "det", detectors, DETECTOR_POLICY, "one row per ground-truth box",
+                                    {}, ("map50",), work, pipeline_yaml, echo, log)
+            rows += _run_per_object("segmentation", "seg", segmenters, SEGMENTER_POLICY,
+                                    "one row per (image, object class)", {"classes": SEGMENTER_CLASSES},
+                                    ("object_miou", "miou"), work, pipeline_yaml, echo, log)
         finally:  # the caller's own S3 settings come back
             server.restore_env(previous)
     (work / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -187,54 +191,28 @@ def _run_models(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) ->
     return rows
 
 
-def _run_detectors(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
-    """The same pipeline for the detectors: per-detection maps, gated per detected class."""
+def _run_per_object(task: str, short: str, cards: dict, policy: dict, rows_are: str, params: dict,
+                    quality: tuple[str, ...], work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
+    """The same pipeline for the detectors or the segmenters (``task``; model names ``underpass-<short>-*``):
+    several rows per image (``rows_are``), gated per class with ``policy``; ``params``: pipeline inputs
+    of their own; ``quality``: the training metrics' test figures kept in each row."""
     rows = []
-    base = storage.join(storage.ensure_bucket(BUCKET), "detection")
+    base = storage.join(storage.ensure_bucket(BUCKET), task)
     policy_uri = storage.join(base, "policy.yaml")
-    storage.write_bytes(policy_uri, yaml.safe_dump(DETECTOR_POLICY, sort_keys=False).encode())
+    storage.write_bytes(policy_uri, yaml.safe_dump(policy, sort_keys=False).encode())
     for variant, card in cards.items():
-        name = f"underpass-det-{variant}"
+        name = f"underpass-{short}-{variant}"
         card_uri, data_uri, metrics = _publish(variant, card, base)
         out_prefix = storage.join(base, "runs", variant)
-        log(f"{name}: heatmap-gate pipeline (compiled YAML, kfp.local), one row per ground-truth box")
-        report = work / "reports" / f"det-{variant}.html"
+        log(f"{name}: heatmap-gate pipeline (compiled YAML, kfp.local), {rows_are}")
+        report = work / "reports" / f"{short}-{variant}.html"
         r, decision = _pipeline(name, {"model_card": card_uri, "data": data_uri, "policy": policy_uri,
-                                       "output_prefix": out_prefix, "fail_on_violation": False,
+                                       "output_prefix": out_prefix, "fail_on_violation": False, **params,
                                        "promote_to": storage.join(base, "promoted")},
                                 report, work, pipeline_yaml, echo, log)
         per_class = {s["scope"].split("=", 1)[1]: s["mean_invalid_activation_ratio"]
                      for s in decision["scopes"] if s["scope"].startswith("class=")}
-        rows.append({"model": name, "variant": variant, "task": "detection", "map50": metrics["test"]["map50"],
-                     "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
-                     "per_class_invalid_ratio": per_class, "counts": decision["counts"],
-                     "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
-                     "promoted_files": _promoted_files(storage.join(base, "promoted", name)),
-                     "n_images": r["n_images"], "report": str(report),
-                     "results": storage.join(out_prefix, "results.parquet")})
-    return rows
-
-
-def _run_segmenters(cards: dict, work: Path, pipeline_yaml: str, echo: bool, log) -> list[dict]:
-    """The same pipeline for the segmenters: per object class its region's map, gated per class."""
-    rows = []
-    base = storage.join(storage.ensure_bucket(BUCKET), "segmentation")
-    policy_uri = storage.join(base, "policy.yaml")
-    storage.write_bytes(policy_uri, yaml.safe_dump(SEGMENTER_POLICY, sort_keys=False).encode())
-    for variant, card in cards.items():
-        name = f"underpass-seg-{variant}"
-        card_uri, data_uri, metrics = _publish(variant, card, base)
-        out_prefix = storage.join(base, "runs", variant)
-        log(f"{name}: heatmap-gate pipeline (compiled YAML, kfp.local), one row per (image, object class)")
-        report = work / "reports" / f"seg-{variant}.html"
-        r, decision = _pipeline(name, {"model_card": card_uri, "data": data_uri, "policy": policy_uri,
-                                       "output_prefix": out_prefix, "fail_on_violation": False,
-                                       "classes": SEGMENTER_CLASSES, "promote_to": storage.join(base, "promoted")},
-                                report, work, pipeline_yaml, echo, log)
-        per_class = {s["scope"].split("=", 1)[1]: s["mean_invalid_activation_ratio"]
-                     for s in decision["scopes"] if s["scope"].startswith("class=")}
-        rows.append({"model": name, "variant": variant, "task": "segmentation",
-                     "object_miou": metrics["test"]["object_miou"], "miou": metrics["test"]["miou"],
+        rows.append({"model": name, "variant": variant, "task": task, **{k: metrics["test"][k] for k in quality},
                      "mean_invalid_activation_ratio": r["mean_invalid_activation_ratio"],
                      "per_class_invalid_ratio": per_class, "counts": decision["counts"],
                      "passed": bool(r["passed"]), "promoted": bool(r["promoted"]),
