@@ -45,6 +45,8 @@ class Frame:
     area: np.ndarray
     peak: np.ndarray
     table: pa.Table
+    task_statuses: tuple[str, ...] = ()  # the statuses only this file's task holds, counted per scope
+    judged: dict[str, np.ndarray] | None = None  # JUDGED_COLUMNS the results have
 
     @classmethod
     def of(cls, table: pa.Table) -> Frame:
@@ -55,9 +57,11 @@ class Frame:
         bad = [s for s in pc.unique(status).to_pylist() if s not in STATUSES]
         if bad:
             raise ResultsError(f"results: status must be one of {STATUSES}, got {bad[0]!r}")
-        return cls(table.num_rows, status.to_numpy(),
+        status = status.to_numpy()
+        return cls(table.num_rows, status,
                    _floats(table, "invalid_activation_ratio"), _floats(table, "invalid_area_ratio"),
-                   _floats(table, "peak_in_invalid"), table)
+                   _floats(table, "peak_in_invalid"), table, _task_statuses(table, status),
+                   {c: _floats(table, c) for c in JUDGED_COLUMNS if c in table.column_names})
 
     def stats(self, sel: np.ndarray, share_ratio: float) -> dict:
         ok = sel & (self.status == "ok")
@@ -66,7 +70,7 @@ class Frame:
         n_err = int((sel & (self.status == "error")).sum())
         # per-object tasks: images with nothing to explain, ground-truth boxes no detection matched,
         # named classes without a region (counted for the files of that task only)
-        detection = {s: int((sel & (self.status == s)).sum()) for s in self._task_statuses()}
+        detection = {s: int((sel & (self.status == s)).sum()) for s in self.task_statuses}
         r, a, p = self.ratio[ok], self.area[ok], self.peak[ok]
         nan = float("nan")
         # Any NaN among ok rows makes the statistic NaN (np.mean propagates; the share is
@@ -90,25 +94,16 @@ class Frame:
             **self._judged(ok),
         }
 
-    def _task_statuses(self) -> tuple[str, ...]:
-        if "det_index" in self.table.column_names:
-            return TASK_STATUSES["detection"]
-        task = file_identity(run_metadata(self.table)).get("task")
-        if task in TASK_STATUSES:
-            return TASK_STATUSES[task]
-        return tuple(s for s in ("no_region", "no_label") if (self.status == s).any())  # metadata dropped
-
     def _judged(self, ok: np.ndarray) -> dict:
         """Means of the localisation metrics defined only for a mask with valid and invalid pixels, over
         the ok images whose mask has both (a NaN there is missing and makes the mean NaN); absent from
         results written without them."""
         out = {}
         domain = ok & (self.area > 0) & (self.area < 1)
-        for col in JUDGED_COLUMNS:
-            if col in self.table.column_names:
-                v = _floats(self.table, col)[domain]
-                out[f"mean_{col}"] = float(np.mean(v)) if len(v) else float("nan")
-                out[f"{col}_images"] = int(domain.sum())
+        for col, values in (self.judged or {}).items():
+            v = values[domain]
+            out[f"mean_{col}"] = float(np.mean(v)) if len(v) else float("nan")
+            out[f"{col}_images"] = int(domain.sum())
         return out
 
     def groups(self, by: str) -> list[tuple[str, np.ndarray]]:
@@ -137,6 +132,16 @@ class Frame:
             # rows without a predicted class (errors) belong to no class; null metadata is a slice
             out.append(("<null>", codes == -1))
         return out
+
+
+def _task_statuses(table: pa.Table, status: np.ndarray) -> tuple[str, ...]:
+    """The statuses only the results' task writes (detection, segmentation, multi-label)."""
+    if "det_index" in table.column_names:
+        return TASK_STATUSES["detection"]
+    task = file_identity(run_metadata(table)).get("task")
+    if task in TASK_STATUSES:
+        return TASK_STATUSES[task]
+    return tuple(s for s in ("no_region", "no_label") if (status == s).any())  # metadata dropped
 
 
 def _sorted_indices(values: list) -> list[int]:
