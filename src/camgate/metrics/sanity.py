@@ -95,14 +95,19 @@ def _similarities(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def cam_explainer(model: nn.Module, layers: Sequence[nn.Module], method: str = "gradcam") -> Explainer:
-    """camgate's maps upsampled to the input size, for ``model`` or any deep copy of it: the target
-    layers are found in the model explained by their names in ``model``."""
+def _names(model: nn.Module, layers: Sequence[nn.Module]) -> list[str]:
+    """The target layers' names in ``model``, to find the same layers in a deep copy of it."""
     names = {id(m): n for n, m in model.named_modules()}
     missing = [type(l).__name__ for l in layers if id(l) not in names]
     if missing:
         raise ValueError(f"target layers not in the model: {missing}")
-    layer_names = [names[id(l)] for l in layers]
+    return [names[id(l)] for l in layers]
+
+
+def cam_explainer(model: nn.Module, layers: Sequence[nn.Module], method: str = "gradcam") -> Explainer:
+    """camgate's maps upsampled to the input size, for ``model`` or any deep copy of it: the target
+    layers are found in the model explained by their names in ``model``."""
+    layer_names = _names(model, layers)
 
     def explain(m: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         engine = CamEngine(m, [m.get_submodule(n) for n in layer_names], method)
@@ -244,8 +249,7 @@ class SanityChecks:
         self.engine, self.num_classes, self.seed = engine, num_classes, seed
         self.randomised = len(randomisable(engine.model))
         rand = randomised_copy(engine.model, seed=seed)
-        names = {id(m): n for n, m in engine.model.named_modules()}
-        self.rand_engine = CamEngine(rand, [rand.get_submodule(names[id(layer)]) for layer in engine.layers],
+        self.rand_engine = CamEngine(rand, [rand.get_submodule(n) for n in _names(engine.model, engine.layers)],
                                      engine.method, engine.reshape)
 
     def describe(self) -> dict:
